@@ -1,7 +1,9 @@
 """What a cache holds for one layer's K or V, computed from the whole history at once.
 
 `compress` turns x [B, H, T, D] into a `Stored`: tokens [0, n) in compressed form and tokens
-[n, T) in the float dtype, with n = kvspec.layout.n_quantized. Because groups are aligned to token 0,
+[n, T) in the float dtype, with n = kvspec.layout.n_quantized. Every token is first rounded to the
+float dtype (the precision a cache holds it in before it leaves the window), and quantization or
+projection acts on those rounded values. Because of that, and because groups are aligned to token 0,
 this equals what an incremental cache holds after appending the same T tokens in any chunking.
 """
 
@@ -51,10 +53,12 @@ def compress(
     x = np.asarray(x, dtype=np.float32)
     *_, tokens, dim = x.shape
     n = n_quantized(t, residual, tokens)
-    head, tail = x[..., :n, :], round_to(x[..., n:, :], float_dtype)
+    if not isinstance(t, Float):
+        check_finite(x, where)
+    x = round_to(x, float_dtype)
+    head, tail = x[..., :n, :], x[..., n:, :]
     if isinstance(t, Float) or n == 0:
         return Stored(t, tokens, n, dim, tail, basis=basis if isinstance(t, LowRank) else None)
-    check_finite(head, where)
     if isinstance(t, Quant):
         if t.rotation is not None:
             head = rotate(head, t.rotation)

@@ -57,6 +57,10 @@ class ReferenceBackend:
         return R.attend_as_decoded(q, k, v, spec, bases=bases, window=window)
 
 
+def reference() -> ReferenceBackend:
+    return ReferenceBackend()
+
+
 def stored_from_arrays(arrays, spec: kvspec.KVSpec, which: str, basis, tokens: int) -> R.Stored:
     t = spec.tensors()[which]
     tail = np.asarray(arrays["tail"], np.float32)

@@ -1,0 +1,1 @@
+"""kvmlx: kvspec caches for mlx-lm models on MLX (Metal and CUDA kernels)."""

@@ -1,0 +1,1 @@
+"""kvtorch: kvspec caches for transformers models on PyTorch (Triton kernels on CUDA)."""
