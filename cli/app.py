@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import spec_cmd
+from . import chat_cmd, data_cmd, ppl_cmd, spec_cmd
 
 app = typer.Typer(
     name="kvmlx",
@@ -14,6 +14,9 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(spec_cmd.app, name="spec")
+app.add_typer(data_cmd.app, name="data")
+app.command()(chat_cmd.chat)
+app.command(help=ppl_cmd.ppl.__doc__ + "\n\nProtocol: " + ppl_cmd.PROTOCOL)(ppl_cmd.ppl)
 
 
 def main() -> None:

@@ -1,0 +1,90 @@
+"""`kvmlx chat`: a streaming chat through a compressed KV cache."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+import kvspec
+from kvspec.budget import kv_bytes
+from kvspec.models import DEFAULT_MODEL
+
+from . import ppl_cmd
+
+err = Console(stderr=True)
+HELP = "/stats  cache size vs fp16   /reset  new conversation   /quit  leave   (Ctrl-C stops an answer)"
+
+
+def chat(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Alias, HF id, local dir or .gguf file."),
+    kv: str = typer.Option("int4", "--kv", help="KV spec of the cache (see `kvmlx spec list`)."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit (for scripts)."),
+    system: str = typer.Option(None, "--system", help="System message."),
+    max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Most tokens per answer."),
+    backend: str = typer.Option("auto", "--backend", help="auto (MLX on Apple Silicon, else torch), mlx or torch."),
+    device: str = typer.Option(None, "--device", help="Device for the torch backend (cpu, cuda)."),
+    data: str = typer.Option("bbc", "--calib-data", help="Calibration text for PCA bases of rank specs."),
+) -> None:
+    """Chat with a model whose KV cache is compressed per --kv."""
+    runner = ppl_cmd.load_runner(backend, model, {"device": device} if device else {})
+    try:
+        spec = kvspec.parse(kv)
+        spec.check_head_dim(runner.shape.head_dim)
+    except kvspec.SpecError as e:
+        raise typer.BadParameter(str(e), param_hint="--kv") from None
+    bases = ppl_cmd.ensure_bases(runner, [spec], data, 8192, False)
+    spec_bases = ppl_cmd.basis_store.for_spec(bases, spec, runner.shape.layers) if bases is not None else None
+    cache = runner.new_cache(spec, spec_bases)
+    messages = [{"role": "system", "content": system}] if system else []
+    if prompt is not None:
+        messages.append({"role": "user", "content": prompt})
+        answer(runner, messages, cache, max_tokens)
+        return
+    err.print(f"[bold]{runner.name}[/] with a {kvspec.format(spec)} KV cache on {runner.backend}/{runner.device}. {HELP}")
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        command = line.strip()
+        if command == "/quit":
+            return
+        if command == "/reset":
+            messages = messages[:1] if system else []
+            cache = runner.new_cache(spec, spec_bases)
+            err.print("conversation cleared")
+            continue
+        if command == "/stats":
+            print_stats(runner, spec, cache)
+            continue
+        if not command:
+            continue
+        messages.append({"role": "user", "content": line})
+        answer(runner, messages, cache, max_tokens)
+
+
+def answer(runner, messages: list[dict[str, str]], cache, max_tokens: int) -> None:
+    """Stream one answer; Ctrl-C stops it and keeps what was said so far in the conversation."""
+    pieces = []
+    stream = runner.stream_chat(messages, cache, max_tokens)
+    try:
+        for piece in stream:
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        err.print("\n[stopped]")
+    print()
+    messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def print_stats(runner, spec, cache) -> None:
+    tokens = runner.cache_tokens(cache)
+    used = runner.cache_bytes(cache)
+    fp16 = kv_bytes(kvspec.parse("fp16"), runner.shape, max(tokens, 1)) if tokens else 0
+    ratio = f"{fp16 / used:.2f}x smaller" if used else "-"
+    err.print(f"{tokens:,} tokens in the cache; {used / 1e6:.2f} MB as {kvspec.format(spec)} vs {fp16 / 1e6:.2f} MB in fp16 ({ratio})")
