@@ -2,8 +2,9 @@
 
 import json
 
-from kvmlx_cli.app import app
 from typer.testing import CliRunner
+
+from kvmlx_cli.app import app
 
 runner = CliRunner()
 
