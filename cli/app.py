@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import chat_cmd, data_cmd, ppl_cmd, spec_cmd
+from . import calibrate_cmd, chat_cmd, data_cmd, ppl_cmd, spec_cmd, sweep_cmd
 
 app = typer.Typer(
     name="kvmlx",
@@ -16,7 +16,9 @@ app = typer.Typer(
 app.add_typer(spec_cmd.app, name="spec")
 app.add_typer(data_cmd.app, name="data")
 app.command()(chat_cmd.chat)
-app.command(help=ppl_cmd.ppl.__doc__ + "\n\nProtocol: " + ppl_cmd.PROTOCOL)(ppl_cmd.ppl)
+app.command()(calibrate_cmd.calibrate)
+app.command()(sweep_cmd.sweep)
+app.command(help=f"{ppl_cmd.ppl.__doc__}\n\nProtocol: {ppl_cmd.PROTOCOL}")(ppl_cmd.ppl)
 
 
 def main() -> None:

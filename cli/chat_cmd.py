@@ -11,7 +11,8 @@ import kvspec
 from kvspec.budget import kv_bytes
 from kvspec.models import DEFAULT_MODEL
 
-from . import ppl_cmd
+from . import bases as basis_store
+from . import experiment
 
 err = Console(stderr=True)
 HELP = "/stats  cache size vs fp16   /reset  new conversation   /quit  leave   (Ctrl-C stops an answer)"
@@ -28,14 +29,14 @@ def chat(
     data: str = typer.Option("bbc", "--calib-data", help="Calibration text for PCA bases of rank specs."),
 ) -> None:
     """Chat with a model whose KV cache is compressed per --kv."""
-    runner = ppl_cmd.load_runner(backend, model, {"device": device} if device else {})
+    runner = experiment.load_runner(backend, model, device)
     try:
         spec = kvspec.parse(kv)
         spec.check_head_dim(runner.shape.head_dim)
     except kvspec.SpecError as e:
         raise typer.BadParameter(str(e), param_hint="--kv") from None
-    bases = ppl_cmd.ensure_bases(runner, [spec], data, 8192, False)
-    spec_bases = ppl_cmd.basis_store.for_spec(bases, spec, runner.shape.layers) if bases is not None else None
+    bases = experiment.ensure_bases(runner, [spec], data, 8192)
+    spec_bases = basis_store.for_spec(bases, spec, runner.shape.layers) if bases is not None else None
     cache = runner.new_cache(spec, spec_bases)
     messages = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
