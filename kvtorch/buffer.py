@@ -1,0 +1,71 @@
+"""A preallocated token buffer: appends are amortized O(1), and tokens can leave from the front.
+
+Holds the live tokens [start, end) of a tensor along axis -2 ([B, H, tokens, X] for tails, codes,
+coefficients, and [B, H, groups, D] for channel-axis scales). Storage grows geometrically; a grow
+also moves the live tokens to the front, so a buffer whose front keeps leaving (a residual window, a
+sliding window) reuses memory instead of creeping forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+MIN_CAPACITY = 16
+
+
+class TokenBuffer:
+    """Growable [..., tokens, X] storage. `view()` is the live range; views stay valid until the next append."""
+
+    def __init__(self) -> None:
+        self._data: torch.Tensor | None = None
+        self._start = 0
+        self._end = 0
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._data is None else self._data.shape[-2]
+
+    def view(self) -> torch.Tensor | None:
+        """The live tokens [..., len, X], or None before the first append."""
+        if self._data is None:
+            return None
+        return self._data[..., self._start : self._end, :]
+
+    def append(self, x: torch.Tensor) -> None:
+        """Append x [..., m, X] (same leading shape, dtype and device as earlier appends)."""
+        m = x.shape[-2]
+        if self._data is None or self._end + m > self.capacity:
+            self._grow(x, m)
+        self._data[..., self._end : self._end + m, :] = x
+        self._end += m
+
+    def _grow(self, like: torch.Tensor, extra: int) -> None:
+        live = len(self)
+        cap = max(2 * (live + extra), MIN_CAPACITY)
+        new = torch.empty((*like.shape[:-2], cap, like.shape[-1]), dtype=like.dtype, device=like.device)
+        if live:
+            new[..., :live, :] = self.view()
+        # A fresh tensor rather than an in-place shift: views handed out before stay intact.
+        self._data, self._start, self._end = new, 0, live
+
+    def drop_front(self, m: int) -> None:
+        """Forget the first m live tokens (no copy)."""
+        if not 0 <= m <= len(self):
+            raise ValueError(f"cannot drop {m} of {len(self)} tokens")
+        self._start += m
+
+    def replace(self, x: torch.Tensor | None) -> None:
+        """Make x [..., len, X] the live tokens (used to restore a saved state)."""
+        self._data, self._start, self._end = None, 0, 0
+        if x is not None:
+            self.append(x)
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch-axis operation (select, repeat, reorder) to the live tokens."""
+        if self._data is not None:
+            self.replace(fn(self.view()))

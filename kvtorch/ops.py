@@ -1,0 +1,199 @@
+"""kvspec numerics in torch ops: quantization, bit packing, Hadamard rotation (CPU and CUDA).
+
+Every function follows kvspec/reference op by op, so codes, scales and biases are bit-identical to
+the NumPy oracle: fp32 arithmetic, IEEE division, torch.round (half to even), fp16 scale and bias
+computed first and codes computed from the stored values; the rotation is the fp32 butterfly FWHT.
+
+Codes are uint32 words in kvspec. torch has only partial uint32 support, so packed words are held as
+torch.int32 tensors carrying the same 32 bits (word 0x80000001 is int32 -2147483647). Convert with
+`words_to_numpy` / `words_from_numpy`, which reinterpret the bits as NumPy uint32 without copying values.
+Shapes follow kvspec.layout: x [..., T, D]; codes [..., T, ceil(D*bits/32)].
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from kvspec.reference.quant import FP16_MAX
+from kvspec.reference.quant import check_finite as reference_check_finite
+from kvspec.reference.rotation import hadamard_signs, norm_factor
+
+FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_MASK32 = 0xFFFFFFFF
+
+
+def float_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a spec's float dtype name ("fp16" or "bf16")."""
+    try:
+        return FLOAT_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"float dtype must be fp16 or bf16, got {name!r}") from None
+
+
+def round_to(x: torch.Tensor, name: str) -> torch.Tensor:
+    """x rounded to the spec's float dtype (round to nearest, ties to even), in that dtype."""
+    return x.float().to(float_dtype(name))
+
+
+# --- quantization -------------------------------------------------------------------------------
+
+
+def quantize_groups(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Groups along the last axis. x [..., G] -> codes int64 [..., G] (unpacked), scales/biases fp16 [...]."""
+    x = x.float()
+    levels = torch.tensor(2**bits - 1, dtype=torch.float32, device=x.device)
+    bias = x.amin(dim=-1).half()
+    span = torch.clamp_min(x.amax(dim=-1) - bias.float(), 0.0)
+    scale = (span / levels).half()
+    b32, s32 = bias.float().unsqueeze(-1), scale.float().unsqueeze(-1)
+    # Division by a zero scale gives inf/nan; those groups are constant and get code 0 below.
+    q = torch.round((x - b32) / s32)
+    q = torch.where(s32 > 0, torch.minimum(torch.clamp_min(q, 0.0), levels), torch.zeros_like(q))
+    return q.to(torch.int64), scale, bias
+
+
+def quantize(x: torch.Tensor, bits: int, group: int, axis: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize x [..., T, D] by groups along D ("token") or along T ("channel"; T % group == 0).
+
+    Returns (codes int32 words [..., T, W(D)], scales fp16, biases fp16) with scales/biases of shape
+    [..., T, D/group] (token axis) or [..., T/group, D] (channel axis), as kvspec.reference.quantize.
+    """
+    *lead, t, d = x.shape
+    if axis == "token":
+        if d % group:
+            raise ValueError(f"group {group} does not divide head dim {d}")
+        codes, scales, biases = quantize_groups(x.reshape(*lead, t, d // group, group), bits)
+        codes = codes.reshape(*lead, t, d)
+    elif axis == "channel":
+        if t % group:
+            raise ValueError(f"channel-axis quantization needs whole groups: {t} tokens, group {group}")
+        xg = x.reshape(*lead, t // group, group, d).transpose(-1, -2)  # [..., T/G, D, G]
+        codes, scales, biases = quantize_groups(xg, bits)
+        codes = codes.transpose(-1, -2).reshape(*lead, t, d)
+    else:
+        raise ValueError(f"axis must be 'token' or 'channel', got {axis!r}")
+    return pack(codes, bits), scales, biases
+
+
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group: int, axis: str, dim: int
+) -> torch.Tensor:
+    """fp32 reconstruction [..., T, dim] of `quantize`'s output: code * scale + bias."""
+    q = unpack(codes, bits, dim).float()
+    s, b = scales.float(), biases.float()
+    if axis == "token":
+        s, b = s.repeat_interleave(group, dim=-1), b.repeat_interleave(group, dim=-1)
+    else:
+        s, b = s.repeat_interleave(group, dim=-2), b.repeat_interleave(group, dim=-2)
+    return q * s + b
+
+
+# --- packing ------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _layout(n: int, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Word index and bit shift of each of n codes in a row; the row's word count."""
+    offsets = np.arange(n, dtype=np.int64) * bits
+    return offsets // 32, offsets % 32, -(-n * bits // 32)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes [..., n] (each < 2**bits) into int32 words [..., ceil(n*bits/32)] (uint32 bits).
+
+    Code i occupies bits [i*bits, i*bits + bits) of the row's little-endian bit stream; a code that
+    straddles words (3 bits) puts its low part in word w and its high part in word w + 1.
+    """
+    n = codes.shape[-1]
+    word, shift, words = _layout(n, bits)
+    dev = codes.device
+    word_t, shift_t = torch.from_numpy(word).to(dev), torch.from_numpy(shift).to(dev)
+    shifted = codes.to(torch.int64) << shift_t  # at most 32 + bits - 1 bits: fits int64
+    out = torch.zeros((*codes.shape[:-1], words + 1), dtype=torch.int64, device=dev)
+    idx = word_t.expand_as(shifted)
+    # Codes occupy disjoint bits, so adding them is OR-ing them.
+    out.scatter_add_(-1, idx, shifted & _MASK32)
+    out.scatter_add_(-1, idx + 1, shifted >> 32)
+    return _to_int32_bits(out[..., :words])
+
+
+def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Unpack int32 words [..., W] (uint32 bits) into n codes [..., n] (int64)."""
+    word, shift, count = _layout(n, bits)
+    if words.shape[-1] != count:
+        raise ValueError(f"{n} codes of {bits} bits need {count} words per row, got {words.shape[-1]}")
+    dev = words.device
+    w = words.to(torch.int64) & _MASK32
+    w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)  # a zero word for straddling reads
+    word_t, shift_t = torch.from_numpy(word).to(dev), torch.from_numpy(shift).to(dev)
+    both = w[..., word_t] | (w[..., word_t + 1] << 32)
+    return (both >> shift_t) & (2**bits - 1)
+
+
+def _to_int32_bits(u: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) -> int32 with the same low 32 bits."""
+    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32)
+
+
+def words_to_numpy(words: torch.Tensor) -> np.ndarray:
+    """int32 words (uint32 bits) -> NumPy uint32, same bits."""
+    return words.detach().cpu().contiguous().numpy().view(np.uint32)
+
+
+def words_from_numpy(words: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """NumPy uint32 words -> int32 torch tensor with the same bits."""
+    return torch.from_numpy(np.ascontiguousarray(words, dtype=np.uint32).view(np.int32)).to(device)
+
+
+# --- rotation -----------------------------------------------------------------------------------
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalized Walsh-Hadamard transform along the last axis (fp32, Sylvester order, butterflies)."""
+    x = x.float()
+    d = x.shape[-1]
+    if d & (d - 1):
+        raise ValueError(f"Hadamard transform needs a power-of-two length, got {d}")
+    h = 1
+    while h < d:
+        y = x.reshape(*x.shape[:-1], d // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = torch.stack([a + b, a - b], dim=-2).reshape(x.shape)
+        h *= 2
+    return x
+
+
+def _signs_and_factor(dim: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    signs = torch.from_numpy(hadamard_signs(dim, seed)).to(device)
+    # A 0-dim fp32 tensor, so the multiply is fp32 x fp32 exactly as in NumPy.
+    return signs, torch.tensor(norm_factor(dim), dtype=torch.float32, device=device)
+
+
+def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Randomized Hadamard rotation of the last axis of x [..., D]: fwht(x * signs) * c; fp32 out."""
+    signs, c = _signs_and_factor(x.shape[-1], seed, x.device)
+    return fwht(x.float() * signs) * c
+
+
+def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
+    """Inverse of `rotate`: fwht(y) * c * signs; fp32 out."""
+    signs, c = _signs_and_factor(y.shape[-1], seed, y.device)
+    return fwht(y.float()) * c * signs
+
+
+# --- input checks -------------------------------------------------------------------------------
+
+
+def nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor on x's device: True if x holds NaN/Inf or a value beyond the fp16 range."""
+    x = x.float()
+    return ~(torch.isfinite(x) & (x.abs() <= FP16_MAX)).all()
+
+
+def check_finite(x: torch.Tensor, where: str = "") -> None:
+    """Raise kvspec's NonFiniteError naming the first bad index (as kvspec.reference.check_finite)."""
+    if bool(nonfinite_flag(x)):
+        reference_check_finite(x.detach().float().cpu().numpy(), where)

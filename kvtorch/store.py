@@ -1,0 +1,258 @@
+"""Per-layer K/V storage with kvspec semantics: compressed tokens [0, n) plus a float tail [n, T).
+
+`TensorStore` holds one tensor (K or V) of one layer; `LayerStore` pairs K and V, appends chunks, and
+hands attention the `Part`s the protocol of docs/BACKENDS.md asks for. Incoming tokens are rounded
+to the float dtype first; tokens leave the tail for the compressed part as soon as
+kvspec.layout.n_quantized says so, and are never re-quantized. Channel groups align to token 0, so
+any chunking stores exactly what kvspec.reference.compress stores for the whole history.
+Float tensors with a sliding window (Gemma-3 local layers) keep only their last `window` tokens.
+
+Non-finite input (or beyond fp16 range) in a compressed tensor raises kvspec's NonFiniteError naming
+the layer. On CPU every chunk is checked; on an accelerator single-token appends accumulate a device
+flag that is read every CHECK_EVERY tokens (and by `check_pending`), so decoding does not wait on
+the device each step; multi-token chunks are checked at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvspec.layout import compressed_shapes, n_quantized
+from kvspec.reference.quant import NonFiniteError
+from kvspec.spec import Float, LowRank, Quant, TensorSpec
+
+from . import ops
+from .attention import Part
+from .buffer import TokenBuffer
+
+CHECK_EVERY = 64
+
+
+def split_positions(t: TensorSpec, residual: int, q_pos: torch.Tensor) -> torch.Tensor:
+    """n_quantized(t, residual, p + 1) for each query position p: int64 [Tq]."""
+    if isinstance(t, Float):
+        return torch.zeros_like(q_pos)
+    older = (q_pos + 1 - residual).clamp_min(0)
+    if isinstance(t, Quant) and t.axis == "channel":
+        return older // t.group * t.group
+    return older
+
+
+def array_names(t: TensorSpec) -> tuple[str, ...]:
+    """Names of the compressed arrays of a tensor spec (kvspec.layout)."""
+    if isinstance(t, Float):
+        return ()
+    if isinstance(t, LowRank) and t.coeff is None:
+        return ("coeffs",)
+    return ("codes", "scales", "biases")
+
+
+class TensorStore:
+    """One layer's K or V. tokens: T appended so far; n: compressed; the tail holds [start, T)."""
+
+    def __init__(
+        self,
+        spec: TensorSpec,
+        residual: int,
+        float_dtype: str,
+        basis: torch.Tensor | None = None,
+        where: str = "",
+        keep: int | None = None,
+        lazy_check: bool | None = None,
+    ) -> None:
+        """basis: [H, D, r] fp32, required for LowRank. keep: a float tensor's sliding window.
+        lazy_check: accumulate the finite check on device for 1-token appends (default: off CPU)."""
+        if isinstance(spec, LowRank) and (basis is None or basis.shape[-1] != spec.rank):
+            raise ValueError(f"{where}: rank {spec.rank} needs a basis [Hkv, D, {spec.rank}]")
+        if keep is not None and not isinstance(spec, Float):
+            raise ValueError(f"{where}: only float tensors are trimmed to a sliding window")
+        self.spec, self.residual, self.float_dtype = spec, residual, float_dtype
+        self.basis = basis if isinstance(spec, LowRank) else None
+        self.where, self.keep, self.lazy_check = where, keep, lazy_check
+        self.tokens = self.n = self.start = 0
+        self.head_dim: int | None = None
+        self.tail = TokenBuffer()
+        self.arrays = {name: TokenBuffer() for name in array_names(spec)}
+        self._bad: torch.Tensor | None = None
+        self._unchecked_from = 0
+
+    def append(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Append x [B, H, m, D]; returns the float tokens [start_before, T) (float dtype) and that start:
+        the tail before the append plus the chunk, which the protocol's queries read in float."""
+        self.head_dim = x.shape[-1]
+        if not isinstance(self.spec, Float):
+            self._check(x)
+        self.tail.append(ops.round_to(x, self.float_dtype))
+        floats, float_start = self.tail.view(), self.start
+        self.tokens += x.shape[-2]
+        n1 = n_quantized(self.spec, self.residual, self.tokens)
+        if n1 > self.n:
+            self._compress(floats[..., : n1 - self.n, :])
+            self.tail.drop_front(n1 - self.n)
+            self.start = self.n = n1
+        if self.keep is not None and len(self.tail) > self.keep:
+            extra = len(self.tail) - self.keep
+            self.tail.drop_front(extra)
+            self.start += extra
+        return floats, float_start
+
+    def _compress(self, x: torch.Tensor) -> None:
+        """Compress tokens [n, n1) (float dtype [B, H, m, D]) onto the compressed arrays."""
+        t = self.spec
+        if isinstance(t, Quant):
+            head = x.float() if t.rotation is None else ops.rotate(x, t.rotation)
+            out = dict(zip(("codes", "scales", "biases"), ops.quantize(head, t.bits, t.group, t.axis)))
+        else:
+            # float64 projection as the reference; a float32 sum could move a coefficient by an fp16 ulp.
+            c = torch.einsum("bhtd,hdr->bhtr", x.double(), self.basis.double()).float()
+            if t.coeff is None:
+                out = {"coeffs": ops.round_to(c, self.float_dtype)}
+            else:
+                out = dict(zip(("codes", "scales", "biases"), ops.quantize(c, t.coeff.bits, t.coeff.group, "token")))
+        for name, arr in out.items():
+            self.arrays[name].append(arr)
+
+    def _check(self, x: torch.Tensor) -> None:
+        lazy = x.device.type != "cpu" if self.lazy_check is None else self.lazy_check
+        if not lazy or x.shape[-2] > 1:
+            self.check_pending()
+            ops.check_finite(x, f"{self.where} (tokens {self.tokens}..{self.tokens + x.shape[-2] - 1})")
+            return
+        flag = ops.nonfinite_flag(x)
+        if self._bad is None:
+            self._bad, self._unchecked_from = flag, self.tokens
+        else:
+            self._bad = self._bad | flag
+        if self.tokens + 1 - self._unchecked_from >= CHECK_EVERY:
+            self.check_pending(upto=self.tokens + 1)
+
+    def check_pending(self, upto: int | None = None) -> None:
+        """Read the device flag of lazily checked tokens (those before `upto`, default all appended);
+        raise NonFiniteError if any was bad."""
+        if self._bad is not None and bool(self._bad):
+            last = (self.tokens if upto is None else upto) - 1
+            raise NonFiniteError(
+                f"cannot quantize NaN/Inf or a value beyond the fp16 range in {self.where}, "
+                f"in one of tokens {self._unchecked_from}..{last}"
+            )
+        self._bad = None
+
+    def part(self, floats: torch.Tensor, float_start: int, split: torch.Tensor) -> Part:
+        """A `Part` of the current compressed arrays with the given float tokens and per-query split."""
+        arrays = {name: buf.view() for name, buf in self.arrays.items() if self.n}
+        return Part(self.spec, floats.shape[-1], self.n, arrays, self.basis, floats, float_start, split)
+
+    def first_column(self) -> int:
+        """The first stored position: 0, unless this float tensor is trimmed to a window."""
+        return 0 if self.keep is None else self.start
+
+    def state_part(self, q_len: int) -> Part:
+        """The stored state as it stands (compressed [0, n), tail [n, T)), for q_len queries."""
+        split = torch.full((q_len,), self.n, dtype=torch.int64, device=self.tail.view().device)
+        return self.part(self.tail.view(), self.start, split)
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """The stored arrays: kvspec.layout names and shapes plus "tail" (and "basis" for LowRank)."""
+        out = {name: buf.view() for name, buf in self.arrays.items()}
+        if self.n == 0:
+            out = {name: _empty(self.spec, name, self.tail.view(), self.float_dtype) for name in self.arrays}
+        out["tail"] = self.tail.view()
+        if self.basis is not None:
+            out["basis"] = self.basis
+        return out
+
+    def restore(self, arrays: dict[str, torch.Tensor], tokens: int) -> None:
+        """Load a saved state of `tokens` tokens (arrays as `export` gives them)."""
+        tail = arrays["tail"]
+        n = n_quantized(self.spec, self.residual, tokens)
+        held = tokens - n if self.keep is None else min(tokens, self.keep)
+        if tail.shape[-2] != held:
+            raise ValueError(f"{self.where}: {tail.shape[-2]} float tokens of {tokens}; the spec keeps {held}")
+        self.head_dim = tail.shape[-1]
+        self.tokens, self.n, self.start = tokens, n, tokens - held
+        self.tail.replace(ops.round_to(tail, self.float_dtype))
+        for name, buf in self.arrays.items():
+            buf.replace(arrays[name] if self.n else None)
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch-axis operation to every stored array."""
+        self.tail.map_batch(fn)
+        for buf in self.arrays.values():
+            buf.map_batch(fn)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored tokens (live arrays, not spare capacity; bases excluded)."""
+        return sum(a.numel() * a.element_size() for name, a in self.export().items() if name != "basis")
+
+
+def _empty(t: TensorSpec, name: str, like: torch.Tensor, float_dtype: str) -> torch.Tensor:
+    """A zero-token array of the right dtype and trailing shape (what kvspec.layout gives for n = 0)."""
+    b, h, _, d = like.shape
+    shape = compressed_shapes(t, b, h, 0, d)[name]
+    dtype = {"codes": torch.int32, "coeffs": ops.float_dtype(float_dtype)}.get(name, torch.float16)
+    return torch.zeros(shape, dtype=dtype, device=like.device)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What attention needs after appending a chunk: query positions and the K and V parts."""
+
+    q_pos: torch.Tensor
+    k: Part
+    v: Part
+
+
+class LayerStore:
+    """K and V of one layer. window: the layer's sliding window (visibility; float tensors are trimmed)."""
+
+    def __init__(
+        self,
+        k: TensorSpec,
+        v: TensorSpec,
+        residual: int,
+        float_dtype: str,
+        bases: dict[str, torch.Tensor | None] | None = None,
+        window: int | None = None,
+        where: str = "layer",
+        lazy_check: bool | None = None,
+    ) -> None:
+        bases = bases or {}
+        self.window, self.residual = window, residual
+        self.k, self.v = (
+            TensorStore(
+                t, residual, float_dtype, bases.get(which), f"{where} {name}",
+                keep=window if isinstance(t, Float) else None, lazy_check=lazy_check,
+            )
+            for which, name, t in (("k", "keys", k), ("v", "values", v))
+        )
+
+    @property
+    def tokens(self) -> int:
+        return self.k.tokens
+
+    def first_column(self) -> int:
+        """The first position the next chunk's attention reads: 0, or where a trimmed window begins."""
+        return min(self.k.first_column(), self.v.first_column())
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Chunk:
+        """Append k, v [B, Hkv, m, D] at positions [T0, T0 + m); the chunk's queries attend as decoding would."""
+        t0 = self.tokens
+        fk, fk0 = self.k.append(k)
+        fv, fv0 = self.v.append(v)
+        q_pos = torch.arange(t0, self.tokens, device=k.device)
+        return Chunk(
+            q_pos,
+            self.k.part(fk, fk0, split_positions(self.k.spec, self.residual, q_pos)),
+            self.v.part(fv, fv0, split_positions(self.v.spec, self.residual, q_pos)),
+        )
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.k.map_batch(fn)
+        self.v.map_batch(fn)
+
+    def check_pending(self) -> None:
+        self.k.check_pending()
+        self.v.check_pending()
