@@ -1,0 +1,125 @@
+"""Triton device functions shared by the kvtorch kernels (imported only where triton is installed).
+
+Bit layout (kvspec.reference.quant): code i of a row occupies bits [i*b, i*b + b) of the row's
+little-endian bit stream of uint32 words, least significant bit first. torch holds the words as
+int32 with the same bits; these helpers bitcast to uint32 so that shifts are logical.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# 2^23 as the exponent/mantissa pattern of an fp32: OR-ing a code below 2^23 into its mantissa gives
+# the float 2^23 + code exactly, which avoids the slow integer-to-float conversion unit.
+MAGIC_BITS = tl.constexpr(0x4B000000)
+MAGIC = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def rint_half_even(y):
+    """Round fp32 y to the nearest integer, ties to even (exact for 0 <= y < 2^23; callers clamp
+    negative and larger values to [0, 2^bits - 1], where the result is the same)."""
+    r = tl.floor(y)
+    f = y - r  # exact: y and floor(y) share the binade or f is y itself
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    return tl.where((f > 0.5) | ((f == 0.5) & odd), r + 1.0, r)
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 x rounded to the nearest bfloat16 (ties to even), as fp32: kvspec.reference.floats'
+    bit trick, used because Triton 3.6's interpreter truncates fp32 -> bf16 casts."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fwht_rows(x, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr):
+    """Unnormalized Walsh-Hadamard transform of each row of x [ROWS, D] (fp32, Sylvester order).
+
+    The butterfly stages of kvspec.reference.rotation.fwht, stage h = 2^i pairs (j, j + h) inside
+    blocks of 2h as (a + b, a - b): the same IEEE additions, hence the same bits.
+    """
+    for i in tl.static_range(LOG_D):
+        y = tl.permute(tl.reshape(x, (ROWS, D >> (i + 1), 2, 1 << i)), (0, 1, 3, 2))
+        a, b = tl.split(y)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (ROWS, D))
+    return x
+
+
+@triton.jit
+def spread_words(x, LOGC: tl.constexpr):
+    """[..., WP] -> [..., WP, 2, ..., 2] (LOGC new axes), each word copied in place: the shape that
+    `codes_of_words` gives, so per-word values (scales) line up with the codes without data movement."""
+    for _ in tl.static_range(LOGC):
+        x = tl.join(x, x)
+    return x
+
+
+@triton.jit
+def codes_of_words(words, BITS: tl.constexpr):
+    """Codes of uint32 words [BN, WP] (2, 4 or 8 bits) as exact fp32 integers [BN, WP, 2, ..., 2].
+
+    Each level joins the words with themselves shifted right by 16, 8, 4, 2 bits, so the code at
+    flat index j = 2^(L-1) a_1 + ... + a_L of a word has been shifted by BITS * j: reshaping to
+    [BN, WP * 32 / BITS] gives the codes in stream order. Joins stay inside a thread's registers.
+    """
+    LOGC: tl.constexpr = 4 if BITS == 2 else (3 if BITS == 4 else 2)
+    x = words
+    for level in tl.static_range(LOGC):
+        x = tl.join(x, x >> (16 >> level))
+    return ((x & ((1 << BITS) - 1)) | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC
+
+
+@triton.jit
+def load_words(ptr, rows, row_mask, stride_row, WP: tl.constexpr, W: tl.constexpr):
+    """Words [BN, WP] (uint32) of packed rows `rows` (row_mask [BN]); words >= W read as 0."""
+    wi = tl.arange(0, WP)
+    return tl.load(ptr + rows[:, None] * stride_row + wi[None, :],
+                   mask=row_mask[:, None] & (wi < W)[None, :], other=0).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def codes3(ptr, rows, row_mask, stride_row, DP: tl.constexpr, DREAL: tl.constexpr):
+    """3-bit codes [BN, DP] as exact fp32 integers; a code straddling two words reads both."""
+    d = tl.arange(0, DP)
+    bit = d * 3
+    sh = (bit % 32).to(tl.uint32)
+    base = ptr + rows[:, None] * stride_row + (bit // 32)[None, :]
+    m = row_mask[:, None] & (d < DREAL)[None, :]
+    lo = tl.load(base, mask=m, other=0).to(tl.uint32, bitcast=True)
+    hi = tl.load(base + 1, mask=m & (sh > 29)[None, :], other=0).to(tl.uint32, bitcast=True)
+    c = ((lo >> sh[None, :]) | (hi << ((32 - sh) & 31)[None, :])) & 7
+    return (c | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC
+
+
+@triton.jit
+def pack_codes(c, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
+    """Pack uint32 codes c [BT, DP] into words [BT, DP * BITS / 32] (uint32; DP % 32 == 0 for 3 bits).
+
+    Codes occupy disjoint bits, so OR-reducing the shifted codes of a word assembles it.
+    """
+    if BITS == 3:
+        # 32 codes fill exactly 3 words; word k of a block takes the bits of codes i with
+        # 3i - 32k in (-3, 32) (a code that straddles contributes its low bits to k, high to k + 1).
+        NB: tl.constexpr = DP // 32
+        i = tl.arange(0, 32)
+        k = tl.arange(0, 4)
+        delta = i[None, :] * 3 - k[:, None] * 32
+        left = (delta >= 0) & (delta < 32)
+        right = (delta < 0) & (delta > -3)
+        c4 = tl.reshape(c, (BT, NB, 1, 32))
+        part = tl.where(left[None, None], c4 << (delta & 31).to(tl.uint32)[None, None],
+                        tl.where(right[None, None], c4 >> ((0 - delta) & 31).to(tl.uint32)[None, None], 0))
+        return tl.reduce(part, 3, bit_or)  # [BT, NB, 4]: the 4th word of each block is unused
+    else:
+        CPW: tl.constexpr = 32 // BITS
+        sh = (tl.arange(0, CPW) * BITS).to(tl.uint32)
+        return tl.reduce(tl.reshape(c, (BT, DP // CPW, CPW)) << sh[None, None, :], 2, bit_or)
