@@ -1,0 +1,259 @@
+"""Triton kernels of kvtorch.kernels.attention: split-K attention over packed K/V, then a reduce.
+
+Split kernel, grid (splits, B * Hkv, query blocks). A program takes BQ queries x all G query heads
+of one KV head as ROWS rows of one tile (GQA without repeating K/V; ROWS >= 16 for tl.dot), walks
+a key range in blocks of BN keys with an online softmax (exp2, the scale folded into q), and writes
+its partial max m, sum l and accumulators to its slot: acc_c over compressed values (in their
+stored space: rotated or rank-r) and, for GENERAL programs, acc_f over float values. The kernel is
+launched twice, as two specializations: the lean one (GENERAL=False) covers the keys below every
+row's split, all read compressed; the GENERAL one covers the rest (the float tail, and per-query
+splits during chunked prefill), reading both forms and picking per (row, key). Two launches keep
+the lean loop's registers low. Reduce kernel, grid (B * Hkv, Tq): merges the slots, maps acc_c
+back (unrotate or times P_v^T), adds acc_f and normalizes.
+
+Packed tiles are dequantized in fp32 (code * scale + bias, codes turned into floats by the
+exponent trick) and fed to tl.dot in the float dtype with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._jit import codes3, codes_of_words, fwht_rows, load_words, round_bf16, spread_words
+from .support import patch_interpreter
+
+patch_interpreter()
+
+NEG = tl.constexpr(-1.0e30)  # a finite "minus infinity" for running maxima, so empty ranges give weights 0, not NaN
+
+
+@triton.jit
+def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, BITS: tl.constexpr, GROUP: tl.constexpr,
+          CHANNEL: tl.constexpr, DP: tl.constexpr, DREAL: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
+          MM_F32: tl.constexpr):
+    """Rows `offs` [BN] of a compressed tensor as a [BN, DP] tile in the dot dtype (0 where not ok;
+    fp32 under MM_F32, where `_mm` rounds).
+
+    BITS 0: float coefficients [n, DREAL]. Otherwise codes [n, W] with fp16 scales/biases of shape
+    [n, DREAL / GROUP] (token axis) or [n / GROUP, DREAL] (channel axis).
+    """
+    d = tl.arange(0, DP)
+    if BITS == 0:
+        x = tl.load(c_ptr + offs[:, None] * sc_n + d[None, :],
+                    mask=ok[:, None] & (d < DREAL)[None, :], other=0.0).to(tl.float32)
+    elif CHANNEL:
+        if BITS == 3:
+            c = codes3(c_ptr, offs, ok, sc_n, DP, DREAL)
+        else:
+            c = tl.reshape(codes_of_words(load_words(c_ptr, offs, ok, sc_n, DP * BITS // 32, DREAL * BITS // 32),
+                                          BITS), (BN, DP))
+        srow = (offs // GROUP)[:, None] * ss_n + d[None, :]
+        s = tl.load(s_ptr + srow, mask=ok[:, None], other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + srow, mask=ok[:, None], other=0.0).to(tl.float32)
+        x = c * s + b
+    elif BITS == 3:
+        srow = offs[:, None] * ss_n + (d // GROUP)[None, :]
+        m = ok[:, None] & (d < DREAL)[None, :]
+        s = tl.load(s_ptr + srow, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + srow, mask=m, other=0.0).to(tl.float32)
+        x = codes3(c_ptr, offs, ok, sc_n, DP, DREAL) * s + b
+    else:
+        # Token axis: a group spans whole words, so each word's scale and bias are loaded in the
+        # words' own layout and spread over its codes in registers.
+        WP: tl.constexpr = DP * BITS // 32
+        LOGC: tl.constexpr = 4 if BITS == 2 else (3 if BITS == 4 else 2)
+        wi = tl.arange(0, WP)
+        srow = offs[:, None] * ss_n + (wi // (GROUP * BITS // 32))[None, :]
+        m = ok[:, None] & (wi < DREAL * BITS // 32)[None, :]
+        s = spread_words(tl.load(s_ptr + srow, mask=m, other=0.0).to(tl.float32), LOGC)
+        b = spread_words(tl.load(b_ptr + srow, mask=m, other=0.0).to(tl.float32), LOGC)
+        c = codes_of_words(load_words(c_ptr, offs, ok, sc_n, WP, DREAL * BITS // 32), BITS)
+        x = tl.reshape(c * s + b, (BN, DP))
+    if MM_F32:
+        return x
+    return x.to(DOT)
+
+
+@triton.jit
+def _mm(a, b, DOT: tl.constexpr, MM_F32: tl.constexpr):
+    """a [M, K] @ b [K, N] with operands in the dot dtype and fp32 accumulation. MM_F32 (bf16 under
+    Triton 3.6's interpreter, whose bf16 dots and casts are wrong) rounds the operands to bf16 by
+    bit arithmetic and multiplies them in fp32: the same products, as the GPU forms them."""
+    if MM_F32:
+        return tl.dot(round_bf16(a.to(tl.float32)), round_bf16(b.to(tl.float32)), input_precision="ieee")
+    return tl.dot(a.to(DOT), b.to(DOT))
+
+
+@triton.jit
+def _float_tile(f_ptr, sf_n, f_start, offs, ok, D: tl.constexpr):
+    """Float rows at positions `offs` of a tensor whose float rows start at position f_start."""
+    d = tl.arange(0, D)
+    i = offs - f_start
+    return tl.load(f_ptr + i[:, None] * sf_n + d[None, :], mask=(ok & (i >= 0))[:, None], other=0.0)
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, sq_b, sq_h, sq_t, pos_ptr, ksplit_ptr, vsplit_ptr,
+    kc_ptr, skc_b, skc_h, skc_n, ks_ptr, kb_ptr, sks_b, sks_h, sks_n, kf_ptr, skf_b, skf_h, skf_n, k_fstart,
+    vc_ptr, svc_b, svc_h, svc_n, vs_ptr, vb_ptr, svs_b, svs_h, svs_n, vf_ptr, svf_b, svf_h, svf_n, v_fstart,
+    kaux_ptr, k_norm, pm_ptr, pl_ptr, pc_ptr, pf_ptr, flag_ptr,
+    Hkv, G, Tq, T_end, lo, chunk, slot0, S, NQB, qk_scale,
+    D: tl.constexpr, LOG_D: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, ROWS: tl.constexpr,
+    BN: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_CHANNEL: tl.constexpr,
+    K_XFORM: tl.constexpr, DK: tl.constexpr, DK_REAL: tl.constexpr, V_BITS: tl.constexpr,
+    V_GROUP: tl.constexpr, V_CHANNEL: tl.constexpr, DV: tl.constexpr, DV_REAL: tl.constexpr, DOT: tl.constexpr,
+    MM_F32: tl.constexpr, GENERAL: tl.constexpr,
+):
+    pid_s, bh, pid_q = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (bh // Hkv).to(tl.int64)
+    kvh = (bh % Hkv).to(tl.int64)
+    r = tl.arange(0, ROWS)
+    qi, gi = r // GP, r % GP
+    t = pid_q * BQ + qi
+    row_ok = (gi < G) & (qi < BQ) & (t < Tq)
+    d = tl.arange(0, D)
+
+    q = tl.load(q_ptr + b * sq_b + (kvh * G + gi)[:, None] * sq_h + t[:, None] * sq_t + d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+    if K_XFORM == 1:
+        qk = fwht_rows(q * tl.load(kaux_ptr + d)[None, :], ROWS, D, LOG_D) * k_norm
+    elif K_XFORM == 2:
+        rk = tl.arange(0, DK)
+        basis = tl.load(kaux_ptr + kvh * D * DK_REAL + d[:, None] * DK_REAL + rk[None, :],
+                        mask=(rk < DK_REAL)[None, :], other=0.0)
+        qk = tl.dot(q, basis, input_precision="tf32")  # rounded to the dot dtype next anyway
+    else:
+        qk = q
+    if not MM_F32:
+        qk = qk.to(DOT)
+        qf = q.to(DOT)
+    else:
+        qf = q
+
+    # Positions and splits as int32: offsets inside one head's rows fit, and 32-bit index math is cheaper.
+    pos = tl.load(pos_ptr + t, mask=row_ok, other=0).to(tl.int32)
+    spk = tl.load(ksplit_ptr + t, mask=row_ok, other=0).to(tl.int32)
+    spv = tl.load(vsplit_ptr + t, mask=row_ok, other=0).to(tl.int32)
+    # Positions increase and splits never decrease along the queries (the protocol's n_quantized(p + 1)),
+    # so the block's extremes sit at its first and last query.
+    t_first = pid_q * BQ
+    t_last = tl.minimum(t_first + BQ, Tq) - 1
+    sk_min, sk_max = tl.load(ksplit_ptr + t_first).to(tl.int32), tl.load(ksplit_ptr + t_last).to(tl.int32)
+    sv_min, sv_max = tl.load(vsplit_ptr + t_first).to(tl.int32), tl.load(vsplit_ptr + t_last).to(tl.int32)
+    n_lo = tl.minimum(sk_min, sv_min)
+    start = lo + pid_s * chunk
+    stop = tl.minimum(tl.minimum(start + chunk, T_end), tl.load(pos_ptr + t_last).to(tl.int32) + 1)
+
+    kc_ptr += b * skc_b + kvh * skc_h
+    ks_ptr += b * sks_b + kvh * sks_h
+    kb_ptr += b * sks_b + kvh * sks_h
+    vc_ptr += b * svc_b + kvh * svc_h
+    vs_ptr += b * svs_b + kvh * svs_h
+    vb_ptr += b * svs_b + kvh * svs_h
+    kf_ptr += b * skf_b + kvh * skf_h
+    vf_ptr += b * svf_b + kvh * svf_h
+
+    m_i = tl.full((ROWS,), NEG, tl.float32)
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc_c = tl.zeros((ROWS, DV), tl.float32)
+    idx = ((bh.to(tl.int64) * Tq + t) * S + slot0 + pid_s) * GP + gi
+    dv = tl.arange(0, DV)
+    if GENERAL:
+        # Keys some row reads in float: both forms, chosen per (row, key) by the row's split.
+        acc_f = tl.zeros((ROWS, D), tl.float32)
+        gen_start = tl.maximum(start, n_lo)
+        for n0 in range(gen_start, stop, BN):
+            offs = n0 + tl.arange(0, BN)
+            ok = offs < stop
+            use_kc = offs[None, :] < spk[:, None]
+            use_vc = offs[None, :] < spv[:, None]
+            kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, ok & (offs < sk_max), K_BITS, K_GROUP,
+                       K_CHANNEL, DK, DK_REAL, BN, DOT, MM_F32)
+            kf = _float_tile(kf_ptr, skf_n, k_fstart, offs, ok & (offs >= sk_min), D)
+            s = tl.where(use_kc, _mm(qk, tl.trans(kt), DOT, MM_F32), _mm(qf, tl.trans(kf), DOT, MM_F32))
+            s = tl.where(ok[None, :] & (offs[None, :] <= pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vt = _tile(vc_ptr, vs_ptr, vb_ptr, svc_n, svs_n, offs, ok & (offs < sv_max), V_BITS, V_GROUP,
+                       V_CHANNEL, DV, DV_REAL, BN, DOT, MM_F32)
+            vf = _float_tile(vf_ptr, svf_n, v_fstart, offs, ok & (offs >= sv_min), D)
+            acc_c = acc_c * alpha[:, None] + _mm(tl.where(use_vc, p, 0.0), vt, DOT, MM_F32)
+            acc_f = acc_f * alpha[:, None] + _mm(tl.where(use_vc, 0.0, p), vf, DOT, MM_F32)
+            m_i = m_new
+        has_f = gen_start < stop
+        tl.store(pf_ptr + idx[:, None] * D + d[None, :], acc_f, mask=row_ok[:, None] & has_f)
+        flag = has_f.to(tl.int32)
+    else:
+        # Keys every row reads compressed (s < n_lo <= split <= p + 1, so causality holds too).
+        fast_end = tl.minimum(stop, n_lo)
+        for n0 in range(start, fast_end, BN):
+            offs = n0 + tl.arange(0, BN)
+            ok = offs < fast_end
+            kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, ok, K_BITS, K_GROUP, K_CHANNEL, DK, DK_REAL,
+                       BN, DOT, MM_F32)
+            s = tl.where(ok[None, :], _mm(qk, tl.trans(kt), DOT, MM_F32), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vt = _tile(vc_ptr, vs_ptr, vb_ptr, svc_n, svs_n, offs, ok, V_BITS, V_GROUP, V_CHANNEL, DV, DV_REAL,
+                       BN, DOT, MM_F32)
+            acc_c = acc_c * alpha[:, None] + _mm(p, vt, DOT, MM_F32)
+            m_i = m_new
+        flag = tl.full([], 0, tl.int32)
+    tl.store(pm_ptr + idx, m_i, mask=row_ok)
+    tl.store(pl_ptr + idx, l_i, mask=row_ok)
+    tl.store(pc_ptr + idx[:, None] * DV + dv[None, :], acc_c, mask=row_ok[:, None])
+    # acc_f is written only by splits that read float keys; the flag tells the reduce which.
+    tl.store(flag_ptr + (bh * NQB + pid_q) * S + slot0 + pid_s, flag)
+
+
+@triton.jit
+def _reduce_kernel(
+    pm_ptr, pl_ptr, pc_ptr, pf_ptr, flag_ptr, out_ptr, so_b, so_h, so_t, vaux_ptr, v_norm,
+    Hkv, G, Tq, S, NQB,
+    D: tl.constexpr, LOG_D: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, RR: tl.constexpr,
+    DV: tl.constexpr, DV_REAL: tl.constexpr, V_XFORM: tl.constexpr,
+):
+    bh, t = tl.program_id(0), tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    kvh = (bh % Hkv).to(tl.int64)
+    r = tl.arange(0, RR)
+    ok = r < G
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    m_i = tl.full((RR,), NEG, tl.float32)
+    l_i = tl.zeros((RR,), tl.float32)
+    acc_c = tl.zeros((RR, DV), tl.float32)
+    acc_f = tl.zeros((RR, D), tl.float32)
+    for s in range(S):
+        idx = ((bh.to(tl.int64) * Tq + t) * S + s) * GP + r
+        m_s = tl.load(pm_ptr + idx, mask=ok, other=NEG)
+        l_s = tl.load(pl_ptr + idx, mask=ok, other=0.0)
+        has_f = tl.load(flag_ptr + (bh * NQB + t // BQ) * S + s) != 0
+        c_s = tl.load(pc_ptr + idx[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
+        f_s = tl.load(pf_ptr + idx[:, None] * D + d[None, :], mask=ok[:, None] & has_f, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(m_s - m_new)
+        l_i = l_i * alpha + l_s * w
+        acc_c = acc_c * alpha[:, None] + c_s * w[:, None]
+        acc_f = acc_f * alpha[:, None] + f_s * w[:, None]
+        m_i = m_new
+    inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    acc_c = acc_c * inv[:, None]
+    if V_XFORM == 1:
+        out = fwht_rows(acc_c, RR, D, LOG_D) * v_norm * tl.load(vaux_ptr + d)[None, :]
+    elif V_XFORM == 2:
+        # P_v^T [r, D] read straight from the basis [Hkv, D, r].
+        pt = tl.load(vaux_ptr + kvh * D * DV_REAL + d[None, :] * DV_REAL + dv[:, None],
+                     mask=(dv < DV_REAL)[:, None], other=0.0)
+        out = tl.dot(acc_c, pt, input_precision="tf32")
+    else:
+        out = acc_c
+    out += acc_f * inv[:, None]
+    tl.store(out_ptr + b * so_b + (kvh * G + r)[:, None] * so_h + t * so_t + d[None, :], out, mask=ok[:, None])

@@ -1,0 +1,228 @@
+"""Attention over a compressed cache (decode, prefill and chunked prefill in one path).
+
+Inputs, per tensor (K or V) of one layer, as kvtorch.attention.Part holds them (any object with
+these fields works):
+- spec: kvspec Quant or LowRank; n: compressed tokens, positions [0, n);
+- arrays: kvspec.layout arrays with at least n rows along axis 2 (views of larger storage are fine):
+  codes int32 [B, Hkv, n, W] with scales/biases fp16 [B, Hkv, n, D/G] (token axis) or
+  [B, Hkv, n/G, D] (channel axis); or coeffs [B, Hkv, n, r] in the float dtype;
+- basis: fp32 [Hkv, D, r] for LowRank;
+- floats: [B, Hkv, Tf, D] in the float dtype (fp16 or bf16) at positions [float_start, float_start + Tf);
+- split: int [Tq]; query i reads position s compressed iff s < split[i] (docs/BACKENDS.md protocol:
+  split[i] = n_quantized(q_pos[i] + 1); K and V have their own).
+q [B, Hq, Tq, D] at positions q_pos [Tq] (query p sees s <= p); Hq = G * Hkv and query head h reads
+KV head h // G. Returns fp32 [B, Hq, Tq, D]. Rotated keys are read against rotate(q), low-rank keys
+as (qP).c, outputs as unrotate(p.V) or (p.C)P^T; the D-dim history is never rebuilt.
+
+`attention_reference` is the plain-torch version; `attention` dispatches to the Triton kernels
+where `refusal` is None and to the reference otherwise; `attention_kernel` has the signature of
+kvtorch.attention.register_kernel (None where it refuses).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvspec.reference.rotation import norm_factor
+from kvspec.spec import LowRank, Quant
+
+from .. import ops
+from .support import interpreting, padded, rotation_signs, tensor_refusal, triton_refusal
+
+LOG2E = 1.4426950408889634
+
+
+def _values(part) -> torch.Tensor | None:
+    """Compressed rows as attention reads them, fp32 [B, Hkv, n, D or r] (still rotated); None if n == 0."""
+    t, a = part.spec, part.arrays
+    if part.n == 0:
+        return None
+    if isinstance(t, LowRank) and t.coeff is None:
+        return a["coeffs"][:, :, : part.n].float()
+    q = t if isinstance(t, Quant) else t.coeff
+    rows = part.n // q.group if q.axis == "channel" else part.n
+    width = t.rank if isinstance(t, LowRank) else part.floats.shape[-1]
+    return ops.dequantize(a["codes"][:, :, : part.n], a["scales"][:, :, :rows], a["biases"][:, :, :rows],
+                          q.bits, q.group, q.axis, width)
+
+
+def _to_stored_space(x: torch.Tensor, part) -> torch.Tensor:
+    t = part.spec
+    if isinstance(t, Quant) and t.rotation is not None:
+        return ops.rotate(x, t.rotation)
+    if isinstance(t, LowRank):
+        return torch.einsum("bhqd,hdr->bhqr", x, part.basis.float())
+    return x
+
+
+def _from_stored_space(x: torch.Tensor, part) -> torch.Tensor:
+    t = part.spec
+    if isinstance(t, Quant) and t.rotation is not None:
+        return ops.unrotate(x, t.rotation)
+    if isinstance(t, LowRank):
+        return torch.einsum("bhqr,hdr->bhqd", x, part.basis.float())
+    return x
+
+
+def attention_reference(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float) -> torch.Tensor:
+    """Plain torch, fp32: q [B, Hq, Tq, D] over K/V parts (module docstring) -> [B, Hq, Tq, D]."""
+    b, hq, tq, d = q.shape
+    hkv = k.floats.shape[1]
+    g = hq // hkv
+    end = k.float_start + k.floats.shape[-2]
+    qg = q.float().reshape(b, hkv, g * tq, d)  # row j * tq + i: head kv * g + j, query i
+    pos = torch.arange(end, device=q.device)
+    q_pos = q_pos.to(q.device)
+    rows = lambda x: x.to(q.device)[:, None].repeat(g, 1)  # per-query [Tq, 1] -> per-row [G * Tq, 1]
+    use_kc, use_vc = pos[None, :] < rows(k.split), pos[None, :] < rows(v.split)
+    scores = torch.full((b, hkv, g * tq, end), float("-inf"), device=q.device)
+    scores[..., k.float_start :] = qg @ k.floats.float().transpose(-1, -2)
+    kc = _values(k)
+    if kc is not None:
+        sc = _to_stored_space(qg, k) @ kc.transpose(-1, -2)
+        scores[..., : k.n] = torch.where(use_kc[:, : k.n], sc, scores[..., : k.n])
+    keep = pos[None, :] <= rows(q_pos)
+    p = torch.softmax((scores * scale).masked_fill(~keep, float("-inf")), dim=-1)
+    out = p[..., v.float_start :].masked_fill(use_vc[:, v.float_start :], 0.0) @ v.floats.float()
+    vc = _values(v)
+    if vc is not None:
+        out = out + _from_stored_space(p[..., : v.n].masked_fill(~use_vc[:, : v.n], 0.0) @ vc, v)
+    return out.reshape(b, hq, tq, d)
+
+
+def refusal(q: torch.Tensor, k, v, *, window=None, softcap=None, mask=None) -> str | None:
+    """Why the kernels cannot run this attention (None: they can). Besides kernels.support's shape
+    rules: no sliding window, softcap or explicit mask; both K and V compressed (Quant or LowRank);
+    fp16/bf16 floats; at most 64 query heads per KV head."""
+    why = triton_refusal(q.device)
+    if why:
+        return why
+    if window is not None or softcap is not None or mask is not None:
+        return "sliding windows, softcaps and explicit masks run on the reference"
+    for name, part in (("K", k), ("V", v)):
+        why = tensor_refusal(part.spec, q.shape[-1])
+        if why:
+            return f"{name}: {why}"
+        if part.floats.dtype not in (torch.float16, torch.bfloat16):
+            return f"{name}: float tokens are {part.floats.dtype}, not fp16/bf16"
+    if k.floats.dtype != v.floats.dtype or k.float_start + k.floats.shape[-2] != v.float_start + v.floats.shape[-2]:
+        return "K and V floats differ in dtype or end position"
+    hq, hkv = q.shape[1], k.floats.shape[1]
+    if hq % hkv or hq // hkv > 64:
+        return f"{hq} query heads over {hkv} KV heads"
+    return None
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """x with a unit stride along its last axis (the kernels index that axis directly)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _operands(part, device):
+    """(compressed array, scales, biases, aux, norm, constexprs) of one part for the split kernel."""
+    t, a = part.spec, part.arrays
+    d = part.floats.shape[-1]
+    dummy = torch.zeros(1, dtype=torch.int32, device=device)
+    q = t if isinstance(t, Quant) else t.coeff
+    width = t.rank if isinstance(t, LowRank) else d
+    c = a.get("codes", a.get("coeffs")) if part.n else None
+    c = dummy.view(1, 1, 1, 1) if c is None else _unit_stride(c)
+    s = _unit_stride(a["scales"]) if q is not None and part.n else c
+    bias = _unit_stride(a["biases"]) if q is not None and part.n else c
+    if s.stride() != bias.stride():
+        s, bias = s.contiguous(), bias.contiguous()
+    aux, norm, xform = dummy, 1.0, 0
+    if isinstance(t, Quant) and t.rotation is not None:
+        aux, norm, xform = rotation_signs(d, t.rotation, device), float(norm_factor(d)), 1
+    elif isinstance(t, LowRank):
+        aux, xform = part.basis.float().contiguous(), 2
+    meta = dict(BITS=0 if q is None else q.bits, GROUP=1 if q is None else q.group,
+                CHANNEL=q is not None and q.axis == "channel", XFORM=xform,
+                DP=padded(width) if isinstance(t, LowRank) else d, DREAL=width)
+    return c, s, bias, aux, norm, meta
+
+
+def _splits(lo: int, hi: int, block: int, programs: int, want: int | None) -> tuple[int, int]:
+    """(splits, chunk) covering keys [lo, hi) in chunks of whole blocks: `want` splits, or enough
+    that `programs` programs per split reach about 8 per multiprocessor-sized target."""
+    blocks = max(1, -(-(hi - lo) // block))
+    splits = max(1, min(want if want is not None else -(-1056 // programs), blocks))
+    chunk = -(-blocks // splits) * block
+    return max(1, -(-(hi - lo) // chunk)), chunk
+
+
+def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: int | None = None,
+           block_n: int = 32, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """The Triton path of `attention` (inputs must pass `refusal`). splits: key splits of the
+    all-compressed range (default: about 1056 programs, 8 per H200 multiprocessor)."""
+    b, hq, tq, d = q.shape
+    q, kf, vf = _unit_stride(q), _unit_stride(k.floats), _unit_stride(v.floats)
+    hkv = kf.shape[1]
+    g = hq // hkv
+    gp = 1 << (g - 1).bit_length()
+    bq = 1 if tq == 1 else max(1, 32 // gp)
+    nqb = -(-tq // bq)
+    end = k.float_start + k.floats.shape[-2]
+    # Host-side bounds of the two regions: keys below min(n) may be all-compressed; keys from the
+    # first float position on may need the float form (the kernels refine both per query block).
+    n_fast = min(k.n, v.n)
+    g0 = min(k.float_start, v.float_start)
+    s_fast, c_fast = _splits(0, n_fast, block_n, b * hkv * nqb, splits)
+    s_gen, c_gen = _splits(g0, end, block_n, b * hkv * nqb, splits)
+    slots = s_fast + s_gen
+    kc, ks, kb, kaux, knorm, km = _operands(k, q.device)
+    vc, vs, vb, vaux, vnorm, vm = _operands(v, q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    n_part = b * hkv * tq * slots * gp
+    pm, pl = torch.empty(n_part, **f32), torch.empty(n_part, **f32)
+    pc, pf = torch.empty(n_part * vm["DP"], **f32), torch.empty(n_part * d, **f32)
+    flag = torch.empty(b * hkv * nqb * slots, dtype=torch.int32, device=q.device)
+    out = torch.empty(b, hq, tq, d, **f32)
+    import triton.language as tl
+
+    from ._attention_triton import _reduce_kernel, _split_kernel
+
+    dot = tl.float16 if k.floats.dtype == torch.float16 else tl.bfloat16
+    qpos = q_pos.to(q.device)
+    for general, (s_n, lo, chunk, slot0) in ((False, (s_fast, 0, c_fast, 0)), (True, (s_gen, g0, c_gen, s_fast))):
+        _split_kernel[(s_n, b * hkv, nqb)](
+            q, q.stride(0), q.stride(1), q.stride(2), qpos, k.split, v.split,
+            kc, *kc.stride()[:2], kc.stride(2), ks, kb, *ks.stride()[:3],
+            kf, *kf.stride()[:3], k.float_start,
+            vc, *vc.stride()[:2], vc.stride(2), vs, vb, *vs.stride()[:3],
+            vf, *vf.stride()[:3], v.float_start,
+            kaux, knorm, pm, pl, pc, pf, flag,
+            hkv, g, tq, end, lo, chunk, slot0, slots, nqb, scale * LOG2E,
+            D=d, LOG_D=int(math.log2(d)), GP=gp, BQ=bq, ROWS=max(16, bq * gp), BN=block_n,
+            K_BITS=km["BITS"], K_GROUP=km["GROUP"], K_CHANNEL=km["CHANNEL"], K_XFORM=km["XFORM"], DK=km["DP"],
+            DK_REAL=km["DREAL"], V_BITS=vm["BITS"], V_GROUP=vm["GROUP"], V_CHANNEL=vm["CHANNEL"], DV=vm["DP"],
+            DV_REAL=vm["DREAL"], DOT=dot, MM_F32=interpreting() and dot == tl.bfloat16, GENERAL=general,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    _reduce_kernel[(b * hkv, tq)](
+        pm, pl, pc, pf, flag, out, *out.stride()[:3], vaux, vnorm, hkv, g, tq, slots, nqb,
+        D=d, LOG_D=int(math.log2(d)), GP=gp, BQ=bq, RR=max(16, gp), DV=vm["DP"], DV_REAL=vm["DREAL"],
+        V_XFORM=vm["XFORM"], num_warps=4,
+    )
+    return out
+
+
+def attention(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, window: int | None = None,
+              softcap: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The dispatcher: Triton kernels where `refusal` is None, `attention_reference` otherwise
+    (which also refuses windows, softcaps and masks: kvtorch.attention handles those)."""
+    if refusal(q, k, v, window=window, softcap=softcap, mask=mask) is None:
+        return attend(q, q_pos, k, v, scale=scale)
+    if window is not None or softcap is not None or mask is not None:
+        raise ValueError("window, softcap and mask are handled by kvtorch.attention.attention_reference")
+    return attention_reference(q, q_pos, k, v, scale=scale)
+
+
+def attention_kernel(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, window: int | None = None,
+                     softcap: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """For kvtorch.attention.register_kernel: the kernels' output, or None where they refuse."""
+    if refusal(q, k, v, window=window, softcap=softcap, mask=mask) is not None:
+        return None
+    return attend(q, q_pos, k, v, scale=scale)
