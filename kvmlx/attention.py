@@ -1,0 +1,151 @@
+"""Attention over a compressed layer cache: the protocol of docs/BACKENDS.md in plain MLX ops.
+
+Queries q [B, Hq, Tq, D] at positions [q_start, q_start + Tq) read K and V as `Fetched` views
+(kvmlx.store): compressed tokens [0, n) and float tokens [float_start, T). Query p reads key s
+compressed iff s < n_quantized(p + 1), else in float (keys s <= p, and s > p - W on a sliding
+window). Scores of the two forms are concatenated with complementary masks, so one softmax spans
+them; K and V keep their own splits. Compressed data is read without rebuilding the history where
+the layout allows: token-axis codes in MLX's affine layout go through mx.quantized_matmul with
+rotate(q) for rotated keys and unrotate(p . V) for rotated values; low rank reads (qP) . c and
+(p . C) P^T. GQA folds the Hq / Hkv query heads of one KV head into the query axis, so K and V
+are never repeated. Everything is computed in fp32 and cast back to the queries' dtype.
+
+`compressed_attention` is the dispatcher: kernels (kvmlx.kernels) register in KERNELS and return
+None where they cannot run; `reference_attention` is the correctness baseline behind them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from kvspec.spec import LowRank, Quant
+
+from . import ops
+from .store import Fetched
+
+Kernel = Callable[[mx.array, Fetched, Fetched, float, "int | None"], "mx.array | None"]
+KERNELS: list[Kernel] = []
+
+
+def compressed_attention(q: mx.array, k: Fetched, v: Fetched, scale: float, window: int | None = None) -> mx.array:
+    """Attention output [B, Hq, Tq, D] of queries q [B, Hq, Tq, D]; the first kernel that accepts
+    the configuration runs, else the reference."""
+    for kernel in KERNELS:
+        out = kernel(q, k, v, scale, window)
+        if out is not None:
+            return out
+    return reference_attention(q, k, v, scale, window)
+
+
+def reference_attention(q: mx.array, k: Fetched, v: Fetched, scale: float, window: int | None = None) -> mx.array:
+    """See the module docstring. q [B, Hq, Tq, D]; K/V views over Hkv heads -> [B, Hq, Tq, D]."""
+    b, hq, tq, d = q.shape
+    hkv = k.floats.shape[1]
+    if tq != k.tokens - k.q_start or hq % hkv:
+        raise ValueError(f"{tq} queries over {hq} heads do not fit a chunk of {k.tokens - k.q_start} tokens, {hkv} KV heads")
+    rep = hq // hkv
+    qf = q.astype(mx.float32).reshape(b, hkv, rep * tq, d)  # row r * Tq + t: head h * rep + r, query t
+    q_pos = np.arange(k.q_start, k.tokens)
+
+    # Key positions of the score columns: compressed [0, n) then float [float_start, T).
+    scores, keep, k_pos = [], [], []
+    if k.n:
+        scores.append(_compressed_scores(qf, k))
+        pos = np.arange(k.n)
+        keep.append(pos[None] < k.split[:, None])
+        k_pos.append(pos)
+    scores.append(qf @ mx.swapaxes(k.floats.astype(mx.float32), -1, -2))
+    pos = np.arange(k.float_start, k.tokens)
+    keep.append(pos[None] >= k.split[:, None])
+    k_pos.append(pos)
+    pos, keep = np.concatenate(k_pos), np.concatenate(keep, axis=1)
+    keep &= pos[None] <= q_pos[:, None]
+    if window is not None:
+        keep &= pos[None] > q_pos[:, None] - window
+
+    s = mx.concatenate(scores, axis=-1).reshape(b, hkv, rep, tq, -1) * scale
+    if not keep.all():
+        s = mx.where(mx.array(keep), s, -mx.inf)
+    p = mx.softmax(s, axis=-1, precise=True).reshape(b, hkv, rep * tq, -1)
+
+    if v.n == k.n and v.float_start == k.float_start and np.array_equal(v.split, k.split):
+        # Same split for V (e.g. the same spec): the probability columns are already V's.
+        p_c, p_f = (p[..., : k.n], p[..., k.n :]) if k.n else (None, p)
+    else:
+        p_c, p_f = _resplit(p, k, v, b, hkv, rep, tq)
+    out = p_f @ v.floats.astype(mx.float32)
+    if p_c is not None:
+        out = out + _compressed_output(p_c, v)
+    return out.reshape(b, hq, tq, d).astype(q.dtype)
+
+
+def _resplit(p: mx.array, k: Fetched, v: Fetched, b: int, hkv: int, rep: int, tq: int):
+    """Re-split p [B, Hkv, M, L] (columns: K's compressed [0, n_k), then K's float [fs_k, T)) into
+    V's compressed columns [0, n_v) and float columns [fs_v, T); each position counts in one form."""
+    start = 0 if k.n else k.float_start
+    width = k.tokens - start
+    full = mx.zeros((*p.shape[:-1], width), mx.float32)
+    if k.n:
+        full = full + mx.pad(p[..., : k.n], [(0, 0)] * 3 + [(0, width - k.n)])
+    full = full + mx.pad(p[..., k.n :], [(0, 0)] * 3 + [(k.float_start - start, 0)])
+    full = full.reshape(b, hkv, rep, tq, width)
+    thr = v.split[:, None]
+    p_f = full[..., v.float_start - start :]
+    p_f = mx.where(mx.array(np.arange(v.float_start, v.tokens)[None] >= thr), p_f, 0.0)
+    p_c = None
+    if v.n:
+        if start:
+            raise ValueError("a compressed part needs every position from token 0")
+        p_c = mx.where(mx.array(np.arange(v.n)[None] < thr), full[..., : v.n], 0.0).reshape(b, hkv, rep * tq, -1)
+    return p_c, p_f.reshape(b, hkv, rep * tq, -1)
+
+
+def _affine(t: Quant, dim: int) -> bool:
+    return t.axis == "token" and ops.mlx_layout(t.bits, t.group, dim)
+
+
+def _compressed_scores(q: mx.array, k: Fetched) -> mx.array:
+    """q [B, Hkv, M, D] fp32 against the compressed keys -> [B, Hkv, M, n]."""
+    t, c = k.spec, k.compressed
+    if isinstance(t, Quant):
+        if t.rotation is not None:
+            q = ops.rotate(q, t.rotation)
+        if _affine(t, k.head_dim):
+            return mx.quantized_matmul(q, c["codes"], c["scales"], c["biases"], transpose=True, group_size=t.group, bits=t.bits)
+        keys = ops.dequantize(c["codes"], c["scales"], c["biases"], t.bits, t.group, t.axis, k.head_dim)
+        return q @ mx.swapaxes(keys, -1, -2)
+    qp = ops.project(q, k.basis)  # [B, Hkv, M, r]
+    if _hybrid_affine(t):
+        g, bits = t.coeff.group, t.coeff.bits
+        return mx.quantized_matmul(qp, c["codes"], c["scales"], c["biases"], transpose=True, group_size=g, bits=bits)
+    return qp @ mx.swapaxes(_coefficients(t, c), -1, -2)
+
+
+def _compressed_output(p: mx.array, v: Fetched) -> mx.array:
+    """Probabilities p [B, Hkv, M, n] times the compressed values -> [B, Hkv, M, D] fp32."""
+    t, c = v.spec, v.compressed
+    if isinstance(t, Quant):
+        if _affine(t, v.head_dim):
+            out = mx.quantized_matmul(p, c["codes"], c["scales"], c["biases"], transpose=False, group_size=t.group, bits=t.bits)
+        else:
+            out = p @ ops.dequantize(c["codes"], c["scales"], c["biases"], t.bits, t.group, t.axis, v.head_dim)
+        return out if t.rotation is None else ops.unrotate(out, t.rotation)
+    if _hybrid_affine(t):
+        pc = mx.quantized_matmul(p, c["codes"], c["scales"], c["biases"], transpose=False, group_size=t.coeff.group, bits=t.coeff.bits)
+    else:
+        pc = p @ _coefficients(t, c)
+    return ops.reconstruct(pc, v.basis)
+
+
+def _hybrid_affine(t: LowRank) -> bool:
+    return t.coeff is not None and ops.mlx_layout(t.coeff.bits, t.coeff.group, t.rank)
+
+
+def _coefficients(t: LowRank, c: dict[str, mx.array]) -> mx.array:
+    """Low-rank coefficients [B, Hkv, n, r] in fp32 (dequantized for hybrids)."""
+    if t.coeff is None:
+        return c["coeffs"].astype(mx.float32)
+    return ops.dequantize(c["codes"], c["scales"], c["biases"], t.coeff.bits, t.coeff.group, "token", t.rank)
