@@ -20,7 +20,7 @@ from kvspec.spec import Float, LowRank, Quant, TensorSpec
 
 from . import ops
 
-# Bytes of fp32 scores one reference block may hold; longer query chunks are split into blocks.
+# Bytes of scores one reference block may hold; longer query chunks are split into blocks.
 SCORE_BLOCK_BYTES = 256 * 2**20
 
 
@@ -49,36 +49,36 @@ class Part:
         return self.float_start + self.floats.shape[-2]
 
 
-def compressed_values(part: Part) -> torch.Tensor | None:
-    """The compressed tokens as attention reads them, fp32: [B, Hkv, n, D] (still rotated if the
-    spec rotates) or [B, Hkv, n, r] coefficients; None when n == 0."""
+def compressed_values(part: Part, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The compressed tokens as attention reads them, in `dtype`: [B, Hkv, n, D] (still rotated if
+    the spec rotates) or [B, Hkv, n, r] coefficients; None when n == 0."""
     t, a = part.spec, part.arrays
     if part.n == 0 or isinstance(t, Float):
         return None
     if isinstance(t, Quant):
-        return ops.dequantize(a["codes"], a["scales"], a["biases"], t.bits, t.group, t.axis, part.head_dim)
+        return ops.dequantize(a["codes"], a["scales"], a["biases"], t.bits, t.group, t.axis, part.head_dim, dtype)
     if t.coeff is None:
-        return a["coeffs"].float()
-    return ops.dequantize(a["codes"], a["scales"], a["biases"], t.coeff.bits, t.coeff.group, "token", t.rank)
+        return a["coeffs"].to(dtype)
+    return ops.dequantize(a["codes"], a["scales"], a["biases"], t.coeff.bits, t.coeff.group, "token", t.rank, dtype)
 
 
-def _query_space(q: torch.Tensor, part: Part) -> torch.Tensor:
+def _query_space(q: torch.Tensor, part: Part, dt: torch.dtype) -> torch.Tensor:
     """Queries [B, Hkv, R, D] mapped to where compressed keys live: rotate(q) or q P."""
     t = part.spec
     if isinstance(t, Quant) and t.rotation is not None:
         return ops.rotate(q, t.rotation)
     if isinstance(t, LowRank):
-        return torch.einsum("bhqd,hdr->bhqr", q, part.basis.float())
+        return q @ part.basis.to(dt)
     return q
 
 
-def _output_space(out: torch.Tensor, part: Part) -> torch.Tensor:
+def _output_space(out: torch.Tensor, part: Part, dt: torch.dtype) -> torch.Tensor:
     """p.V of compressed values [B, Hkv, R, D|r] mapped back to head-dim space."""
     t = part.spec
     if isinstance(t, Quant) and t.rotation is not None:
         return ops.unrotate(out, t.rotation)
     if isinstance(t, LowRank):
-        return torch.einsum("bhqr,hdr->bhqd", out, part.basis.float())
+        return out @ part.basis.to(dt).transpose(-1, -2)
     return out
 
 
@@ -93,7 +93,7 @@ def attention_reference(
     softcap: float | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain-torch attention over compressed K/V, fp32. Returns [B, Hq, Tq, D].
+    """Plain-torch attention over compressed K/V in fp32 (fp64 for fp64 queries). Returns [B, Hq, Tq, D].
 
     q [B, Hq, Tq, D]; q_pos int64 [Tq] absolute positions; query p sees s <= p (and s > p - window).
     Columns run over positions [lo, end) with lo = 0 if anything is compressed, else the first float
@@ -104,8 +104,9 @@ def attention_reference(
     hkv = k.floats.shape[1]
     lo = 0 if (k.n or v.n) else min(k.float_start, v.float_start)
     width = k.end - lo
-    kc, vc = compressed_values(k), compressed_values(v)
-    block = max(1, SCORE_BLOCK_BYTES // max(1, 4 * b * hq * width))
+    kc, vc = compressed_values(k, work_dtype(q)), compressed_values(v, work_dtype(q))
+    item = torch.finfo(work_dtype(q)).bits // 8
+    block = max(1, SCORE_BLOCK_BYTES // max(1, item * b * hq * width))
     outs = []
     for i0 in range(0, tq, block):
         i1 = min(tq, i0 + block)
@@ -118,50 +119,50 @@ def attention_reference(
 
 def _attend_block(q, q_pos, rows, k, v, kc, vc, lo, scale, window, softcap, mask, hkv):
     b, hq, tq, d = q.shape
-    rep = hq // hkv
-    # Query head h = kv * rep + j reads KV head kv: fold the rep heads into the query axis.
-    qg = q.float().reshape(b, hkv, rep * tq, d)
-    pos = torch.arange(lo, k.end, device=q.device)
-    q_pos = q_pos.to(q.device)
-    split_k = k.split[rows].to(q.device)[:, None]
-    split_v = v.split[rows].to(q.device)[:, None]
-    keep = pos[None, :] <= q_pos[:, None]
+    rep, width, dev = hq // hkv, k.end - lo, q.device
+    dt = work_dtype(q)
+    # Query head h = kv * rep + j reads KV head kv: fold the rep heads into the rows (row j * tq + i),
+    # and view scores as [b, hkv, rep, tq, width] so per-query masks broadcast over the rep heads.
+    qg = q.to(dt).reshape(b, hkv, rep * tq, d)
+    pos = torch.arange(lo, k.end, device=dev)
+    q_pos = q_pos.to(dev)[:, None]
+    keep = pos <= q_pos  # [tq, width]
     if window is not None:
-        keep &= pos[None, :] > q_pos[:, None] - window
-    use_kc = pos[None, :] < split_k  # [tq, width]
+        keep &= pos > q_pos - window
+    if mask is not None:
+        keep = keep & mask.to(dev)[:, :, None]  # [B', 1, 1, tq, width]
 
-    scores = torch.zeros(b, hkv, rep * tq, k.end - lo, dtype=torch.float32, device=q.device)
+    scores = torch.empty(b, hkv, rep * tq, width, dtype=dt, device=dev)
     f0 = k.float_start - lo
-    scores[..., f0:] = qg @ k.floats.float().transpose(-1, -2)
+    scores[..., f0:] = qg @ k.floats.to(dt).transpose(-1, -2)
+    s5 = scores.view(b, hkv, rep, tq, width)
     if kc is not None:
-        sc = _query_space(qg, k) @ kc.transpose(-1, -2)
-        c_cols = use_kc[:, : k.n].repeat(rep, 1)
-        scores[..., : k.n] = torch.where(c_cols, sc, scores[..., : k.n])
-    scores = scores * scale
+        sc = (_query_space(qg, k, dt) @ kc.transpose(-1, -2)).view(b, hkv, rep, tq, k.n)
+        use_kc = pos[: k.n] < k.split[rows].to(dev)[:, None]
+        s5[..., : k.n] = torch.where(use_kc, sc, s5[..., : k.n])
+    elif f0:
+        scores[..., :f0] = float("-inf")  # V starts earlier than K: columns no key covers
+    scores.mul_(scale)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    keep = keep.repeat(rep, 1)
-    if mask is not None:
-        # mask rows are queries; the folded rows run j * tq + i over the rep heads j.
-        keep = keep & mask.to(q.device).repeat(1, 1, rep, 1)
-    scores = scores.masked_fill(~keep, float("-inf"))
-    probs = _softmax(scores)
+        s5 = scores.view(b, hkv, rep, tq, width)
+    s5.masked_fill_(~keep, float("-inf"))
+    # A row with nothing visible (a padding query) gives NaN: make it zeros.
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0).view(b, hkv, rep, tq, width)
 
     fv0 = v.float_start - lo
-    use_vc = (pos[None, :] < split_v).repeat(rep, 1)
-    out = probs[..., fv0:].masked_fill(use_vc[:, fv0:], 0.0) @ v.floats.float()
+    use_vc = pos < v.split[rows].to(dev)[:, None]  # [tq, width]
+    pf = probs[..., fv0:].masked_fill(use_vc[:, fv0:], 0.0).reshape(b, hkv, rep * tq, width - fv0)
+    out = pf @ v.floats.to(dt)
     if vc is not None:
-        pc = probs[..., : v.n].masked_fill(~use_vc[:, : v.n], 0.0)
-        out = out + _output_space(pc @ vc, v)
+        pc = probs[..., : v.n].masked_fill(~use_vc[:, : v.n], 0.0).reshape(b, hkv, rep * tq, v.n)
+        out = out + _output_space(pc @ vc, v, dt)
     return out.reshape(b, hq, tq, d)
 
 
-def _softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis; a row with nothing visible (a padding query) gives zeros, not NaN."""
-    top = scores.amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    e = torch.exp(scores - top)
-    return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+def work_dtype(q: torch.Tensor) -> torch.dtype:
+    """fp32 arithmetic, or fp64 for fp64 queries (exact comparisons in tests)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 Kernel = Callable[..., "torch.Tensor | None"]

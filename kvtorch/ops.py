@@ -79,16 +79,24 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str) -> tuple[torch.T
 
 
 def dequantize(
-    codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group: int, axis: str, dim: int
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor,
+    bits: int,
+    group: int,
+    axis: str,
+    dim: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """fp32 reconstruction [..., T, dim] of `quantize`'s output: code * scale + bias."""
-    q = unpack(codes, bits, dim).float()
-    s, b = scales.float(), biases.float()
+    """Reconstruction [..., T, dim] of `quantize`'s output, code * scale + bias, in `dtype` (fp32 or fp64)."""
+    q = unpack(codes, bits, dim).to(dtype)
+    s, b = scales.to(dtype), biases.to(dtype)
+    *lead, t, d = q.shape
     if axis == "token":
-        s, b = s.repeat_interleave(group, dim=-1), b.repeat_interleave(group, dim=-1)
+        out = q.view(*lead, t, d // group, group) * s[..., None] + b[..., None]
     else:
-        s, b = s.repeat_interleave(group, dim=-2), b.repeat_interleave(group, dim=-2)
-    return q * s + b
+        out = q.view(*lead, t // group, group, d) * s[..., None, :] + b[..., None, :]
+    return out.view(*lead, t, d)
 
 
 # --- packing ------------------------------------------------------------------------------------
@@ -127,6 +135,10 @@ def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise ValueError(f"{n} codes of {bits} bits need {count} words per row, got {words.shape[-1]}")
     dev = words.device
     w = words.to(torch.int64) & _MASK32
+    if 32 % bits == 0:
+        # No code straddles a word: shift every word by each in-word offset.
+        shifts = torch.arange(0, 32, bits, device=dev)
+        return ((w[..., None] >> shifts) & (2**bits - 1)).flatten(-2)[..., :n]
     w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)  # a zero word for straddling reads
     word_t, shift_t = torch.from_numpy(word).to(dev), torch.from_numpy(shift).to(dev)
     both = w[..., word_t] | (w[..., word_t + 1] << 32)
@@ -151,9 +163,15 @@ def words_from_numpy(words: np.ndarray, device: torch.device | str = "cpu") -> t
 # --- rotation -----------------------------------------------------------------------------------
 
 
+def _rotation_dtype(x: torch.Tensor) -> torch.dtype:
+    # Codes are always rotated in fp32; fp64 inputs (attention on fp64 models) stay fp64.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized Walsh-Hadamard transform along the last axis (fp32, Sylvester order, butterflies)."""
-    x = x.float()
+    """Unnormalized Walsh-Hadamard transform along the last axis (fp32, or fp64 for fp64 input;
+    Sylvester order, butterflies)."""
+    x = x.to(_rotation_dtype(x))
     d = x.shape[-1]
     if d & (d - 1):
         raise ValueError(f"Hadamard transform needs a power-of-two length, got {d}")
@@ -166,22 +184,25 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _signs_and_factor(dim: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    signs = torch.from_numpy(hadamard_signs(dim, seed)).to(device)
-    # A 0-dim fp32 tensor, so the multiply is fp32 x fp32 exactly as in NumPy.
-    return signs, torch.tensor(norm_factor(dim), dtype=torch.float32, device=device)
+def _signs_and_factor(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dim, dt = x.shape[-1], _rotation_dtype(x)
+    signs = torch.from_numpy(hadamard_signs(dim, seed)).to(device=x.device, dtype=dt)
+    # A 0-dim tensor, so the fp32 multiply is fp32 x fp32 exactly as in NumPy.
+    c = norm_factor(dim) if dt == torch.float32 else 1.0 / np.sqrt(dim)
+    return signs, torch.tensor(c, dtype=dt, device=x.device)
 
 
 def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Randomized Hadamard rotation of the last axis of x [..., D]: fwht(x * signs) * c; fp32 out."""
-    signs, c = _signs_and_factor(x.shape[-1], seed, x.device)
-    return fwht(x.float() * signs) * c
+    """Randomized Hadamard rotation of the last axis of x [..., D]: fwht(x * signs) * c; fp32 out
+    (fp64 for fp64 input)."""
+    signs, c = _signs_and_factor(x, seed)
+    return fwht(x.to(signs.dtype) * signs) * c
 
 
 def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
-    """Inverse of `rotate`: fwht(y) * c * signs; fp32 out."""
-    signs, c = _signs_and_factor(y.shape[-1], seed, y.device)
-    return fwht(y.float()) * c * signs
+    """Inverse of `rotate`: fwht(y) * c * signs; fp32 out (fp64 for fp64 input)."""
+    signs, c = _signs_and_factor(y, seed)
+    return fwht(y.to(signs.dtype)) * c * signs
 
 
 # --- input checks -------------------------------------------------------------------------------

