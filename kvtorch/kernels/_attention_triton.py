@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._jit import codes3, codes_of_words, fwht_rows, load_words, round_bf16, spread_words
+from ._jit import codes3, codes_of_words, dequant4_words, fwht_rows, load_words, round_bf16, spread_words
 from .support import patch_interpreter
 
 patch_interpreter()
@@ -31,9 +31,9 @@ NEG = tl.constexpr(-1.0e30)  # a finite "minus infinity" for running maxima, so 
 @triton.jit
 def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, BITS: tl.constexpr, GROUP: tl.constexpr,
           CHANNEL: tl.constexpr, DP: tl.constexpr, DREAL: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
-          MM_F32: tl.constexpr):
+          MM_F32: tl.constexpr, PTX: tl.constexpr):
     """Rows `offs` [BN] of a compressed tensor as a [BN, DP] tile in the dot dtype (0 where not ok;
-    fp32 under MM_F32, where `_mm` rounds).
+    fp32 under MM_F32, where `_mm` rounds). PTX: 4-bit token-axis tiles dequantize in inline PTX.
 
     BITS 0: float coefficients [n, DREAL]. Otherwise codes [n, W] with fp16 scales/biases of shape
     [n, DREAL / GROUP] (token axis) or [n / GROUP, DREAL] (channel axis).
@@ -58,6 +58,15 @@ def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, BITS: tl.constexpr, GROUP: 
         s = tl.load(s_ptr + srow, mask=m, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + srow, mask=m, other=0.0).to(tl.float32)
         x = codes3(c_ptr, offs, ok, sc_n, DP, DREAL) * s + b
+    elif PTX and BITS == 4:
+        WP4: tl.constexpr = DP // 8
+        wi = tl.arange(0, WP4)
+        srow = offs[:, None] * ss_n + (wi // (GROUP // 8))[None, :]
+        m = ok[:, None] & (wi < DREAL // 8)[None, :]
+        s = tl.load(s_ptr + srow, mask=m, other=0.0).to(DOT)
+        b = tl.load(b_ptr + srow, mask=m, other=0.0).to(DOT)
+        words = load_words(c_ptr, offs, ok, sc_n, WP4, DREAL // 8).to(tl.int32, bitcast=True)
+        x = dequant4_words(words, s, b, DOT)
     else:
         # Token axis: a group spans whole words, so each word's scale and bias are loaded in the
         # words' own layout and spread over its codes in registers.
@@ -104,7 +113,7 @@ def _split_kernel(
     BN: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_CHANNEL: tl.constexpr,
     K_XFORM: tl.constexpr, DK: tl.constexpr, DK_REAL: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, V_CHANNEL: tl.constexpr, DV: tl.constexpr, DV_REAL: tl.constexpr, DOT: tl.constexpr,
-    MM_F32: tl.constexpr, GENERAL: tl.constexpr,
+    MM_F32: tl.constexpr, GENERAL: tl.constexpr, PTX: tl.constexpr,
 ):
     pid_s, bh, pid_q = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (bh // Hkv).to(tl.int64)
@@ -170,7 +179,7 @@ def _split_kernel(
             use_kc = offs[None, :] < spk[:, None]
             use_vc = offs[None, :] < spv[:, None]
             kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, ok & (offs < sk_max), K_BITS, K_GROUP,
-                       K_CHANNEL, DK, DK_REAL, BN, DOT, MM_F32)
+                       K_CHANNEL, DK, DK_REAL, BN, DOT, MM_F32, PTX)
             kf = _float_tile(kf_ptr, skf_n, k_fstart, offs, ok & (offs >= sk_min), D)
             s = tl.where(use_kc, _mm(qk, tl.trans(kt), DOT, MM_F32), _mm(qf, tl.trans(kf), DOT, MM_F32))
             s = tl.where(ok[None, :] & (offs[None, :] <= pos[:, None]), s, float("-inf"))
@@ -179,7 +188,7 @@ def _split_kernel(
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             vt = _tile(vc_ptr, vs_ptr, vb_ptr, svc_n, svs_n, offs, ok & (offs < sv_max), V_BITS, V_GROUP,
-                       V_CHANNEL, DV, DV_REAL, BN, DOT, MM_F32)
+                       V_CHANNEL, DV, DV_REAL, BN, DOT, MM_F32, PTX)
             vf = _float_tile(vf_ptr, svf_n, v_fstart, offs, ok & (offs >= sv_min), D)
             acc_c = acc_c * alpha[:, None] + _mm(tl.where(use_vc, p, 0.0), vt, DOT, MM_F32)
             acc_f = acc_f * alpha[:, None] + _mm(tl.where(use_vc, 0.0, p), vf, DOT, MM_F32)
@@ -194,14 +203,14 @@ def _split_kernel(
             offs = n0 + tl.arange(0, BN)
             ok = offs < fast_end
             kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, ok, K_BITS, K_GROUP, K_CHANNEL, DK, DK_REAL,
-                       BN, DOT, MM_F32)
+                       BN, DOT, MM_F32, PTX)
             s = tl.where(ok[None, :], _mm(qk, tl.trans(kt), DOT, MM_F32), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             vt = _tile(vc_ptr, vs_ptr, vb_ptr, svc_n, svs_n, offs, ok, V_BITS, V_GROUP, V_CHANNEL, DV, DV_REAL,
-                       BN, DOT, MM_F32)
+                       BN, DOT, MM_F32, PTX)
             acc_c = acc_c * alpha[:, None] + _mm(p, vt, DOT, MM_F32)
             m_i = m_new
         flag = tl.full([], 0, tl.int32)

@@ -123,3 +123,43 @@ def pack_codes(c, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
         CPW: tl.constexpr = 32 // BITS
         sh = (tl.arange(0, CPW) * BITS).to(tl.uint32)
         return tl.reduce(tl.reshape(c, (BT, DP // CPW, CPW)) << sh[None, None, :], 2, bit_or)
+
+
+def _dequant4_ptx(magic: int, neg: int, one: int, fma: str) -> str:
+    """PTX for 8 codes of each of 2 words: pairs (code k, code k + 4) of a word are cut out with
+    one lop3 into 16-bit lanes that read as magic + code, transposed with prmt to (word 0, word 1)
+    pairs, then code = fma(x, 1, -magic) and value = fma(code, scale, bias), two lanes per op."""
+    lines = ["{", ".reg .b32 a<4>, c<4>, x, m, g, n, o, lo, hi;",
+             f"mov.b32 m, 0x000F000F; mov.b32 g, {magic:#010x}; mov.b32 n, {neg:#010x}; mov.b32 o, {one:#010x};"]
+    for word, regs in ((8, "a"), (9, "c")):
+        lines.append(f"lop3.b32 {regs}0, ${word}, m, g, 0xEA;")
+        for k in range(1, 4):
+            lines.append(f"shr.b32 x, ${word}, {4 * k}; lop3.b32 {regs}{k}, x, m, g, 0xEA;")
+    for k in range(4):
+        lines.append(f"prmt.b32 lo, a{k}, c{k}, 0x5410; prmt.b32 hi, a{k}, c{k}, 0x7632;")
+        lines.append(f"{fma} lo, lo, o, n; {fma} ${k}, lo, $10, $11;")
+        lines.append(f"{fma} hi, hi, o, n; {fma} ${k + 4}, hi, $10, $11;")
+    return " ".join(lines + ["}"])
+
+
+DEQUANT4_BF16 = tl.constexpr(_dequant4_ptx(0x43004300, 0xC300C300, 0x3F803F80, "fma.rn.bf16x2"))
+DEQUANT4_F16 = tl.constexpr(_dequant4_ptx(0x64006400, 0xE400E400, 0x3C003C00, "fma.rn.f16x2"))
+
+
+@triton.jit
+def dequant4_words(words, s, b, DOT: tl.constexpr):
+    """4-bit words [BN, WP] (int32) with per-word scale and bias [BN, WP] (DOT dtype) -> values
+    [BN, WP * 8] in DOT (fp16 or bf16), by packed 16-bit arithmetic in inline PTX (CUDA only).
+
+    The codes become magic + code in 16-bit lanes (exact: codes < 128 in bf16, < 1024 in fp16), and
+    code * scale + bias is one fused multiply-add rounded once to DOT.
+    """
+    if DOT == tl.bfloat16:
+        o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+            DEQUANT4_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, b], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+    else:
+        o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+            DEQUANT4_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, b], dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+    # out k holds code k of each word; joins put them in stream order 8w + k (k = 4e0 + 2e1 + e2).
+    x = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+    return tl.reshape(x, (words.shape[0], words.shape[1] * 8))

@@ -32,6 +32,9 @@ from .. import ops
 from .support import interpreting, padded, rotation_signs, tensor_refusal, triton_refusal
 
 LOG2E = 1.4426950408889634
+# (keys per block, warps, stages) of the GENERAL launch: its region is short (the float tail) and its
+# loop holds twice the tiles, so it keeps a small block whatever the lean launch uses.
+GENERAL_BLOCK = (16, 4, 2)
 
 
 def _values(part) -> torch.Tensor | None:
@@ -154,9 +157,10 @@ def _splits(lo: int, hi: int, block: int, programs: int, want: int | None) -> tu
 
 
 def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: int | None = None,
-           block_n: int = 32, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+           block_n: int = 32, num_warps: int = 4, num_stages: int = 2, ptx: bool = False) -> torch.Tensor:
     """The Triton path of `attention` (inputs must pass `refusal`). splits: key splits of the
-    all-compressed range (default: about 1056 programs, 8 per H200 multiprocessor)."""
+    all-compressed range (default: about 1056 programs, 8 per H200 multiprocessor). ptx: dequantize
+    4-bit token-axis tiles with packed 16-bit inline PTX (CUDA only; ignored under the interpreter)."""
     b, hq, tq, d = q.shape
     q, kf, vf = _unit_stride(q), _unit_stride(k.floats), _unit_stride(v.floats)
     hkv = kf.shape[1]
@@ -170,7 +174,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     n_fast = min(k.n, v.n)
     g0 = min(k.float_start, v.float_start)
     s_fast, c_fast = _splits(0, n_fast, block_n, b * hkv * nqb, splits)
-    s_gen, c_gen = _splits(g0, end, block_n, b * hkv * nqb, splits)
+    s_gen, c_gen = _splits(g0, end, GENERAL_BLOCK[0], b * hkv * nqb, splits)
     slots = s_fast + s_gen
     kc, ks, kb, kaux, knorm, km = _operands(k, q.device)
     vc, vs, vb, vaux, vnorm, vm = _operands(v, q.device)
@@ -186,7 +190,9 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
 
     dot = tl.float16 if k.floats.dtype == torch.float16 else tl.bfloat16
     qpos = q_pos.to(q.device)
-    for general, (s_n, lo, chunk, slot0) in ((False, (s_fast, 0, c_fast, 0)), (True, (s_gen, g0, c_gen, s_fast))):
+    launches = ((False, s_fast, 0, c_fast, 0, (block_n, num_warps, num_stages)),
+                (True, s_gen, g0, c_gen, s_fast, GENERAL_BLOCK))
+    for general, s_n, lo, chunk, slot0, (bn, warps, stages) in launches:
         _split_kernel[(s_n, b * hkv, nqb)](
             q, q.stride(0), q.stride(1), q.stride(2), qpos, k.split, v.split,
             kc, *kc.stride()[:2], kc.stride(2), ks, kb, *ks.stride()[:3],
@@ -195,11 +201,12 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
             vf, *vf.stride()[:3], v.float_start,
             kaux, knorm, pm, pl, pc, pf, flag,
             hkv, g, tq, end, lo, chunk, slot0, slots, nqb, scale * LOG2E,
-            D=d, LOG_D=int(math.log2(d)), GP=gp, BQ=bq, ROWS=max(16, bq * gp), BN=block_n,
+            D=d, LOG_D=int(math.log2(d)), GP=gp, BQ=bq, ROWS=max(16, bq * gp), BN=bn,
             K_BITS=km["BITS"], K_GROUP=km["GROUP"], K_CHANNEL=km["CHANNEL"], K_XFORM=km["XFORM"], DK=km["DP"],
             DK_REAL=km["DREAL"], V_BITS=vm["BITS"], V_GROUP=vm["GROUP"], V_CHANNEL=vm["CHANNEL"], DV=vm["DP"],
             DV_REAL=vm["DREAL"], DOT=dot, MM_F32=interpreting() and dot == tl.bfloat16, GENERAL=general,
-            num_warps=num_warps, num_stages=num_stages,
+            PTX=ptx and not interpreting(),
+            num_warps=warps, num_stages=stages,
         )
     _reduce_kernel[(b * hkv, tq)](
         pm, pl, pc, pf, flag, out, *out.stride()[:3], vaux, vnorm, hkv, g, tq, slots, nqb,

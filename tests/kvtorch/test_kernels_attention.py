@@ -141,9 +141,12 @@ def test_dispatcher_falls_back_where_kernels_refuse():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("text", ["int4", "int8", "int2", "rank32-random", "int4-kchan-krot-res128", "int3-g32-res64-bf16"])
-def test_gpu_size_decode(text):
+@pytest.mark.parametrize("text,ptx", [("int4", False), ("int4", True), ("int4-bf16", True), ("int8", False),
+                                      ("int2-res64-bf16", False), ("rank32-random", False),
+                                      ("k3v4-kg32-kchan-krot-res128", True)])
+def test_gpu_size_decode(text, ptx):
+    """Mistral-7B-sized heads (8 KV heads, GQA 4, D 128) over 4k tokens; ptx: 4-bit PTX dequantization."""
     spec, q, q_pos, kp, vp, want = case(text, batch=2, kv_heads=8, rep=4, tokens=4099, dim=128)
     assert refusal(q, kp, vp) is None
-    got = attend(q, q_pos, kp, vp, scale=128 ** -0.5)
+    got = attend(q, q_pos, kp, vp, scale=128 ** -0.5, ptx=ptx)
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), text)
