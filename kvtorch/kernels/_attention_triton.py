@@ -29,14 +29,43 @@ NEG = tl.constexpr(-1.0e30)  # a finite "minus infinity" for running maxima, so 
 
 
 @triton.jit
-def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, BITS: tl.constexpr, GROUP: tl.constexpr,
+def _group_scales(s_ptr, b_ptr, ss_n, offs, ok, BN: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                  CHANNEL: tl.constexpr, DP: tl.constexpr, DREAL: tl.constexpr):
+    """Token-axis scales and biases [BN, DP / GROUP] (fp16) of rows `offs`; placeholders otherwise.
+
+    Loaded apart from the codes so the lean loop can fetch them one block ahead: they are too small
+    for Triton's asynchronous copies, and a plain load used at once would stall on memory latency.
+    """
+    if BITS == 0 or CHANNEL:
+        s = tl.zeros((BN, 1), tl.float16)
+        b = s
+    else:
+        NG: tl.constexpr = DP // GROUP
+        j = tl.arange(0, NG)
+        idx = offs[:, None] * ss_n + j[None, :]
+        m = ok[:, None] & (j < DREAL // GROUP)[None, :]
+        s = tl.load(s_ptr + idx, mask=m, other=0.0)
+        b = tl.load(b_ptr + idx, mask=m, other=0.0)
+    return s, b
+
+
+@triton.jit
+def _per_word(x, BN: tl.constexpr, WP: tl.constexpr):
+    """Per-group values [BN, NG] repeated for each word of their group: [BN, WP]."""
+    NG: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.broadcast_to(x[:, :, None], (BN, NG, WP // NG)), (BN, WP))
+
+
+@triton.jit
+def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr, GROUP: tl.constexpr,
           CHANNEL: tl.constexpr, DP: tl.constexpr, DREAL: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
           MM_F32: tl.constexpr, PTX: tl.constexpr):
     """Rows `offs` [BN] of a compressed tensor as a [BN, DP] tile in the dot dtype (0 where not ok;
     fp32 under MM_F32, where `_mm` rounds). PTX: 4-bit token-axis tiles dequantize in inline PTX.
 
     BITS 0: float coefficients [n, DREAL]. Otherwise codes [n, W] with fp16 scales/biases of shape
-    [n, DREAL / GROUP] (token axis) or [n / GROUP, DREAL] (channel axis).
+    [n, DREAL / GROUP] (token axis: given as gs, gb by `_group_scales`) or [n / GROUP, DREAL]
+    (channel axis: loaded here).
     """
     d = tl.arange(0, DP)
     if BITS == 0:
@@ -53,30 +82,20 @@ def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, BITS: tl.constexpr, GROUP: 
         b = tl.load(b_ptr + srow, mask=ok[:, None], other=0.0).to(tl.float32)
         x = c * s + b
     elif BITS == 3:
-        srow = offs[:, None] * ss_n + (d // GROUP)[None, :]
-        m = ok[:, None] & (d < DREAL)[None, :]
-        s = tl.load(s_ptr + srow, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + srow, mask=m, other=0.0).to(tl.float32)
-        x = codes3(c_ptr, offs, ok, sc_n, DP, DREAL) * s + b
+        NG3: tl.constexpr = DP // GROUP
+        c = tl.reshape(codes3(c_ptr, offs, ok, sc_n, DP, DREAL), (BN, NG3, GROUP))
+        x = tl.reshape(c * gs.to(tl.float32)[:, :, None] + gb.to(tl.float32)[:, :, None], (BN, DP))
     elif PTX and BITS == 4:
         WP4: tl.constexpr = DP // 8
-        wi = tl.arange(0, WP4)
-        srow = offs[:, None] * ss_n + (wi // (GROUP // 8))[None, :]
-        m = ok[:, None] & (wi < DREAL // 8)[None, :]
-        s = tl.load(s_ptr + srow, mask=m, other=0.0).to(DOT)
-        b = tl.load(b_ptr + srow, mask=m, other=0.0).to(DOT)
         words = load_words(c_ptr, offs, ok, sc_n, WP4, DREAL // 8).to(tl.int32, bitcast=True)
-        x = dequant4_words(words, s, b, DOT)
+        x = dequant4_words(words, _per_word(gs.to(DOT), BN, WP4), _per_word(gb.to(DOT), BN, WP4), DOT)
     else:
-        # Token axis: a group spans whole words, so each word's scale and bias are loaded in the
-        # words' own layout and spread over its codes in registers.
+        # Token axis: a group spans whole words; each word's scale and bias are spread over its
+        # codes in registers.
         WP: tl.constexpr = DP * BITS // 32
         LOGC: tl.constexpr = 4 if BITS == 2 else (3 if BITS == 4 else 2)
-        wi = tl.arange(0, WP)
-        srow = offs[:, None] * ss_n + (wi // (GROUP * BITS // 32))[None, :]
-        m = ok[:, None] & (wi < DREAL * BITS // 32)[None, :]
-        s = spread_words(tl.load(s_ptr + srow, mask=m, other=0.0).to(tl.float32), LOGC)
-        b = spread_words(tl.load(b_ptr + srow, mask=m, other=0.0).to(tl.float32), LOGC)
+        s = spread_words(_per_word(gs.to(tl.float32), BN, WP), LOGC)
+        b = spread_words(_per_word(gb.to(tl.float32), BN, WP), LOGC)
         c = codes_of_words(load_words(c_ptr, offs, ok, sc_n, WP, DREAL * BITS // 32), BITS)
         x = tl.reshape(c * s + b, (BN, DP))
     if MM_F32:
@@ -178,7 +197,9 @@ def _split_kernel(
             ok = offs < stop
             use_kc = offs[None, :] < spk[:, None]
             use_vc = offs[None, :] < spv[:, None]
-            kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, ok & (offs < sk_max), K_BITS, K_GROUP,
+            kok = ok & (offs < sk_max)
+            gs, gb = _group_scales(ks_ptr, kb_ptr, sks_n, offs, kok, BN, K_BITS, K_GROUP, K_CHANNEL, DK, DK_REAL)
+            kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, kok, gs, gb, K_BITS, K_GROUP,
                        K_CHANNEL, DK, DK_REAL, BN, DOT, MM_F32, PTX)
             kf = _float_tile(kf_ptr, skf_n, k_fstart, offs, ok & (offs >= sk_min), D)
             s = tl.where(use_kc, _mm(qk, tl.trans(kt), DOT, MM_F32), _mm(qf, tl.trans(kf), DOT, MM_F32))
@@ -187,7 +208,9 @@ def _split_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            vt = _tile(vc_ptr, vs_ptr, vb_ptr, svc_n, svs_n, offs, ok & (offs < sv_max), V_BITS, V_GROUP,
+            vok = ok & (offs < sv_max)
+            gs, gb = _group_scales(vs_ptr, vb_ptr, svs_n, offs, vok, BN, V_BITS, V_GROUP, V_CHANNEL, DV, DV_REAL)
+            vt = _tile(vc_ptr, vs_ptr, vb_ptr, svc_n, svs_n, offs, vok, gs, gb, V_BITS, V_GROUP,
                        V_CHANNEL, DV, DV_REAL, BN, DOT, MM_F32, PTX)
             vf = _float_tile(vf_ptr, svf_n, v_fstart, offs, ok & (offs >= sv_min), D)
             acc_c = acc_c * alpha[:, None] + _mm(tl.where(use_vc, p, 0.0), vt, DOT, MM_F32)
@@ -199,18 +222,30 @@ def _split_kernel(
     else:
         # Keys every row reads compressed (s < n_lo <= split <= p + 1, so causality holds too).
         fast_end = tl.minimum(stop, n_lo)
+        offs = start + tl.arange(0, BN)
+        ks_n, kb_n = _group_scales(ks_ptr, kb_ptr, sks_n, offs, offs < fast_end, BN, K_BITS, K_GROUP, K_CHANNEL, DK,
+                                   DK_REAL)
+        vs_n, vb_n = _group_scales(vs_ptr, vb_ptr, svs_n, offs, offs < fast_end, BN, V_BITS, V_GROUP, V_CHANNEL, DV,
+                                   DV_REAL)
         for n0 in range(start, fast_end, BN):
             offs = n0 + tl.arange(0, BN)
             ok = offs < fast_end
-            kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, ok, K_BITS, K_GROUP, K_CHANNEL, DK, DK_REAL,
-                       BN, DOT, MM_F32, PTX)
+            # Scales of this block were fetched last iteration; fetch the next block's now.
+            ks_c, kb_c, vs_c, vb_c = ks_n, kb_n, vs_n, vb_n
+            nxt = offs + BN
+            ks_n, kb_n = _group_scales(ks_ptr, kb_ptr, sks_n, nxt, nxt < fast_end, BN, K_BITS, K_GROUP, K_CHANNEL,
+                                       DK, DK_REAL)
+            vs_n, vb_n = _group_scales(vs_ptr, vb_ptr, svs_n, nxt, nxt < fast_end, BN, V_BITS, V_GROUP, V_CHANNEL,
+                                       DV, DV_REAL)
+            kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, ok, ks_c, kb_c, K_BITS, K_GROUP, K_CHANNEL, DK,
+                       DK_REAL, BN, DOT, MM_F32, PTX)
             s = tl.where(ok[None, :], _mm(qk, tl.trans(kt), DOT, MM_F32), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            vt = _tile(vc_ptr, vs_ptr, vb_ptr, svc_n, svs_n, offs, ok, V_BITS, V_GROUP, V_CHANNEL, DV, DV_REAL,
-                       BN, DOT, MM_F32, PTX)
+            vt = _tile(vc_ptr, vs_ptr, vb_ptr, svc_n, svs_n, offs, ok, vs_c, vb_c, V_BITS, V_GROUP, V_CHANNEL, DV,
+                       DV_REAL, BN, DOT, MM_F32, PTX)
             acc_c = acc_c * alpha[:, None] + _mm(p, vt, DOT, MM_F32)
             m_i = m_new
         flag = tl.full([], 0, tl.int32)
@@ -226,7 +261,7 @@ def _reduce_kernel(
     pm_ptr, pl_ptr, pc_ptr, pf_ptr, flag_ptr, out_ptr, so_b, so_h, so_t, vaux_ptr, v_norm,
     Hkv, G, Tq, S, NQB,
     D: tl.constexpr, LOG_D: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, RR: tl.constexpr,
-    DV: tl.constexpr, DV_REAL: tl.constexpr, V_XFORM: tl.constexpr,
+    DV: tl.constexpr, DV_REAL: tl.constexpr, V_XFORM: tl.constexpr, SP: tl.constexpr,
 ):
     bh, t = tl.program_id(0), tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
@@ -235,24 +270,24 @@ def _reduce_kernel(
     ok = r < G
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    m_i = tl.full((RR,), NEG, tl.float32)
-    l_i = tl.zeros((RR,), tl.float32)
+    # All slots' maxima and sums at once (SP >= S slots), so the weights need no running rescale
+    # and the accumulation below has no chain between slots: unrolled, its loads overlap.
+    sl = tl.arange(0, SP)
+    base = (bh.to(tl.int64) * Tq + t) * S * GP
+    idx = base + sl[:, None] * GP + r[None, :]
+    live = (sl < S)[:, None] & ok[None, :]
+    m = tl.load(pm_ptr + idx, mask=live, other=NEG)
+    w = tl.exp2(m - tl.max(m, axis=0)[None, :])
+    l_i = tl.sum(w * tl.load(pl_ptr + idx, mask=live, other=0.0), axis=0)
     acc_c = tl.zeros((RR, DV), tl.float32)
     acc_f = tl.zeros((RR, D), tl.float32)
-    for s in range(S):
-        idx = ((bh.to(tl.int64) * Tq + t) * S + s) * GP + r
-        m_s = tl.load(pm_ptr + idx, mask=ok, other=NEG)
-        l_s = tl.load(pl_ptr + idx, mask=ok, other=0.0)
+    for s in tl.range(0, S, loop_unroll_factor=4):
+        w_s = tl.sum(tl.where(sl[:, None] == s, w, 0.0), axis=0)
+        row = base + s * GP + r
+        live_s = ok
         has_f = tl.load(flag_ptr + (bh * NQB + t // BQ) * S + s) != 0
-        c_s = tl.load(pc_ptr + idx[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
-        f_s = tl.load(pf_ptr + idx[:, None] * D + d[None, :], mask=ok[:, None] & has_f, other=0.0)
-        m_new = tl.maximum(m_i, m_s)
-        alpha = tl.exp2(m_i - m_new)
-        w = tl.exp2(m_s - m_new)
-        l_i = l_i * alpha + l_s * w
-        acc_c = acc_c * alpha[:, None] + c_s * w[:, None]
-        acc_f = acc_f * alpha[:, None] + f_s * w[:, None]
-        m_i = m_new
+        acc_c += tl.load(pc_ptr + row[:, None] * DV + dv[None, :], mask=live_s[:, None], other=0.0) * w_s[:, None]
+        acc_f += tl.load(pf_ptr + row[:, None] * D + d[None, :], mask=live_s[:, None] & has_f, other=0.0) * w_s[:, None]
     inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     acc_c = acc_c * inv[:, None]
     if V_XFORM == 1:

@@ -158,4 +158,6 @@ def quantize_rows_triton(x: torch.Tensor, t: TensorSpec, float_dtype: torch.dtyp
         D=d, LOG_D=d.bit_length() - 1, FLOAT=tl.float16 if float_dtype == torch.float16 else tl.bfloat16,
         XFORM=xform, RP=padded(width) if isinstance(t, LowRank) else d, R=width, BITS=0 if q is None else q.bits,
         GROUP=1 if q is None else q.group, CHANNEL=channel, BT=BT,
+        # No fused multiply-adds: kvspec rounds x * c (rotation) before subtracting the bias.
+        enable_fp_fusion=False,
     )

@@ -35,6 +35,12 @@ LOG2E = 1.4426950408889634
 # (keys per block, warps, stages) of the GENERAL launch: its region is short (the float tail) and its
 # loop holds twice the tiles, so it keeps a small block whatever the lean launch uses.
 GENERAL_BLOCK = (16, 4, 2)
+MAX_SPLITS = 16
+
+
+def _sms() -> int:
+    """Multiprocessors of the current CUDA device (4 under the interpreter)."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if torch.cuda.is_available() else 4
 
 
 def _values(part) -> torch.Tensor | None:
@@ -148,10 +154,12 @@ def _operands(part, device):
 
 
 def _splits(lo: int, hi: int, block: int, programs: int, want: int | None) -> tuple[int, int]:
-    """(splits, chunk) covering keys [lo, hi) in chunks of whole blocks: `want` splits, or enough
-    that `programs` programs per split reach about 8 per multiprocessor-sized target."""
+    """(splits, chunk) covering keys [lo, hi) in chunks of whole blocks: `want` splits, or enough that
+    the `programs` programs of one split, times the splits, fill about 4 per multiprocessor (one wave
+    at this kernel's occupancy) with at most MAX_SPLITS (the reduce unrolls over them)."""
     blocks = max(1, -(-(hi - lo) // block))
-    splits = max(1, min(want if want is not None else -(-1056 // programs), blocks))
+    splits = want if want is not None else min(MAX_SPLITS, max(1, 4 * _sms() // programs))
+    splits = max(1, min(splits, blocks))
     chunk = -(-blocks // splits) * block
     return max(1, -(-(hi - lo) // chunk)), chunk
 
@@ -159,7 +167,7 @@ def _splits(lo: int, hi: int, block: int, programs: int, want: int | None) -> tu
 def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: int | None = None,
            block_n: int = 32, num_warps: int = 4, num_stages: int = 2, ptx: bool = False) -> torch.Tensor:
     """The Triton path of `attention` (inputs must pass `refusal`). splits: key splits of the
-    all-compressed range (default: about 1056 programs, 8 per H200 multiprocessor). ptx: dequantize
+    all-compressed range (default: see `_splits`). ptx: dequantize
     4-bit token-axis tiles with packed 16-bit inline PTX (CUDA only; ignored under the interpreter)."""
     b, hq, tq, d = q.shape
     q, kf, vf = _unit_stride(q), _unit_stride(k.floats), _unit_stride(v.floats)
@@ -211,7 +219,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     _reduce_kernel[(b * hkv, tq)](
         pm, pl, pc, pf, flag, out, *out.stride()[:3], vaux, vnorm, hkv, g, tq, slots, nqb,
         D=d, LOG_D=int(math.log2(d)), GP=gp, BQ=bq, RR=max(16, gp), DV=vm["DP"], DV_REAL=vm["DREAL"],
-        V_XFORM=vm["XFORM"], num_warps=4,
+        V_XFORM=vm["XFORM"], SP=1 << (slots - 1).bit_length(), num_warps=4,
     )
     return out
 

@@ -145,8 +145,8 @@ def test_dispatcher_falls_back_where_kernels_refuse():
                                       ("int2-res64-bf16", False), ("rank32-random", False),
                                       ("k3v4-kg32-kchan-krot-res128", True)])
 def test_gpu_size_decode(text, ptx):
-    """Mistral-7B-sized heads (8 KV heads, GQA 4, D 128) over 4k tokens; ptx: 4-bit PTX dequantization."""
-    spec, q, q_pos, kp, vp, want = case(text, batch=2, kv_heads=8, rep=4, tokens=4099, dim=128)
+    """Mistral-7B-sized heads (8 KV heads, GQA 4, D 128) over 2k tokens; ptx: 4-bit PTX dequantization."""
+    spec, q, q_pos, kp, vp, want = case(text, batch=2, kv_heads=8, rep=4, tokens=2051, dim=128)
     assert refusal(q, kp, vp) is None
     got = attend(q, q_pos, kp, vp, scale=128 ** -0.5, ptx=ptx)
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), text)
