@@ -11,6 +11,8 @@ by reshaping the queries, never by repeating K/V.
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -167,12 +169,24 @@ def work_dtype(q: torch.Tensor) -> torch.dtype:
 
 Kernel = Callable[..., "torch.Tensor | None"]
 _KERNELS: list[Kernel] = []
+_kernels_imported = False
 
 
 def register_kernel(kernel: Kernel) -> None:
     """Add a kernel with `compressed_attention`'s signature; it returns None for inputs it refuses
     (device, dtype, spec), and the dispatcher then tries the next one and finally the reference."""
     _KERNELS.append(kernel)
+
+
+def _import_kernels() -> None:
+    """On the first GPU call, import kvtorch.kernels so it can register its kernels; without its
+    dependencies (Triton) the reference serves."""
+    global _kernels_imported
+    _kernels_imported = True
+    try:
+        importlib.import_module("kvtorch.kernels")
+    except ImportError as e:
+        warnings.warn(f"kvtorch kernels unavailable ({e}); attention runs on the torch reference", stacklevel=3)
 
 
 def compressed_attention(
@@ -188,9 +202,12 @@ def compressed_attention(
 ) -> torch.Tensor:
     """Attention of queries q [B, Hq, Tq, D] at positions q_pos [Tq] over K and V `Part`s; [B, Hq, Tq, D] fp32.
 
-    The dispatcher: registered kernels (kvtorch.kernels, CUDA) get the first chance; the plain-torch
-    `attention_reference` runs wherever none accepts. Arguments as in `attention_reference`.
+    The dispatcher: registered kernels (kvtorch.kernels registers its CUDA kernels when imported,
+    which the first CUDA call does) get the first chance; the plain-torch `attention_reference` runs
+    wherever none accepts. Arguments as in `attention_reference`.
     """
+    if q.is_cuda and not _kernels_imported:
+        _import_kernels()
     for kernel in _KERNELS:
         out = kernel(q, q_pos, k, v, scale=scale, window=window, softcap=softcap, mask=mask)
         if out is not None:

@@ -34,6 +34,8 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
     with the pip command.
     """
     device = device or default_device()
+    if device == "auto" and not torch.cuda.is_available():
+        device = "cpu"
     dtype = dtype or default_dtype("cuda" if device == "auto" else device)
     source, gguf_file = _source(name_or_path)
     placement = {"device_map": "auto"} if device == "auto" else {}

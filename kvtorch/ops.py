@@ -44,7 +44,8 @@ def round_to(x: torch.Tensor, name: str) -> torch.Tensor:
 def quantize_groups(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Groups along the last axis. x [..., G] -> codes int64 [..., G] (unpacked), scales/biases fp16 [...]."""
     x = x.float()
-    levels = torch.tensor(2**bits - 1, dtype=torch.float32, device=x.device)
+    # A device tensor, not a Python scalar: CUDA divides by a scalar as a multiply by its reciprocal.
+    levels = _constant(float(2**bits - 1), torch.float32, x.device)
     bias = x.amin(dim=-1).half()
     span = torch.clamp_min(x.amax(dim=-1) - bias.float(), 0.0)
     scale = (span / levels).half()
@@ -102,11 +103,18 @@ def dequantize(
 # --- packing ------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=64)
-def _layout(n: int, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Word index and bit shift of each of n codes in a row; the row's word count."""
-    offsets = np.arange(n, dtype=np.int64) * bits
-    return offsets // 32, offsets % 32, -(-n * bits // 32)
+@lru_cache(maxsize=256)
+def _layout(n: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Word index and bit shift (int64 on `device`) of each of n codes in a row; the row's word count.
+    Cached per device, so decoding does not copy index tables to the GPU every step."""
+    offsets = torch.arange(n, dtype=torch.int64) * bits
+    return (offsets // 32).to(device), (offsets % 32).to(device), -(-n * bits // 32)
+
+
+@lru_cache(maxsize=256)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached 0-dim tensor on `device`."""
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -116,12 +124,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     straddles words (3 bits) puts its low part in word w and its high part in word w + 1.
     """
     n = codes.shape[-1]
-    word, shift, words = _layout(n, bits)
-    dev = codes.device
-    word_t, shift_t = torch.from_numpy(word).to(dev), torch.from_numpy(shift).to(dev)
-    shifted = codes.to(torch.int64) << shift_t  # at most 32 + bits - 1 bits: fits int64
-    out = torch.zeros((*codes.shape[:-1], words + 1), dtype=torch.int64, device=dev)
-    idx = word_t.expand_as(shifted)
+    word, shift, words = _layout(n, bits, codes.device)
+    shifted = codes.to(torch.int64) << shift  # at most 32 + bits - 1 bits: fits int64
+    out = torch.zeros((*codes.shape[:-1], words + 1), dtype=torch.int64, device=codes.device)
+    idx = word.expand_as(shifted)
     # Codes occupy disjoint bits, so adding them is OR-ing them.
     out.scatter_add_(-1, idx, shifted & _MASK32)
     out.scatter_add_(-1, idx + 1, shifted >> 32)
@@ -130,19 +136,17 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Unpack int32 words [..., W] (uint32 bits) into n codes [..., n] (int64)."""
-    word, shift, count = _layout(n, bits)
+    word, shift, count = _layout(n, bits, words.device)
     if words.shape[-1] != count:
         raise ValueError(f"{n} codes of {bits} bits need {count} words per row, got {words.shape[-1]}")
-    dev = words.device
     w = words.to(torch.int64) & _MASK32
     if 32 % bits == 0:
         # No code straddles a word: shift every word by each in-word offset.
-        shifts = torch.arange(0, 32, bits, device=dev)
-        return ((w[..., None] >> shifts) & (2**bits - 1)).flatten(-2)[..., :n]
+        per_word = 32 // bits
+        return ((w[..., None] >> shift[:per_word]) & (2**bits - 1)).flatten(-2)[..., :n]
     w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)  # a zero word for straddling reads
-    word_t, shift_t = torch.from_numpy(word).to(dev), torch.from_numpy(shift).to(dev)
-    both = w[..., word_t] | (w[..., word_t + 1] << 32)
-    return (both >> shift_t) & (2**bits - 1)
+    both = w[..., word] | (w[..., word + 1] << 32)
+    return (both >> shift) & (2**bits - 1)
 
 
 def _to_int32_bits(u: torch.Tensor) -> torch.Tensor:
@@ -185,11 +189,15 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 
 
 def _signs_and_factor(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    dim, dt = x.shape[-1], _rotation_dtype(x)
-    signs = torch.from_numpy(hadamard_signs(dim, seed)).to(device=x.device, dtype=dt)
+    return _rotation_constants(x.shape[-1], seed, _rotation_dtype(x), x.device)
+
+
+@lru_cache(maxsize=64)
+def _rotation_constants(dim: int, seed: int, dt: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    signs = torch.from_numpy(hadamard_signs(dim, seed)).to(device=device, dtype=dt)
     # A 0-dim tensor, so the fp32 multiply is fp32 x fp32 exactly as in NumPy.
-    c = norm_factor(dim) if dt == torch.float32 else 1.0 / np.sqrt(dim)
-    return signs, torch.tensor(c, dtype=dt, device=x.device)
+    c = float(norm_factor(dim)) if dt == torch.float32 else 1.0 / np.sqrt(dim)
+    return signs, torch.tensor(c, dtype=dt, device=device)
 
 
 def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:

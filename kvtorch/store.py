@@ -73,18 +73,17 @@ class TensorStore:
         self.basis = basis if isinstance(spec, LowRank) else None
         self.where, self.keep, self.lazy_check = where, keep, lazy_check
         self.tokens = self.n = self.start = 0
-        self.head_dim: int | None = None
         self.tail = TokenBuffer()
         self.arrays = {name: TokenBuffer() for name in array_names(spec)}
         self._bad: torch.Tensor | None = None
         self._unchecked_from = 0
 
-    def append(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def append(self, x: torch.Tensor, checked: bool = False) -> tuple[torch.Tensor, int]:
         """Append x [B, H, m, D]; returns the float tokens [start_before, T) (float dtype) and that start:
-        the tail before the append plus the chunk, which the protocol's queries read in float."""
-        self.head_dim = x.shape[-1]
-        if not isinstance(self.spec, Float):
-            self._check(x)
+        the tail before the append plus the chunk, which the protocol's queries read in float.
+        checked: `check(x)` already ran."""
+        if not checked:
+            self.check(x)
         self.tail.append(ops.round_to(x, self.float_dtype))
         floats, float_start = self.tail.view(), self.start
         self.tokens += x.shape[-2]
@@ -106,8 +105,10 @@ class TensorStore:
             head = x.float() if t.rotation is None else ops.rotate(x, t.rotation)
             out = dict(zip(("codes", "scales", "biases"), ops.quantize(head, t.bits, t.group, t.axis)))
         else:
-            # float64 projection as the reference; a float32 sum could move a coefficient by an fp16 ulp.
-            c = torch.einsum("bhtd,hdr->bhtr", x.double(), self.basis.double()).float()
+            # float64 projection as the reference (a float32 sum could move a coefficient by an fp16
+            # ulp); MPS has no float64, and there the conformance tolerance covers that ulp.
+            dt = torch.float32 if x.device.type == "mps" else torch.float64
+            c = (x.to(dt) @ self.basis.to(dt)).float()
             if t.coeff is None:
                 out = {"coeffs": ops.round_to(c, self.float_dtype)}
             else:
@@ -115,7 +116,10 @@ class TensorStore:
         for name, arr in out.items():
             self.arrays[name].append(arr)
 
-    def _check(self, x: torch.Tensor) -> None:
+    def check(self, x: torch.Tensor) -> None:
+        """Refuse non-finite input to a compressed tensor (see the module docstring for when)."""
+        if isinstance(self.spec, Float):
+            return  # stored as given, like kvspec.reference.compress
         lazy = x.device.type != "cpu" if self.lazy_check is None else self.lazy_check
         if not lazy or x.shape[-2] > 1:
             self.check_pending()
@@ -171,7 +175,6 @@ class TensorStore:
         held = tokens - n if self.keep is None else min(tokens, self.keep)
         if tail.shape[-2] != held:
             raise ValueError(f"{self.where}: {tail.shape[-2]} float tokens of {tokens}; the spec keeps {held}")
-        self.head_dim = tail.shape[-1]
         self.tokens, self.n, self.start = tokens, n, tokens - held
         self.tail.replace(ops.round_to(tail, self.float_dtype))
         for name, buf in self.arrays.items():
@@ -240,8 +243,10 @@ class LayerStore:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> Chunk:
         """Append k, v [B, Hkv, m, D] at positions [T0, T0 + m); the chunk's queries attend as decoding would."""
         t0 = self.tokens
-        fk, fk0 = self.k.append(k)
-        fv, fv0 = self.v.append(v)
+        self.k.check(k)  # both before either is stored, so a refusal leaves the layer as it was
+        self.v.check(v)
+        fk, fk0 = self.k.append(k, checked=True)
+        fv, fv0 = self.v.append(v, checked=True)
         q_pos = torch.arange(t0, self.tokens, device=k.device)
         return Chunk(
             q_pos,

@@ -100,17 +100,31 @@ def test_a_cache_file_loads_only_into_its_model_configuration(tmp_path):
         load_cache(tmp_path / "c.safetensors", qwen.model)
 
 
-def test_left_padded_batch_matches_dynamic_cache():
-    model = tiny_model("qwen2")
-    runner = Runner.wrap(model)
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_left_padded_batch_matches_dynamic_cache(arch):
+    model = tiny_model(arch)
+    arg = integration.cache_argument(model)
     ids = torch.tensor([PROMPT[:12], [0] * 4 + PROMPT[12:20]])
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
-    want = model(ids, attention_mask=mask, **{runner.cache_arg: DynamicCache(config=model.config)}).logits
-    got = model(ids, attention_mask=mask, **{runner.cache_arg: make_cache(model, "fp16")}).logits
+    tol = spec_tolerance(kvspec.parse("fp16"), "fp32", model=True)
+    want_cache, got_cache = DynamicCache(config=model.config), make_cache(model, "fp16")
+    for a, b in ((0, 10), (10, 12)):  # a prefill, then a chunk whose sliding layers hold their window
+        m = mask[:, :b]
+        want = model(ids[:, a:b], attention_mask=m, **{arg: want_cache}).logits
+        got = model(ids[:, a:b], attention_mask=m, **{arg: got_cache}).logits
+        integration.finish()
+        keep = mask[:, a:b].bool()
+        assert_close(got[keep].detach().numpy(), want[keep].detach().numpy(), tol, f"{arch} padded {a}:{b}")
+
+
+def test_beam_search_through_an_fp16_cache_finds_the_dynamic_cache_beams():
+    model = tiny_model("llama")
+    ids = torch.tensor([PROMPT[:6]])
+    want = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False)
+    got = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, **{integration.cache_argument(model): make_cache(model, "fp16")})
     integration.finish()
-    keep = mask.bool()
-    assert_close(got[keep].detach().numpy(), want[keep].detach().numpy(), spec_tolerance(kvspec.parse("fp16"), "fp32", model=True), "padded")
+    assert torch.equal(got, want)
 
 
 def test_sliding_layers_stay_float_and_trimmed():

@@ -155,6 +155,7 @@ def test_non_finite_input_is_refused_with_the_layer_named(bad):
     layer.append(x, torch.zeros_like(x))  # float keys are stored as given, like the reference
     with pytest.raises(NonFiniteError, match=r"layer 3 values \(tokens 6\.\.11\) at index \(0, 1, 4, 9\)"):
         layer.append(torch.zeros_like(x), x)
+    assert layer.k.tokens == layer.v.tokens == 6  # refused before either tensor stored the chunk
 
 
 def test_lazy_check_reads_the_device_flag_every_few_tokens():
