@@ -129,6 +129,45 @@ def test_reads_kvtorch_store_parts():
         assert_close(got.cpu(), want.cpu().numpy(), spec_tolerance(spec, "fp16"), f"chunk {lo}..{hi}")
 
 
+def test_wired_into_a_kvtorch_cache(monkeypatch):
+    """Registered with kvtorch's dispatcher (the wiring the cache needs), the kernels serve a model's
+    decode steps and give the logits of the reference path."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    import kvtorch
+    import kvtorch.attention
+
+    config = MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=100, sliding_window=None)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval().to(DEVICE)
+    ids = torch.randint(0, 100, (1, 40), device=DEVICE)
+    spec = kvspec.parse("int4-g32-res4")
+
+    def logits():
+        cache, out = kvtorch.make_cache(model, spec), []
+        with torch.no_grad():
+            for lo in (0, 16, 32):
+                out.append(model(ids[:, lo : lo + 16], past_key_values=cache, use_cache=True).logits)
+            for _ in range(3):
+                out.append(model(out[-1][:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits)
+        return torch.cat(out, 1)
+
+    served = []
+
+    def kernel(*args, **kwargs):
+        out = attention_kernel(*args, **kwargs)
+        served.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kvtorch.attention, "_KERNELS", [])
+    want = logits()
+    kvtorch.attention.register_kernel(kernel)
+    got = logits()
+    assert sum(served) >= 6, "the decode steps of both layers did not run the kernels"
+    assert_close(got.cpu(), want.cpu().numpy(), spec_tolerance(spec, "fp16", model=True), "logits")
+
+
 def test_dispatcher_falls_back_where_kernels_refuse():
     spec, q, q_pos, kp, vp, want = case("int4-chan-g32", rep=2, tokens=20, dim=48)
     assert "power of two" in refusal(q, kp, vp)
