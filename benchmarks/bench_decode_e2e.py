@@ -7,9 +7,10 @@ rank32) and context (4k, 32k tokens): prefill the context in chunks, then time g
 with CUDA events (medians), record peak GPU memory, and the share of a decode step that
 quantize-append (kvtorch.kernels.quantize, K and V of every layer) takes.
 
-The kvtorch caches must run the Triton kernels (kvtorch.attention.register_kernel called with
-kvtorch.kernels.attention.attention_kernel); until then this script says so and exits, since the
-plain-torch reference attention would be measured instead.
+The kvtorch caches must run the Triton kernels (kvtorch.kernels registers them with
+kvtorch.attention when imported); if none is registered this script says so and exits, since the
+plain-torch reference attention would be measured instead. Quantize-append is not wired into
+kvtorch.store yet (it quantizes with kvtorch.ops), so its share is measured with the kernel directly.
 
     python benchmarks/bench_decode_e2e.py --out benchmarks/results   # writes decode_e2e_<gpu>.json
 """
@@ -30,8 +31,10 @@ CACHES = ("bf16-sdpa", "int8-bf16", "int4-bf16", "rank32-random-bf16")
 
 
 def kernels_wired() -> bool:
-    """Whether kvtorch's compressed attention dispatches to a registered kernel."""
+    """Whether kvtorch's compressed attention dispatches to a registered kernel (importing
+    kvtorch.kernels registers them, as kvtorch.attention does on its first CUDA call)."""
     import kvtorch.attention
+    import kvtorch.kernels  # noqa: F401
 
     return bool(getattr(kvtorch.attention, "_KERNELS", None))
 
