@@ -7,7 +7,8 @@ window). Scores of the two forms are concatenated with complementary masks, so o
 them; K and V keep their own splits. Compressed data is read without rebuilding the history where
 the layout allows: token-axis codes in MLX's affine layout go through mx.quantized_matmul with
 rotate(q) for rotated keys and unrotate(p . V) for rotated values; low rank reads (qP) . c and
-(p . C) P^T. GQA folds the Hq / Hkv query heads of one KV head into the query axis, so K and V
+(p . C) P^T. Elsewhere (channel-axis groups, group or bit shapes MLX's affine kernels do not take)
+this reference dequantizes the compressed part on each call. GQA folds the Hq / Hkv query heads of one KV head into the query axis, so K and V
 are never repeated. Everything is computed in fp32 and cast back to the queries' dtype.
 
 `compressed_attention` is the dispatcher: kernels (kvmlx.kernels) register in KERNELS and return
@@ -57,10 +58,11 @@ def reference_attention(q: mx.array, k: Fetched, v: Fetched, scale: float, windo
         pos = np.arange(k.n)
         keep.append(pos[None] < k.split[:, None])
         k_pos.append(pos)
-    scores.append(qf @ mx.swapaxes(k.floats.astype(mx.float32), -1, -2))
-    pos = np.arange(k.float_start, k.tokens)
-    keep.append(pos[None] >= k.split[:, None])
-    k_pos.append(pos)
+    if k.tokens > k.float_start:  # decoding an int cache without a float window has no float keys
+        scores.append(qf @ mx.swapaxes(k.floats.astype(mx.float32), -1, -2))
+        pos = np.arange(k.float_start, k.tokens)
+        keep.append(pos[None] >= k.split[:, None])
+        k_pos.append(pos)
     pos, keep = np.concatenate(k_pos), np.concatenate(keep, axis=1)
     keep &= pos[None] <= q_pos[:, None]
     if window is not None:
@@ -76,10 +78,10 @@ def reference_attention(q: mx.array, k: Fetched, v: Fetched, scale: float, windo
         p_c, p_f = (p[..., : k.n], p[..., k.n :]) if k.n else (None, p)
     else:
         p_c, p_f = _resplit(p, k, v, b, hkv, rep, tq)
-    out = p_f @ v.floats.astype(mx.float32)
-    if p_c is not None:
-        out = out + _compressed_output(p_c, v)
-    return out.reshape(b, hq, tq, d).astype(q.dtype)
+    parts = [_compressed_output(p_c, v)] if p_c is not None else []
+    if v.tokens > v.float_start:
+        parts.append(p_f @ v.floats.astype(mx.float32))
+    return sum(parts[1:], parts[0]).reshape(b, hq, tq, d).astype(q.dtype)
 
 
 def _resplit(p: mx.array, k: Fetched, v: Fetched, b: int, hkv: int, rep: int, tq: int):

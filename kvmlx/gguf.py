@@ -38,11 +38,17 @@ _GEMMA_NORMS = {"post_attention_norm": "post_attention_layernorm", "post_ffw_nor
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def load_gguf(path: str | Path, dtype: mx.Dtype = mx.float32) -> tuple[nn.Module, Any]:
-    """(mlx-lm model, TokenizerWrapper) for a llama / qwen2 / gemma3 GGUF file; float weights in `dtype`."""
+def default_dtype() -> mx.Dtype:
+    """fp32 on the CPU (MLX has no fast half-precision matmuls there), fp16 on a GPU."""
+    return mx.float32 if mx.default_device() == mx.cpu else mx.float16
+
+
+def load_gguf(path: str | Path, dtype: mx.Dtype | None = None) -> tuple[nn.Module, Any]:
+    """(mlx-lm model, TokenizerWrapper) for a llama / qwen2 / gemma3 GGUF file; float weights (and
+    the scales of quantized ones) in `dtype` (default_dtype())."""
     import gguf
 
-    path = Path(path)
+    path, dtype = Path(path), dtype or default_dtype()
     reader = gguf.GGUFReader(path)
     meta = {k: _value(f) for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
     arch = meta["general.architecture"]

@@ -10,15 +10,10 @@ import mlx.core as mx
 from kvspec.models import ModelNotAvailable, resolve_alias
 
 
-def default_dtype() -> mx.Dtype:
-    """fp32 on the CPU (no fast half-precision matmuls there), fp16 on a GPU."""
-    return mx.float32 if mx.default_device() == mx.cpu else mx.float16
-
-
 def load_model(name_or_path: str, dtype: mx.Dtype | None = None) -> tuple[Any, Any]:
     """(mlx-lm model, TokenizerWrapper) for an alias (kvspec.models), a .gguf file, a local mlx-lm
-    or Hugging Face directory, or a hub id. dtype applies to GGUF float weights (default_dtype())."""
-    dtype = dtype or default_dtype()
+    or Hugging Face directory, or a hub id. dtype applies to GGUF weights (kvmlx.gguf.default_dtype());
+    mlx-lm checkpoints keep the dtype they were saved in."""
     alias = resolve_alias(name_or_path)
     if alias is not None:
         if not alias.gguf_parts:
@@ -46,7 +41,7 @@ def load_model(name_or_path: str, dtype: mx.Dtype | None = None) -> tuple[Any, A
     return _mlx_lm_load(str(path) if path.is_dir() else name_or_path)
 
 
-def _gguf(path: Path, dtype: mx.Dtype) -> tuple[Any, Any]:
+def _gguf(path: Path, dtype: mx.Dtype | None) -> tuple[Any, Any]:
     from .gguf import load_gguf
 
     return load_gguf(path, dtype)

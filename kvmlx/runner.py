@@ -119,6 +119,8 @@ class Runner:
         A cache that already holds the start of this conversation is reused: only the new tokens are
         fed. A cache holding something else is reset and the whole prompt is fed.
         """
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.name} has no chat template (a base model?); chat with an instruct model")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = list(self.tokenizer.encode(text, add_special_tokens=False))
         held = cache.token_ids or []

@@ -111,6 +111,7 @@ class TensorStore:
         self.parts: dict[str, Buffer] = {}
 
     def n_at(self, tokens: int) -> int:
+        """Compressed tokens when `tokens` are held (0 on sliding-window layers, which are Float)."""
         return n_quantized(self.spec, self.residual, tokens)
 
     def append(self, x: mx.array) -> Fetched:
@@ -169,15 +170,12 @@ class TensorStore:
         """Restore from `arrays` (as `arrays()` gives) holding `tokens` tokens."""
         self.reset()
         tail = arrays["tail"]
-        self.tokens, self.n, self.start = tokens, self._n_after(tokens), tokens - tail.shape[-2]
+        self.tokens, self.n, self.start = tokens, self.n_at(tokens), tokens - tail.shape[-2]
         first_float = self.n if self.window is None else max(0, tokens - self.window)
         if self.start != first_float:
             raise ValueError(f"{self.where}: {tail.shape[-2]} float tokens of {tokens}, the spec keeps {tokens - first_float}")
         self.tail = Buffer(tail.astype(ops.float_dtype(self.float_dtype)))
         self.parts = {k: Buffer(v) for k, v in arrays.items() if k not in ("tail", "basis")}
-
-    def _n_after(self, tokens: int) -> int:
-        return 0 if self.window is not None else self.n_at(tokens)
 
     def trimmable(self) -> bool:
         """Whether any number of recent tokens can be dropped exactly (see `can_trim`)."""
@@ -190,14 +188,14 @@ class TensorStore:
         """Whether dropping the last `tokens` tokens leaves exactly the cache of the shorter history:
         its compressed part is a prefix of ours and its float tokens are still held in float."""
         t1 = self.tokens - tokens
-        n1 = self._n_after(t1)
+        n1 = self.n_at(t1)
         first_float = n1 if self.window is None else max(0, t1 - self.window)
         return 0 <= t1 and n1 <= self.n and (first_float >= self.start or first_float == t1)
 
     def trim(self, tokens: int) -> None:
         """Drop the last `tokens` tokens (check `can_trim` first)."""
         t1 = self.tokens - tokens
-        n1 = self._n_after(t1)
+        n1 = self.n_at(t1)
         if t1 <= self.start:
             self.tail.drop_back(len(self.tail))
             self.start = t1

@@ -44,8 +44,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def save_word_tokenizer(directory) -> None:
-    """A word-level tokenizer over w0..w95 plus <s>, </s>, <unk>, <pad>, user, assistant... (100 ids)."""
+def save_word_tokenizer(directory, chat_template: bool = True) -> None:
+    """A word-level tokenizer over w0..w92 plus <s>, </s>, <unk>, <pad>, user, assistant, system (100 ids)."""
     import json
 
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -56,11 +56,13 @@ def save_word_tokenizer(directory) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(directory / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-              "unk_token": "<unk>", "pad_token": "<pad>", "chat_template": CHAT_TEMPLATE}
+              "unk_token": "<unk>", "pad_token": "<pad>"}
+    if chat_template:
+        config["chat_template"] = CHAT_TEMPLATE
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def word_tokenizer():
+def word_tokenizer(chat_template: bool = True):
     """The word-level tokenizer wrapped for mlx-lm (built in a temporary directory)."""
     import tempfile
     from pathlib import Path
@@ -69,7 +71,7 @@ def word_tokenizer():
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as d:
-        save_word_tokenizer(Path(d))
+        save_word_tokenizer(Path(d), chat_template)
         return TokenizerWrapper(AutoTokenizer.from_pretrained(d))
 
 

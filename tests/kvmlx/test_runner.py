@@ -10,7 +10,7 @@ from kvspec.cachefile import CacheFileError, config_fingerprint
 from kvspec.reference import round_to
 from kvspec.tolerances import assert_close, tolerance
 
-from .conftest import tiny_model
+from .conftest import tiny_model, word_tokenizer
 
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed")
 import kvmlx  # noqa: E402
@@ -112,3 +112,9 @@ def test_empty_cache_saves_and_peak_memory_is_reported(runner, tmp_path):
     runner.reset_peak_memory()
     runner.nll([1, 2, 3], runner.new_cache("fp16"), 2)
     assert runner.peak_memory() > 0
+
+
+def test_chat_needs_a_chat_template():
+    runner = kvmlx.Runner.wrap(tiny_model("llama"), word_tokenizer(chat_template=False), name="base")
+    with pytest.raises(ValueError, match="no chat template"):
+        next(runner.stream_chat([{"role": "user", "content": "w1"}], runner.new_cache("int4"), 2))
