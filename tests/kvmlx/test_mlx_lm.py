@@ -124,3 +124,36 @@ def test_cache_bytes_are_the_budget():
 def test_importing_kvmlx_imports_neither_torch_nor_mlx_lm():
     code = "import kvmlx, sys; bad = {'torch', 'transformers', 'mlx_lm'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class OracleCache(kvmlx.LayerCache):
+    """A LayerCache whose attention is kvspec's NumPy protocol oracle over the raw K/V history."""
+
+    def update_and_fetch(self, keys, values):
+        self.history = [mx.concatenate([h, x], axis=-2) for h, x in zip(getattr(self, "history", (keys[..., :0, :], values[..., :0, :])), (keys, values))]
+        return super().update_and_fetch(keys, values)
+
+    def attend(self, queries, keys, values, scale):
+        from kvspec import reference as R
+        from kvspec.cachefile import layer_tensor_spec
+
+        spec = kvspec.KVSpec(layer_tensor_spec(self.spec, self.window, "k"), layer_tensor_spec(self.spec, self.window, "v"),
+                             self.spec.residual, self.spec.float_dtype)
+        bases = {w: np.array(s.basis) for w, s in (("k", self.k), ("v", self.v)) if s.basis is not None}
+        k, v = (np.array(h.astype(mx.float32)) for h in self.history)
+        out = R.attend_as_decoded(np.array(queries.astype(mx.float32)), k, v, spec, bases=bases, scale=scale, window=self.window)
+        return mx.array(out.astype(np.float32)).astype(queries.dtype)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("text", ["int4", "k4v2-kchan-g32-rot-res4", "rank32-q4-random"])
+def test_model_through_the_cache_equals_the_model_with_oracle_attention(kind, text):
+    """End to end: every layer's attention replaced by kvspec.reference.attend_as_decoded."""
+    model = tiny_model(kind)
+    runner = Runner.wrap(model)
+    got = runner.nll(TOKENS, runner.new_cache(text), 16)
+    oracle = kvmlx.make_cache(model, text)
+    oracle[:] = [OracleCache(c.spec, {w: s.basis for w, s in (("k", c.k), ("v", c.v)) if s.basis is not None}, c.window, i)
+                 for i, c in enumerate(oracle)]
+    want = runner.nll(TOKENS, oracle, 16)
+    assert_close(got, want, tolerance("model-int", 4, "fp32"), text)
