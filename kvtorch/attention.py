@@ -150,7 +150,7 @@ def _attend_block(q, q_pos, rows, k, v, kc, vc, lo, scale, window, softcap, mask
         s5 = scores.view(b, hkv, rep, tq, width)
     s5.masked_fill_(~keep, float("-inf"))
     # A row with nothing visible (a padding query) gives NaN: make it zeros.
-    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0).view(b, hkv, rep, tq, width)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).view(b, hkv, rep, tq, width)
 
     fv0 = v.float_start - lo
     use_vc = pos < v.split[rows].to(dev)[:, None]  # [tq, width]

@@ -1,5 +1,7 @@
 """A preallocated token buffer: appends are amortized O(1), and tokens can leave from the front.
 
+Caches serve inference: what is stored is detached from autograd.
+
 Holds the live tokens [start, end) of a tensor along axis -2 ([B, H, tokens, X] for tails, codes,
 coefficients, and [B, H, groups, D] for channel-axis scales). Storage grows geometrically; a grow
 also moves the live tokens to the front, so a buffer whose front keeps leaving (a residual window, a
@@ -41,13 +43,15 @@ class TokenBuffer:
         m = x.shape[-2]
         if self._data is None or self._end + m > self.capacity:
             self._grow(x, m)
-        self._data[..., self._end : self._end + m, :] = x
+        self._data[..., self._end : self._end + m, :] = x.detach()
         self._end += m
 
     def _grow(self, like: torch.Tensor, extra: int) -> None:
         live = len(self)
         cap = max(2 * (live + extra), MIN_CAPACITY)
-        new = torch.empty((*like.shape[:-2], cap, like.shape[-1]), dtype=like.dtype, device=like.device)
+        # A normal tensor even under inference mode, so a cache filled there can grow outside it.
+        with torch.inference_mode(False):
+            new = torch.empty((*like.shape[:-2], cap, like.shape[-1]), dtype=like.dtype, device=like.device)
         if live:
             new[..., :live, :] = self.view()
         # A fresh tensor rather than an in-place shift: views handed out before stay intact.

@@ -45,7 +45,8 @@ class KVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def new_store(self, device: torch.device) -> LayerStore:
-        bases = {w: None if b is None else b.to(device) for w, b in self.bases.items()}
+        with torch.inference_mode(False):  # usable in and out of inference mode, like the stored tokens
+            bases = {w: None if b is None else b.to(device) for w, b in self.bases.items()}
         return LayerStore(
             layer_tensor_spec(self.spec, self.window, "k"), layer_tensor_spec(self.spec, self.window, "v"),
             self.spec.residual, self.spec.float_dtype, bases, window=self.window, where=f"layer {self.layer_idx}",

@@ -107,14 +107,16 @@ def dequantize(
 def _layout(n: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Word index and bit shift (int64 on `device`) of each of n codes in a row; the row's word count.
     Cached per device, so decoding does not copy index tables to the GPU every step."""
-    offsets = torch.arange(n, dtype=torch.int64) * bits
-    return (offsets // 32).to(device), (offsets % 32).to(device), -(-n * bits // 32)
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode
+        offsets = torch.arange(n, dtype=torch.int64) * bits
+        return (offsets // 32).to(device), (offsets % 32).to(device), -(-n * bits // 32)
 
 
 @lru_cache(maxsize=256)
 def _constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A cached 0-dim tensor on `device`."""
-    return torch.tensor(value, dtype=dtype, device=device)
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode
+        return torch.tensor(value, dtype=dtype, device=device)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -194,10 +196,10 @@ def _signs_and_factor(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.T
 
 @lru_cache(maxsize=64)
 def _rotation_constants(dim: int, seed: int, dt: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    signs = torch.from_numpy(hadamard_signs(dim, seed)).to(device=device, dtype=dt)
     # A 0-dim tensor, so the fp32 multiply is fp32 x fp32 exactly as in NumPy.
     c = float(norm_factor(dim)) if dt == torch.float32 else 1.0 / np.sqrt(dim)
-    return signs, torch.tensor(c, dtype=dt, device=device)
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode
+        return torch.from_numpy(hadamard_signs(dim, seed)).to(device=device, dtype=dt), torch.tensor(c, dtype=dt, device=device)
 
 
 def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:

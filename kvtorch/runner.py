@@ -80,7 +80,7 @@ class Runner:
         """Bytes the cache's stored tokens occupy (as kvspec.budget.kv_bytes counts; bases excluded)."""
         return cache.nbytes()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _forward(self, tokens: Sequence[int], cache) -> torch.Tensor:
         """Logits [m, V] (fp32, or fp64 for an fp64 model) of feeding `tokens` after what `cache` holds."""
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)[None]
@@ -129,6 +129,8 @@ class Runner:
         A cache that already holds the start of this conversation is reused: only the new tokens are
         fed. A cache holding something else is reset and the whole prompt is fed.
         """
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"{self.name}'s tokenizer has no chat template (a base model?); chat needs an instruct model")
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
         held = cache.token_ids or []
@@ -153,7 +155,7 @@ class Runner:
                 ids.update(source if isinstance(source, (list, tuple)) else [source])
         return ids
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def activations(self, tokens: Sequence[int]) -> dict[str, list[np.ndarray]]:
         """Post-RoPE keys and values {"k": [L][Hkv, N, D], "v": ...} (fp32) of `tokens`, for calibration.
 

@@ -91,6 +91,18 @@ def test_save_load_continues_with_identical_greedy_tokens(runner, text, tmp_path
     assert runner.greedy(first[-1:], loaded, 8) == runner.greedy(first[-1:], cache, 8)
 
 
+def test_a_cache_filled_in_inference_mode_continues_outside_it():
+    model = tiny_model("gemma3")
+    arg = integration.cache_argument(model)
+    cache, ids = make_cache(model, "k4vrank16-q4-random-kchan-rot-res3"), torch.tensor([PROMPT])
+    with torch.inference_mode():
+        model(ids[:, :30], **{arg: cache})
+    out = model(ids[:, 30:], **{arg: cache}).logits  # grad enabled: the stored tokens stay detached
+    integration.finish()
+    assert out.requires_grad and cache.get_seq_length() == 40
+    out.sum().backward()
+
+
 def test_a_cache_file_loads_only_into_its_model_configuration(tmp_path):
     llama, qwen = Runner.wrap(tiny_model("llama")), Runner.wrap(tiny_model("qwen2"))
     cache = llama.new_cache("int8")

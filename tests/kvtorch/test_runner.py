@@ -70,6 +70,14 @@ def test_a_cache_holding_another_conversation_is_refilled(runner, monkeypatch):
     assert cache.token_ids[: fed[0]] == prompt_ids(runner, TURN1)
 
 
+def test_a_model_without_a_chat_template_cannot_chat():
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = None
+    runner = Runner.wrap(tiny_model("llama"), tokenizer, name="base")
+    with pytest.raises(ValueError, match="base's tokenizer has no chat template"):
+        next(runner.stream_chat(TURN1, runner.new_cache("int4"), 5))
+
+
 def test_tokenize_and_runner_facts(runner):
     assert runner.tokenize("abc") == [64, 65, 66]
     assert runner.backend == "torch" and runner.device == "cpu" and runner.peak_memory() is None
