@@ -68,6 +68,48 @@ def test_chunked_prefill_nll_equals_token_by_token_decoding(runner, text):
     assert np.abs(runner.nll(PROMPT, runner.new_cache("fp16"), chunk=13) - chunked).max() > 10 * SAME.atol
 
 
+@pytest.mark.parametrize("text", ["k4v2-kchan-rot3-res5", "krank16vint3-kq4-krandom-vg32"])
+def test_every_layer_attends_as_the_kvspec_decode_oracle(runner, text, monkeypatch):
+    """Inside the model: each layer's attention output over a chunked prefill equals
+    kvspec.reference.attend_as_decoded on that layer's queries, keys and values."""
+    from kvspec import reference as R
+    from kvspec.cachefile import layer_tensor_spec
+    from kvtorch.cache import KVLayer
+
+    seen: dict[int, dict[str, list]] = {}
+    update, attend = KVLayer.update, integration.compressed_attention
+
+    def record_update(layer, k, v, *args, **kwargs):
+        rec = seen.setdefault(layer.layer_idx, {"k": [], "v": [], "q": [], "out": [], "scale": None})
+        rec["k"].append(k), rec["v"].append(v)
+        seen["last"] = rec
+        return update(layer, k, v, *args, **kwargs)
+
+    def record_attend(q, q_pos, k, v, *, scale, **kw):
+        out = attend(q, q_pos, k, v, scale=scale, **kw)
+        rec = seen["last"]
+        rec["q"].append(q), rec["out"].append(out)
+        rec["scale"] = scale
+        return out
+
+    monkeypatch.setattr(KVLayer, "update", record_update)
+    monkeypatch.setattr(integration, "compressed_attention", record_attend)
+    spec = kvspec.parse(text)
+    cache = runner.new_cache(spec)
+    logits(runner, PROMPT, cache, [13, 1, 1, 25])
+    for i, layer in enumerate(cache.layers):
+        rec = {n: torch.cat(a, dim=2).detach().numpy() for n, a in seen[i].items() if n != "scale"}
+        layer_spec = kvspec.KVSpec(
+            layer_tensor_spec(spec, layer.window, "k"), layer_tensor_spec(spec, layer.window, "v"), spec.residual,
+            spec.float_dtype,
+        )
+        bases = {w: b.numpy() for w, b in layer.bases.items() if b is not None}
+        want = R.attend_as_decoded(
+            rec["q"], rec["k"], rec["v"], layer_spec, bases=bases, scale=seen[i]["scale"], window=layer.window
+        )
+        assert_close(rec["out"], want, spec_tolerance(layer_spec, "fp32"), f"{runner.name} layer {i} {text}")
+
+
 def test_cache_bytes_count_what_kvspec_budgets(runner):
     spec = kvspec.parse("int4-kchan-res8")
     cache = runner.new_cache(spec)
