@@ -106,6 +106,8 @@ def attention_reference(
     hkv = k.floats.shape[1]
     lo = 0 if (k.n or v.n) else min(k.float_start, v.float_start)
     width = k.end - lo
+    if mask is not None and tuple(mask.shape[-2:]) != (tq, width):
+        raise ValueError(f"mask covers {tuple(mask.shape[-2:])} (queries, keys); this attention reads {(tq, width)}")
     kc, vc = compressed_values(k, work_dtype(q)), compressed_values(v, work_dtype(q))
     item = torch.finfo(work_dtype(q)).bits // 8
     block = max(1, SCORE_BLOCK_BYTES // max(1, item * b * hq * width))

@@ -11,6 +11,10 @@ function takes the binding when it is handed exactly those tensor objects, and r
 `compressed_attention`; handed other tensors (no cache, a DynamicCache) it is plain SDPA. If a
 binding is left unread, the model's attention did not go through this function, and the next update
 raises instead of letting a layer attend to the chunk alone.
+
+Masks: "kvmlx" registers SDPA's boolean mask function, so a padded batch arrives as a mask over
+exactly the key columns the layer reads (KVLayer.get_mask_sizes); causality and sliding windows
+are applied from positions either way.
 """
 
 from __future__ import annotations
