@@ -50,7 +50,8 @@ def _from_numpy(name: str, a: np.ndarray, float_dtype: str, device: torch.device
 
 
 def save_cache(cache: KVCache, path: str | Path, model_name: str, token_ids=None) -> None:
-    """Write `cache` to `path`. token_ids: the [B, T] (or [T]) tokens it holds, recorded when given."""
+    """Write `cache` to `path`. token_ids: the [B, T] (or [T]) tokens it holds; by default the ids
+    the cache tracked while being fed (or loaded), when it tracked all of them (as kvmlx does)."""
     cache.check_pending()
     stores = cache.stores()
     if any(s is None for s in stores):
@@ -74,6 +75,8 @@ def save_cache(cache: KVCache, path: str | Path, model_name: str, token_ids=None
         {w: {name: _to_numpy(name, a) for name, a in ts.export().items()} for w, ts in (("k", s.k), ("v", s.v))}
         for s in stores
     ]
+    if token_ids is None and cache.token_ids is not None and len(cache.token_ids) == header.tokens:
+        token_ids = cache.token_ids
     ids = None
     if token_ids is not None:
         ids = np.asarray(token_ids.cpu() if isinstance(token_ids, torch.Tensor) else token_ids, dtype=np.int32)

@@ -86,7 +86,7 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     stream = stream.reshape(*codes.shape[:-1], n * bits)
     pad = -(n * bits) % 32
     stream = np.concatenate([stream, np.zeros((*codes.shape[:-1], pad), np.uint64)], axis=-1)
-    words = stream.reshape(*codes.shape[:-1], -1, 32) << np.arange(32, dtype=np.uint64)
+    words = stream.reshape(*codes.shape[:-1], (n * bits + pad) // 32, 32) << np.arange(32, dtype=np.uint64)
     return words.sum(axis=-1).astype(np.uint32)
 
 
@@ -94,7 +94,7 @@ def unpack(words: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Unpack uint32 words [..., W] into n codes [..., n] (uint32)."""
     words = np.asarray(words, dtype=np.uint64)
     stream = (words[..., None] >> np.arange(32, dtype=np.uint64)) & 1  # [..., W, 32]
-    stream = stream.reshape(*words.shape[:-1], -1)[..., : n * bits]
+    stream = stream.reshape(*words.shape[:-1], words.shape[-1] * 32)[..., : n * bits]
     stream = stream.reshape(*words.shape[:-1], n, bits) << np.arange(bits, dtype=np.uint64)
     return stream.sum(axis=-1).astype(np.uint32)
 

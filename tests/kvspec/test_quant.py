@@ -29,6 +29,11 @@ def test_pack_unpack_identity(seed, bits, n):
     assert (Q.unpack(words, bits, n) == codes).all()
 
 
+def test_pack_unpack_empty():
+    assert Q.pack(np.zeros((2, 0, 5), np.uint32), 3).shape == (2, 0, 1)
+    assert Q.unpack(np.zeros((1, 0, 8), np.uint32), 4, 64).shape == (1, 0, 64)
+
+
 def test_packing_order_is_lsb_first_and_3bit_straddles_words():
     assert Q.pack(np.array([1, 2, 3, 4, 5, 6, 7, 8]), 4)[0] == 0x87654321
     codes = np.zeros(11, np.uint32)
