@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 BLOCK = 128  # tokens per bootstrap block: neighbouring tokens' losses are correlated
+MIN_BLOCKS = 20  # short runs use smaller blocks so the resampling has something to resample
 RESAMPLES = 1000
 
 
@@ -89,12 +90,13 @@ def bootstrap_ppl(nll: np.ndarray, seed: int, baseline: np.ndarray | None = None
     """Block-bootstrap 95% intervals of PPL, and of PPL - baseline PPL when a paired baseline
     (the same tokens) is given."""
     rng = np.random.default_rng(seed)
-    sums, counts = block_sums(nll)
+    block = max(1, min(BLOCK, len(nll) // MIN_BLOCKS))
+    sums, counts = block_sums(nll, block)
     idx = rng.integers(0, len(sums), size=(RESAMPLES, len(sums)))
     ppl = np.exp(sums[idx].sum(1) / counts[idx].sum(1))
     out = {"ppl_ci": [float(np.percentile(ppl, 2.5)), float(np.percentile(ppl, 97.5))]}
     if baseline is not None:
-        bsums, _ = block_sums(baseline)
+        bsums, _ = block_sums(baseline, block)
         base = np.exp(bsums[idx].sum(1) / counts[idx].sum(1))
         delta = ppl - base
         out["delta_ppl_ci"] = [float(np.percentile(delta, 2.5)), float(np.percentile(delta, 97.5))]

@@ -7,7 +7,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from kvspec.models import ModelNotAvailable, resolve_alias
+from kvspec.models import ModelNotAvailable, check_hub_reachable, resolve_alias
 
 
 def load_model(name_or_path: str, dtype: mx.Dtype | None = None) -> tuple[Any, Any]:
@@ -50,5 +50,7 @@ def _gguf(path: Path, dtype: mx.Dtype | None) -> tuple[Any, Any]:
 def _mlx_lm_load(path_or_repo: str) -> tuple[Any, Any]:
     from mlx_lm import load
 
+    if not Path(path_or_repo).exists():
+        check_hub_reachable(path_or_repo)
     model, tokenizer = load(path_or_repo)
     return model, tokenizer

@@ -105,3 +105,26 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def resolve_alias(name: str) -> Alias | None:
     return ALIASES.get(name.lower())
+
+
+def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
+    """Raise ModelNotAvailable at once when `repo_id` is neither in the local Hugging Face cache nor
+    reachable (no network), instead of letting the hub client retry for most of a minute."""
+    import os
+    import socket
+
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    cache = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub"))
+    if (cache / f"models--{repo_id.replace('/', '--')}").is_dir():
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            return
+        except OSError:
+            pass
+    raise ModelNotAvailable(
+        f"{repo_id!r} is not a local path or alias, not in the Hugging Face cache, and the hub is unreachable; "
+        "pass a local model directory or a .gguf file (aliases: " + ", ".join(ALIASES) + ")"
+    )

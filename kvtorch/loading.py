@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from kvspec.models import resolve_alias
+from kvspec.models import check_hub_reachable, resolve_alias
 
 
 def default_device() -> str:
@@ -38,6 +38,8 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
         device = "cpu"
     dtype = dtype or default_dtype("cuda" if device == "auto" else device)
     source, gguf_file = _source(name_or_path)
+    if not Path(source).exists():
+        check_hub_reachable(source)
     placement = {"device_map": "auto"} if device == "auto" else {}
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     from transformers import AutoModelForCausalLM, AutoTokenizer

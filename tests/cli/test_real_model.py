@@ -1,0 +1,80 @@
+"""`kvmlx ppl` and `kvmlx chat` end to end on the bundled SmolLM2, through both backends."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kvmlx_cli.app import app
+from kvspec.models import ALIASES, ModelNotAvailable
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+def needs(backend: str) -> None:
+    if importlib.util.find_spec({"torch": "torch", "mlx": "mlx"}[backend]) is None:
+        pytest.skip(f"the {backend} backend is not installed")
+    try:
+        ALIASES["smollm2-135m"].gguf_path()
+    except ModelNotAvailable as e:
+        pytest.skip(str(e))
+
+
+def flat(text: str) -> str:
+    return " ".join(text.replace("│", " ").split())
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_ppl_json_rows(backend):
+    needs(backend)
+    r = runner.invoke(app, ["ppl", "--backend", backend, "--max-tokens", "80", "--context", "40", "--chunk", "16",
+                            "--kv", "int8,int4", "--kv", "rank16-random", "--lastword", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    rows = report["results"]
+    assert [x["spec"] for x in rows] == ["fp16", "int8", "int4", "rank16-random"]
+    assert report["backend"] == backend and "decoding" in report["protocol"]
+    for x in rows:
+        assert x["tokens"] == 79 and 1 < x["ppl"] < 1e6  # rank16 on a random basis ruins the model
+        assert x["ppl_ci"][0] < x["ppl"] < x["ppl_ci"][1]
+        assert x["lastword_n"] == 2 and 0 <= x["lastword_accuracy"] <= 1
+    assert rows[0]["delta_ppl"] == 0 and rows[0]["bits_per_element"] == 16
+    assert rows[1]["bits_per_element"] == 8.5 and abs(rows[1]["delta_ppl_pct"]) < 5
+    assert rows[3]["kv_bytes"] < rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_chat_one_shot_answers(backend):
+    needs(backend)
+    r = runner.invoke(app, ["chat", "--backend", backend, "--kv", "int4", "--max-tokens", "24",
+                            "--prompt", "What is the capital of France? Answer in one sentence."])
+    assert r.exit_code == 0, r.output
+    assert "Paris" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fix",
+    [
+        (["--kv", "int4-g128"], "use one of g32, g64"),
+        (["--context", "100000"], "exceeds the model's 8192 positions"),
+        (["--model", "no-such-model"], "--model"),
+        (["--data", "nowhere"], "use one of bbc"),
+        (["--stride", "50", "--context", "20"], "exceeds --context"),
+    ],
+)
+def test_bad_input_is_a_usage_error(args, fix):
+    needs("torch")
+    r = runner.invoke(app, ["ppl", "--backend", "torch", "--max-tokens", "32", *args])
+    assert r.exit_code == 2, r.output
+    assert fix in flat(r.output) and "Traceback" not in r.output
+
+
+def test_too_little_text(tmp_path):
+    needs("torch")
+    (tmp_path / "t.txt").write_text("Too short.")
+    r = runner.invoke(app, ["ppl", "--backend", "torch", "--data", str(tmp_path / "t.txt")])
+    assert r.exit_code == 2 and "need at least 16" in flat(r.output)
