@@ -116,19 +116,25 @@ def run_specs(setup: Setup, specs: list[kvspec.KVSpec], bases: dict[str, np.ndar
                   console=err, transient=True) as bar:
         for spec in specs:
             task = bar.add_task(f"{kvspec.format(spec):>20}", total=work)
-            row, nll = _run_spec(setup, spec, bases, lambda n, t=task: bar.advance(t, n))
+            row, nll = run_spec(setup, spec, bases, lambda n, t=task: bar.advance(t, n))
             rows.append(row)
             nlls.append(nll)
+    return with_intervals(rows, nlls, setup.seed)
+
+
+def with_intervals(rows: list[dict[str, Any]], nlls: list[np.ndarray], seed: int) -> list[dict[str, Any]]:
+    """Add bootstrap intervals and ΔPPL against rows[0] (the fp16 baseline, on the same tokens)."""
     base = rows[0]
     for row, nll in zip(rows, nlls):
-        row.update(evaluate.bootstrap_ppl(nll, setup.seed, baseline=None if row is base else nlls[0]))
+        row.update(evaluate.bootstrap_ppl(nll, seed, baseline=None if row is base else nlls[0]))
         row["delta_ppl"] = row["ppl"] - base["ppl"]
         row["delta_ppl_pct"] = 100 * row["delta_ppl"] / base["ppl"]
         row.setdefault("delta_ppl_ci", [0.0, 0.0])
     return rows
 
 
-def _run_spec(setup: Setup, spec: kvspec.KVSpec, bases, advance) -> tuple[dict[str, Any], np.ndarray]:
+def run_spec(setup: Setup, spec: kvspec.KVSpec, bases, advance=None) -> tuple[dict[str, Any], np.ndarray]:
+    """One spec's row (without intervals) and its per-token NLLs [N]."""
     runner = setup.runner
     spec_bases = basis_store.for_spec(bases, spec, runner.shape.layers) if bases is not None else None
     cache_bytes = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import typer
@@ -35,12 +36,15 @@ def ppl(
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
     backend: str = typer.Option("auto", "--backend", help="auto (MLX on Apple Silicon, else torch), mlx or torch."),
     device: str = typer.Option(None, "--device", help="Device for the torch backend (cpu, cuda); default: cuda if available."),
+    device_map: str = typer.Option(None, "--device-map", help="auto: shard a model too large for one GPU over all visible GPUs with accelerate (torch backend); each layer's cache lives on its layer's GPU."),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", min=64, help="Calibration tokens for PCA bases (taken from --data's calibration part)."),
     recalibrate: bool = typer.Option(False, "--recalibrate", help="Recompute PCA bases even if saved ones exist."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with a `results` list to stdout."),
 ) -> None:
     """Perplexity (with bootstrap 95% intervals) through compressed KV caches, against the fp16 cache."""
-    runner = experiment.load_runner(backend, model, device)
+    if device_map not in (None, "auto"):
+        raise typer.BadParameter(f"{device_map!r} is not supported; use --device-map auto", param_hint="--device-map")
+    runner = experiment.load_runner(backend, model, "auto" if device_map else device)
     texts = [s for v in kv or [] for s in v.split(",") if s.strip()] or default_specs(runner.shape.head_dim)
     specs = experiment.parse_specs(texts, runner.shape.head_dim)
     setup = experiment.make_setup(runner, data, max_tokens, context, stride, chunk, lastword, seed)
@@ -52,27 +56,35 @@ def ppl(
         print_table(result, lastword > 0)
 
 
+def num(x: float, sign: str = "") -> str:
+    """Perplexities without exponents: 2 decimals below 100, 1 below 10,000, none above."""
+    digits = 2 if abs(x) < 100 else 1 if abs(x) < 10_000 else 0
+    return f"{x:{sign},.{digits}f}"
+
+
 def print_table(report: dict[str, Any], lastword: bool) -> None:
     table = Table(title=f"{report['model']} on {report['data']}: {report['results'][0]['tokens']:,} scored tokens, "
                   f"context {report['context']}, {report['backend']} on {report['device']}")
-    for col in ("spec", "bits/el", "KV MB", "PPL [95% CI]", "ΔPPL [95% CI]", "tok/s", "peak MB"):
-        table.add_column(col, justify="left" if col == "spec" else "right")
+    for col in ("spec", "bits/el", "KV MB", "PPL (95% CI)", "ΔPPL vs fp16", "tok/s", "peak MB"):
+        table.add_column(col, justify="left" if col == "spec" else "right", no_wrap=True)
     if lastword:
-        table.add_column("last word [95% CI]", justify="right")
+        table.add_column("last word (95% CI)", justify="right", no_wrap=True)
     for r in report["results"]:
         peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 1e6:,.0f}"
         cells = [
             r["spec"],
             f"{r['bits_per_element']:.2f}",
             f"{r['kv_bytes'] / 1e6:.2f}",
-            f"{r['ppl']:.3f} [{r['ppl_ci'][0]:.2f}, {r['ppl_ci'][1]:.2f}]",
-            f"{r['delta_ppl']:+.3f} ({r['delta_ppl_pct']:+.1f}%) [{r['delta_ppl_ci'][0]:+.2f}, {r['delta_ppl_ci'][1]:+.2f}]",
+            f"{num(r['ppl'])} ({num(r['ppl_ci'][0])}-{num(r['ppl_ci'][1])})",
+            f"{num(r['delta_ppl'], '+')} ({r['delta_ppl_pct']:+.1f}%)",
             f"{r['tokens_per_s']:,.0f}",
             peak,
         ]
         if lastword:
             lo, hi = r["lastword_ci"]
-            cells.append(f"{100 * r['lastword_accuracy']:.1f}% of {r['lastword_n']} [{100 * lo:.0f}, {100 * hi:.0f}]")
+            cells.append(f"{100 * r['lastword_accuracy']:.0f}% of {r['lastword_n']} ({100 * lo:.0f}-{100 * hi:.0f})")
         table.add_row(*cells)
-    Console().print(table)
+    # Files and pipes get the whole table on one line per row; terminals keep their own width.
+    console = Console() if sys.stdout.isatty() else Console(width=140)
+    console.print(table)
     err.print(PROTOCOL, style="dim")

@@ -14,7 +14,8 @@ from kvspec.budget import bits_per_element, matched_rank
 from kvspec.models import DEFAULT_MODEL
 from kvspec.spec import BASES, GROUP_SIZES, QUANT_BITS
 
-from . import experiment, plots
+from . import bases as basis_store
+from . import experiment, fanout, plots
 
 console = Console()
 
@@ -56,10 +57,13 @@ def sweep(
     backend: str = typer.Option("auto", "--backend", help="auto, mlx or torch."),
     device: str = typer.Option(None, "--device", help="Device for the torch backend."),
     calib_tokens: int = typer.Option(8192, "--calib-tokens", min=64, help="Calibration tokens for PCA bases."),
+    gpus: int = typer.Option(0, "--gpus", min=0, help="Fan the specs out over N GPUs (cuda:0..N-1), one worker each (torch backend)."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Fan the specs out over N worker processes on --device (e.g. CPU)."),
     out: Path = typer.Option(None, "--out", help="Output prefix (default benchmarks/results/sweep-<model>-<data>)."),
 ) -> None:
     """Matched-budget sweep: writes <out>.json, <out>.md and <out>.png."""
-    runner = experiment.load_runner(backend, model, device)
+    devices = fanout_devices(gpus, workers, device)
+    runner = experiment.load_runner(backend, model, "cpu" if devices else device)
     try:
         budget_list = [float(b) for b in budgets.split(",") if b.strip()]
     except ValueError:
@@ -78,12 +82,23 @@ def sweep(
     specs = experiment.parse_specs(list(families), runner.shape.head_dim)
     setup = experiment.make_setup(runner, data, max_tokens, context, stride, chunk, lastword, seed)
     bases = experiment.ensure_bases(runner, specs, data, calib_tokens)
-    rows = experiment.run_specs(setup, specs, bases)
+    failures: list[dict[str, str]] = []
+    if devices:
+        job = fanout.Job(backend, model, data, max_tokens, context, stride, chunk, lastword, seed,
+                         tuple(kvspec.format(s) for s in specs), devices,
+                         str(basis_store.bases_path(runner.name, runner.fingerprint)) if bases is not None else None, "")
+        results, failures = fanout.run(job, lambda msg: console.print(f"[yellow]{msg}[/]"))
+        if not results or results[0][0]["spec"] != "fp16":
+            raise typer.Exit(_report_failures(failures) or 1)
+        rows = experiment.with_intervals([r for r, _ in results], [n for _, n in results], seed)
+    else:
+        rows = experiment.run_specs(setup, specs, bases)
     for row in rows:
         family, budget = families.get(row["spec"], ("baseline", None))
         row["family"], row["budget"] = family, budget
         row["bits_per_element_limit"] = bits_per_element(kvspec.parse(row["spec"]), runner.shape.head_dim).total
-    report = experiment.report(setup, rows, budgets=budget_list, command="kvmlx sweep " + " ".join(_argv()))
+    report = experiment.report(setup, rows, budgets=budget_list, command="kvmlx sweep " + " ".join(_argv()),
+                               workers=list(devices), failures=failures)
     prefix = out or Path("benchmarks/results") / f"sweep-{_slug(runner.name)}-{_slug(data)}"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".json").write_text(json.dumps(report, indent=1))
@@ -91,6 +106,28 @@ def sweep(
     plots.plot_sweeps([report], prefix.with_suffix(".png"))
     console.print(markdown(report))
     console.print(f"wrote {prefix}.json, .md, .png")
+    if failures:
+        raise typer.Exit(_report_failures(failures))
+
+
+def fanout_devices(gpus: int, workers: int, device: str | None) -> tuple[str, ...]:
+    """Worker devices: cuda:0..N-1 for --gpus N, N copies of --device for --workers N, else none."""
+    if gpus and workers:
+        raise typer.BadParameter("give --gpus or --workers, not both", param_hint="--gpus")
+    if gpus:
+        import torch
+
+        have = torch.cuda.device_count()
+        if gpus > have:
+            raise typer.BadParameter(f"--gpus {gpus} but {have} CUDA device(s) are visible", param_hint="--gpus")
+        return tuple(f"cuda:{i}" for i in range(gpus))
+    return tuple([device or "cpu"] * workers) if workers > 1 else ()
+
+
+def _report_failures(failures: list[dict[str, str]]) -> int:
+    for f in failures:
+        console.print(f"[red]{f['spec']} failed twice: {f['error']}[/]")
+    return 1 if failures else 0
 
 
 def markdown(report: dict[str, Any]) -> str:
