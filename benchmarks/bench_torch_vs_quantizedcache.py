@@ -46,19 +46,20 @@ def decode_speed(model, prompt: list[int], cache, steps: int) -> float:
 
 
 def cache_bytes(cache) -> int:
+    """Bytes actually held: kvtorch's stored arrays; for quanto, packed codes plus fp32 scales and
+    shifts (its QTensors report their dequantized size as numel())."""
     if isinstance(cache, kvtorch.KVCache):
         return cache.nbytes()
     total = 0
     for layer in cache.layers:
         for value in vars(layer).values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-            elif hasattr(value, "_data"):  # quanto's packed tensors: data, scale, shift
-                for part in ("_data", "_scale", "_shift"):
-                    t = getattr(value, part, None)
-                    t = getattr(t, "_data", t)
-                    if isinstance(t, torch.Tensor):
-                        total += t.numel() * t.element_size()
+            if hasattr(value, "_scale"):  # quanto WeightQBitsTensor: PackedTensor codes, scale, shift
+                parts = (value._data._data, value._scale, value._shift)
+            elif isinstance(value, torch.Tensor):
+                parts = (value,)
+            else:
+                continue
+            total += sum(t.numel() * t.element_size() for t in parts)
     return total
 
 
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results/torch_vs_quantizedcache-smollm2-135m-cpu.json")
+    ap.add_argument("--note", default="2-core x86_64 CPU, shared machine")
     args = ap.parse_args()
     from transformers import DynamicCache, QuantizedCache
 
@@ -101,7 +103,7 @@ def main() -> None:
         "tokens": args.tokens,
         "prompt_tokens": args.prompt_tokens,
         "decode_steps": args.steps,
-        "machine": f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} threads ({args.note})",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "command": "python benchmarks/bench_torch_vs_quantizedcache.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
         "results": rows,
