@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -15,7 +16,8 @@ from . import bases as basis_store
 from . import experiment
 
 err = Console(stderr=True)
-HELP = "/stats  cache size vs fp16   /reset  new conversation   /quit  leave   (Ctrl-C stops an answer)"
+HELP = ("/stats  cache size vs fp16   /reset  new conversation   /save PATH  write the cache   /quit  leave"
+        "   (Ctrl-C stops an answer)")
 
 
 def chat(
@@ -27,6 +29,8 @@ def chat(
     backend: str = typer.Option("auto", "--backend", help="auto (MLX on Apple Silicon, else torch), mlx or torch."),
     device: str = typer.Option(None, "--device", help="Device for the torch backend (cpu, cuda)."),
     data: str = typer.Option("bbc", "--calib-data", help="Calibration text for PCA bases of rank specs."),
+    load_cache: Path = typer.Option(None, "--load-cache", help="Start from a saved cache (kvspec file, either backend); a conversation that begins with its tokens reuses them."),
+    save_cache: Path = typer.Option(None, "--save-cache", help="Write the cache to this file when the chat ends."),
 ) -> None:
     """Chat with a model whose KV cache is compressed per --kv."""
     runner = experiment.load_runner(backend, model, device)
@@ -37,7 +41,30 @@ def chat(
         raise typer.BadParameter(str(e), param_hint="--kv") from None
     bases = experiment.ensure_bases(runner, [spec], data, 8192)
     spec_bases = basis_store.for_spec(bases, spec, runner.shape.layers) if bases is not None else None
-    cache = runner.new_cache(spec, spec_bases)
+    cache = runner.new_cache(spec, spec_bases) if load_cache is None else loaded(runner, load_cache, spec)
+    try:
+        converse(runner, spec, cache, system, prompt, max_tokens, save_cache)
+    finally:
+        if save_cache is not None:
+            runner.save_cache(cache, str(save_cache))
+            err.print(f"saved {runner.cache_tokens(cache):,} tokens of {kvspec.format(spec)} cache to {save_cache}")
+
+
+def loaded(runner, path: Path, spec: kvspec.KVSpec):
+    from kvspec.cachefile import CacheFileError
+
+    try:
+        cache = runner.load_cache(str(path))
+    except CacheFileError as e:
+        raise typer.BadParameter(str(e), param_hint="--load-cache") from None
+    if kvspec.format(cache.spec) != kvspec.format(spec):
+        raise typer.BadParameter(f"{path} holds a {kvspec.format(cache.spec)} cache; pass --kv {kvspec.format(cache.spec)}",
+                                 param_hint="--load-cache")
+    return cache
+
+
+def converse(runner, spec, cache, system, prompt, max_tokens, save_to) -> None:
+    """One-shot answer, or the REPL until /quit or end of input."""
     messages = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         messages.append({"role": "user", "content": prompt})
@@ -55,11 +82,19 @@ def chat(
             return
         if command == "/reset":
             messages = messages[:1] if system else []
-            cache = runner.new_cache(spec, spec_bases)
+            cache.reset()  # both backends' caches empty themselves in place
             err.print("conversation cleared")
             continue
         if command == "/stats":
             print_stats(runner, spec, cache)
+            continue
+        if command.startswith("/save"):
+            target = command[len("/save"):].strip() or (str(save_to) if save_to else "")
+            if not target:
+                err.print("usage: /save PATH")
+                continue
+            runner.save_cache(cache, target)
+            err.print(f"saved {runner.cache_tokens(cache):,} tokens to {target}")
             continue
         if not command:
             continue

@@ -5,6 +5,7 @@
   decoded with the `rdata` package); `kvmlx data fetch austen` extracts it once.
 - botchan: Natsume Soseki's Botchan (English), from the sentencepiece source distribution;
   `kvmlx data fetch botchan` extracts it once.
+- wikitext2: WikiText-2 raw test split, from the Hugging Face hub (needs network, pyarrow).
 - a path to a UTF-8 text file.
 Documents are split deterministically: every 10th document (index % 10 == 9) is calibration text,
 the rest evaluation text, so PCA bases never see the tokens they are scored on. Novels are split into
@@ -70,10 +71,7 @@ def load(name_or_path: str) -> Corpus:
             raise CorpusError(f"corpus {name_or_path!r} is not extracted yet; run: kvmlx data fetch {name_or_path}")
         return _novel(name_or_path, path.read_text(encoding="utf-8"))
     if name_or_path == "wikitext2":
-        raise CorpusError(
-            "wikitext2 needs the Hugging Face hub, which is unreachable here; "
-            "use --data bbc, --data austen, or a text file"
-        )
+        return _wikitext2()
     path = Path(name_or_path)
     if path.is_file():
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -95,6 +93,34 @@ def _bbc() -> Corpus:
     docs = [Path(str(dist.locate_file(f))).read_bytes().decode("utf-8", errors="replace").strip() for f in files]
     # The BBC set repeats some articles verbatim; keep the first copy so eval and calib stay disjoint.
     return Corpus("bbc", tuple(dict.fromkeys(docs)))
+
+
+def _wikitext2() -> Corpus:
+    """WikiText-2 (raw) test split from the Hugging Face hub, one document per article."""
+    from kvspec.models import ModelNotAvailable, check_hub_reachable
+
+    repo = "Salesforce/wikitext"
+    try:
+        check_hub_reachable(repo)
+    except ModelNotAvailable:
+        raise CorpusError("wikitext2 comes from the Hugging Face hub, which is unreachable here; "
+                          "use --data bbc, --data austen, or a text file") from None
+    try:
+        import pyarrow.parquet as pq
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise CorpusError("wikitext2 needs huggingface_hub and pyarrow: pip install huggingface_hub pyarrow") from None
+    path = hf_hub_download(repo, "wikitext-2-raw-v1/test-00000-of-00001.parquet", repo_type="dataset")
+    lines = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    docs, current = [], []
+    for line in lines:
+        # Articles start with a " = Title = " line; sections use " = = Section = = ".
+        if line.startswith(" = ") and not line.startswith(" = = ") and current:
+            docs.append("".join(current).strip())
+            current = []
+        current.append(line)
+    docs.append("".join(current).strip())
+    return Corpus("wikitext2", tuple(d for d in docs if d))
 
 
 def _blocks(text: str, words: int) -> list[str]:

@@ -27,7 +27,7 @@ def default_specs(head_dim: int) -> list[str]:
 def ppl(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Alias (smollm2-135m, qwen2.5-0.5b, gemma3-270m, mistral-7b), HF id, local dir or .gguf file."),
     kv: list[str] = typer.Option(None, "--kv", help="KV spec(s), repeatable or comma-separated; fp16 always runs. Default: int8, int4, int2 and the rank matching int4's bits."),
-    data: str = typer.Option("bbc", "--data", help="bbc (default, bundled), austen, botchan (`kvmlx data fetch`), or a text file."),
+    data: str = typer.Option("bbc", "--data", help="bbc (default, bundled), austen, botchan (`kvmlx data fetch`), wikitext2 (hub), or a text file."),
     max_tokens: int = typer.Option(4096, "--max-tokens", min=16, help="Evaluation tokens taken from the start of the corpus's evaluation part."),
     context: int = typer.Option(1024, "--context", min=2, help="Tokens per window."),
     stride: int = typer.Option(None, "--stride", help="New targets scored per window after the first (default --context; at most context - 1 take effect)."),

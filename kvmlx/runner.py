@@ -70,6 +70,18 @@ class Runner:
         """Bytes the cache's stored tokens occupy (as kvspec.budget.kv_bytes counts; bases excluded)."""
         return cache.nbytes
 
+    def save_cache(self, cache: ModelCache, path: str) -> None:
+        """Write `cache` in the kvspec cache-file format (readable by either backend)."""
+        from .cachefile import save_cache
+
+        save_cache(cache, path, self.name)
+
+    def load_cache(self, path: str) -> ModelCache:
+        """A cache saved for this model (by either backend); refused with the reason otherwise."""
+        from .cachefile import load_cache
+
+        return load_cache(path, self.model)
+
     def cache_tokens(self, cache: ModelCache) -> int:
         return cache.offset
 

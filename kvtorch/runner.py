@@ -72,6 +72,18 @@ class Runner:
     def new_cache(self, spec: KVSpec | str, bases: Bases | None = None) -> KVCache:
         return make_cache(self.model, spec, bases)
 
+    def save_cache(self, cache: KVCache, path: str) -> None:
+        """Write `cache` in the kvspec cache-file format (readable by either backend)."""
+        from .cachefile import save_cache
+
+        save_cache(cache, path, self.name)
+
+    def load_cache(self, path: str) -> KVCache:
+        """A cache saved for this model (by either backend); refused with the reason otherwise."""
+        from .cachefile import load_cache
+
+        return load_cache(path, self.model)
+
     def cache_tokens(self, cache: KVCache) -> int:
         """Tokens the cache has seen (sliding layers hold fewer, as their window says)."""
         return cache.get_seq_length()

@@ -78,3 +78,19 @@ def test_too_little_text(tmp_path):
     (tmp_path / "t.txt").write_text("Too short.")
     r = runner.invoke(app, ["ppl", "--backend", "torch", "--data", str(tmp_path / "t.txt")])
     assert r.exit_code == 2 and "need at least 16" in flat(r.output)
+
+
+@pytest.mark.parametrize("backends", [("torch", "mlx")])
+def test_chat_saves_a_cache_the_other_backend_resumes(tmp_path, backends):
+    for b in backends:
+        needs(b)
+    path = tmp_path / "chat.safetensors"
+    question = "What is the capital of France? Answer in one sentence."
+    first = runner.invoke(app, ["chat", "--backend", backends[0], "--kv", "int4-kchan-res16", "--max-tokens", "12",
+                                "--prompt", question, "--save-cache", str(path)])
+    assert first.exit_code == 0 and path.stat().st_size > 0, first.output
+    again = runner.invoke(app, ["chat", "--backend", backends[1], "--kv", "int4-kchan-res16", "--max-tokens", "12",
+                                "--prompt", question, "--load-cache", str(path)])
+    assert again.exit_code == 0 and "Paris" in again.stdout, again.output
+    wrong = runner.invoke(app, ["chat", "--backend", backends[1], "--kv", "int8", "--prompt", "hi", "--load-cache", str(path)])
+    assert wrong.exit_code == 2 and "pass --kv int4-kchan-res16" in flat(wrong.output)
