@@ -65,6 +65,21 @@ def load_tokens(runner, data: str, max_tokens: int, part: str = "eval") -> np.nd
     return tokens
 
 
+def check_early(spec_texts: list[str], data: str, context: int, stride: int | None) -> None:
+    """Usage errors that need no model, raised before the (slow) model load."""
+    if stride is not None and stride > context:
+        raise typer.BadParameter(f"--stride {stride} exceeds --context {context}", param_hint="--stride")
+    try:
+        corpora.load(data)
+    except corpora.CorpusError as e:
+        raise typer.BadParameter(str(e), param_hint="--data") from None
+    for text in spec_texts:
+        try:
+            kvspec.parse(text)
+        except kvspec.SpecError as e:
+            raise typer.BadParameter(str(e), param_hint="--kv") from None
+
+
 def make_setup(runner, data: str, max_tokens: int, context: int, stride: int | None, chunk: int, lastword: int, seed: int) -> Setup:
     stride = stride or context
     if stride > context:

@@ -44,8 +44,10 @@ def ppl(
     """Perplexity (with bootstrap 95% intervals) through compressed KV caches, against the fp16 cache."""
     if device_map not in (None, "auto"):
         raise typer.BadParameter(f"{device_map!r} is not supported; use --device-map auto", param_hint="--device-map")
+    given = [s for v in kv or [] for s in v.split(",") if s.strip()]
+    experiment.check_early(given, data, context, stride)
     runner = experiment.load_runner(backend, model, "auto" if device_map else device)
-    texts = [s for v in kv or [] for s in v.split(",") if s.strip()] or default_specs(runner.shape.head_dim)
+    texts = given or default_specs(runner.shape.head_dim)
     specs = experiment.parse_specs(texts, runner.shape.head_dim)
     setup = experiment.make_setup(runner, data, max_tokens, context, stride, chunk, lastword, seed)
     bases = experiment.ensure_bases(runner, specs, data, calib_tokens, recalibrate)

@@ -63,6 +63,7 @@ def sweep(
 ) -> None:
     """Matched-budget sweep: writes <out>.json, <out>.md and <out>.png."""
     devices = fanout_devices(gpus, workers, device)
+    experiment.check_early(list(extra or []), data, context, stride)
     runner = experiment.load_runner(backend, model, "cpu" if devices else device)
     try:
         budget_list = [float(b) for b in budgets.split(",") if b.strip()]
