@@ -40,13 +40,16 @@ def round_to(x: mx.array, name: str) -> mx.array:
     return x.astype(mx.float32).astype(float_dtype(name))
 
 
-def check_finite(x: mx.array, where: str = "") -> None:
-    """Raise kvspec's NonFiniteError (naming `where` and the index) on NaN/Inf or |x| > fp16 max.
+def check_finite(x: mx.array, where: str = "", rotated: bool = False) -> None:
+    """Raise kvspec's NonFiniteError (naming `where` and the index) on NaN/Inf or |x| > fp16 max,
+    and with `rotated` on a token row whose L2 norm is beyond it (kvspec.reference.check_finite).
 
     One scalar sync; the NumPy oracle only runs to word the error once something is wrong."""
     bad = mx.any(mx.logical_not(mx.isfinite(x)) | (mx.abs(x) > FP16_MAX))
+    if rotated:
+        bad = bad | mx.any(mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)), axis=-1)) > FP16_MAX)
     if bad.item():
-        reference_check_finite(np.array(x.astype(mx.float32)), where)
+        reference_check_finite(np.array(x.astype(mx.float32)), where, rotated)
 
 
 # --- quantization -------------------------------------------------------------------------------

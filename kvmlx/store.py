@@ -118,7 +118,7 @@ class TensorStore:
         """Append x [B, Hkv, S, D] at positions [T, T + S); returns what those S queries read."""
         t0, t1 = self.tokens, self.tokens + x.shape[-2]
         if not isinstance(self.spec, Float):
-            ops.check_finite(x, self.where)
+            ops.check_finite(x, self.where, isinstance(self.spec, Quant) and self.spec.rotation is not None)
         self.tail.append(ops.round_to(x, self.float_dtype))
         held = self.tail.view()  # tokens [start, t1)
         n0, n1 = self.n, self.n_at(t1)

@@ -218,13 +218,17 @@ def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
 # --- input checks -------------------------------------------------------------------------------
 
 
-def nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
-    """A 0-dim bool tensor on x's device: True if x holds NaN/Inf or a value beyond the fp16 range."""
+def nonfinite_flag(x: torch.Tensor, rotated: bool = False) -> torch.Tensor:
+    """A 0-dim bool tensor on x's device: True if x holds NaN/Inf or a value beyond the fp16 range
+    (with `rotated`, also a token row whose L2 norm is beyond it; see kvspec.reference.check_finite)."""
     x = x.float()
-    return ~(torch.isfinite(x) & (x.abs() <= FP16_MAX)).all()
+    ok = (torch.isfinite(x) & (x.abs() <= FP16_MAX)).all()
+    if rotated:
+        ok = ok & (x.double().square().sum(-1).sqrt() <= FP16_MAX).all()
+    return ~ok
 
 
-def check_finite(x: torch.Tensor, where: str = "") -> None:
+def check_finite(x: torch.Tensor, where: str = "", rotated: bool = False) -> None:
     """Raise kvspec's NonFiniteError naming the first bad index (as kvspec.reference.check_finite)."""
-    if bool(nonfinite_flag(x)):
-        reference_check_finite(x.detach().float().cpu().numpy(), where)
+    if bool(nonfinite_flag(x, rotated)):
+        reference_check_finite(x.detach().float().cpu().numpy(), where, rotated)

@@ -116,6 +116,10 @@ class TensorStore:
         for name, arr in out.items():
             self.arrays[name].append(arr)
 
+    @property
+    def rotated(self) -> bool:
+        return isinstance(self.spec, Quant) and self.spec.rotation is not None
+
     def check(self, x: torch.Tensor) -> None:
         """Refuse non-finite input to a compressed tensor (see the module docstring for when)."""
         if isinstance(self.spec, Float):
@@ -123,9 +127,9 @@ class TensorStore:
         lazy = x.device.type != "cpu" if self.lazy_check is None else self.lazy_check
         if not lazy or x.shape[-2] > 1:
             self.check_pending()
-            ops.check_finite(x, f"{self.where} (tokens {self.tokens}..{self.tokens + x.shape[-2] - 1})")
+            ops.check_finite(x, f"{self.where} (tokens {self.tokens}..{self.tokens + x.shape[-2] - 1})", self.rotated)
             return
-        flag = ops.nonfinite_flag(x)
+        flag = ops.nonfinite_flag(x, self.rotated)
         if self._bad is None:
             self._bad, self._unchecked_from = flag, self.tokens
         else:

@@ -13,7 +13,8 @@ group (hi == lo) has scale 0 and every code 0: it reconstructs as fp16(lo), exac
 representable in fp16, with no division by zero. The error bound is
 |x - x_hat| <= scale/2 + the fp16 rounding of bias and scale (see `error_bound`).
 Inputs must be finite and within the fp16 range (|x| <= 65504): `check_finite` names the first bad
-position otherwise.
+position otherwise. A tensor that is rotated first must also have every token row's L2 norm within
+that range, since the rotation can gather a whole row into one coordinate (|rotate(x)_i| <= |x|_2).
 
 Packing: a row of n codes becomes ceil(n*b/32) uint32 words. Code i occupies bits [i*b, i*b + b) of
 the row's little-endian bit stream, least significant bit first; word w holds stream bits
@@ -43,16 +44,25 @@ class Quantized:
     biases: np.ndarray
 
 
-def check_finite(x: np.ndarray, where: str = "") -> None:
-    """Raise NonFiniteError naming the first index of a NaN/Inf or an out-of-fp16-range value."""
+def check_finite(x: np.ndarray, where: str = "", rotated: bool = False) -> None:
+    """Raise NonFiniteError naming the first index of a NaN/Inf or an out-of-fp16-range value
+    (with `rotated`, also the first token row whose L2 norm is beyond the fp16 range)."""
     x = np.asarray(x)
+    place = f" in {where}" if where else ""
     bad = ~np.isfinite(x) | (np.abs(np.where(np.isfinite(x), x, 0)) > FP16_MAX)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         value = x[idx]
         what = "NaN/Inf" if not np.isfinite(value) else f"{float(value):.6g} (beyond fp16 range)"
-        place = f" in {where}" if where else ""
         raise NonFiniteError(f"cannot quantize {what}{place} at index {idx} (B, H, T, D)")
+    if rotated:
+        norms = np.sqrt((x.astype(np.float64) ** 2).sum(-1))
+        if (norms > FP16_MAX).any():
+            idx = tuple(int(i) for i in np.argwhere(norms > FP16_MAX)[0])
+            raise NonFiniteError(
+                f"cannot rotate and quantize the row{place} at index {idx} (B, H, T): its L2 norm "
+                f"{norms[idx]:.6g} could land beyond the fp16 range; drop 'rot' from the spec"
+            )
 
 
 def quantize_groups(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

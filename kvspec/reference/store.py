@@ -54,7 +54,7 @@ def compress(
     *_, tokens, dim = x.shape
     n = n_quantized(t, residual, tokens)
     if not isinstance(t, Float):
-        check_finite(x, where)
+        check_finite(x, where, rotated=isinstance(t, Quant) and t.rotation is not None)
     x = round_to(x, float_dtype)
     head, tail = x[..., :n, :], x[..., n:, :]
     if isinstance(t, Float) or n == 0:
