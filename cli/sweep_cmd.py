@@ -77,7 +77,8 @@ def sweep(
         for family, text in found:
             families.setdefault(text, (family, b))
     for basis in BASES if basis_ablation else ():
-        families.setdefault(f"rank{basis_ablation}-{basis}", (f"basis ablation (rank {basis_ablation})", None))
+        text = kvspec.format(kvspec.parse(f"rank{basis_ablation}-{basis}"))
+        families.setdefault(text, (f"basis ablation (rank {basis_ablation})", None))
     for text in extra or []:
         families.setdefault(kvspec.format(kvspec.parse(text)), ("extra", None))
     specs = experiment.parse_specs(list(families), runner.shape.head_dim)
