@@ -151,3 +151,13 @@ def _coefficients(t: LowRank, c: dict[str, mx.array]) -> mx.array:
     if t.coeff is None:
         return c["coeffs"].astype(mx.float32)
     return ops.dequantize(c["codes"], c["scales"], c["biases"], t.coeff.bits, t.coeff.group, "token", t.rank)
+
+
+def _register_kernels() -> None:
+    """The MLX custom kernels (kvmlx.kernels): decode steps on a GPU stream, self-checked on first use."""
+    from .kernels.attention import decode_attention
+
+    KERNELS.append(decode_attention)
+
+
+_register_kernels()

@@ -21,6 +21,7 @@ from kvspec.layout import n_quantized
 from kvspec.spec import Float, LowRank, Quant, TensorSpec
 
 from . import ops
+from .kernels import quantize as kernels
 
 STEP = 256  # rows allocated at a time, as mlx-lm's KVCache
 
@@ -145,12 +146,12 @@ class TensorStore:
         if isinstance(t, Quant):
             if t.rotation is not None:
                 x = ops.rotate(x, t.rotation)
-            arrays = dict(zip(("codes", "scales", "biases"), ops.quantize(x, t.bits, t.group, t.axis)))
+            arrays = dict(zip(("codes", "scales", "biases"), kernels.quantize(x, t.bits, t.group, t.axis)))
         elif t.coeff is None:
             arrays = {"coeffs": ops.round_to(ops.project(x, self.basis), self.float_dtype)}
         else:
             c = ops.project(x, self.basis)
-            arrays = dict(zip(("codes", "scales", "biases"), ops.quantize(c, t.coeff.bits, t.coeff.group, "token")))
+            arrays = dict(zip(("codes", "scales", "biases"), kernels.quantize(c, t.coeff.bits, t.coeff.group, "token")))
         for name, arr in arrays.items():
             self.parts.setdefault(name, Buffer()).append(arr)
 

@@ -1,0 +1,103 @@
+"""The two dialects a kernel body is emitted in: Metal (mx.fast.metal_kernel) and CUDA (mx.fast.cuda_kernel).
+
+A body (kvmlx/kernels/bodies.py) is written once against a handful of names that each dialect's
+prelude defines: KV_SHARED (threadgroup memory), KV_BARRIER(), KV_SHFL_XOR (butterfly exchange inside
+a 32-wide SIMD group / warp), KV_EXP2, KV_DIV_RN (correctly rounded fp32 division), KV_RINT (round
+half to even), KV_AS_FLOAT (bit cast), KV_TO_HALF (fp32 -> fp16, to nearest even), KV_MAX/KV_MIN,
+KV_LOAD2/KV_LOAD4 (vector loads of uint32 words), kv_half (the fp16 type), and the thread indices
+kv_tid, kv_bx, kv_by (thread in threadgroup, threadgroup x / y) set by `{{INDEX}}` at the top of
+the body. `render` substitutes the `{{NAME}}` placeholders and refuses leftovers.
+
+How MLX wraps what we hand it (read from mlx/backend/common/metal_kernel.cpp and
+mlx/backend/cuda/custom_kernel.cpp, MLX 0.32):
+- Metal: source = MLX's metal utils + header + `template <...> [[kernel]] void custom_kernel_<name>(
+  const device T* in [[buffer(i)]], ..., device T* out, <attributes the body mentions>) { body }`;
+  template args are template parameters; grid is in threads (dispatch_threads), threadgroup = min
+  of (threadgroup, grid) per axis. Inputs of fewer than 8 elements are `constant`, not `device`.
+  Default math mode "safe" (no fast math).
+- CUDA: `#include "mlx/backend/cuda/device/utils.cuh"` + `<cooperative_groups.h>` + header, then
+  `namespace mlx::core::cu { __global__ void custom_kernel_<name><hash>(const T* in, [Shape in_shape,
+  Strides in_strides,] ..., T* out) { constexpr int N = ...; using T = ...; body } }`, compiled by
+  NVRTC with --device-as-default-execution-space --gpu-architecture=sm_XY(a); grid is in threads:
+  blocks = ceil(grid / threadgroup), block = min(threadgroup, grid) per axis.
+In both, `<input>_strides` in the body makes MLX pass that input's strides (elements), which lets
+the kernels read sliced cache views in place (ensure_row_contiguous=False).
+"""
+
+from __future__ import annotations
+
+import re
+
+DIALECTS = ("metal", "cuda")
+
+_COMMON = """
+#define KV_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define KV_MIN(a, b) ((a) < (b) ? (a) : (b))
+// A packed word; other types only appear in branches a float-coefficient instantiation never takes.
+inline uint32_t kv_word(uint32_t w) { return w; }
+template <typename X> inline uint32_t kv_word(X) { return 0u; }
+"""
+
+HEADERS = {
+    "metal": _COMMON + """
+#define KV_SHARED threadgroup
+#define KV_BARRIER() metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup)
+#define KV_SHFL_XOR(v, m) metal::simd_shuffle_xor((v), (ushort)(m))
+#define KV_EXP2(x) metal::exp2(x)
+#define KV_DIV_RN(a, b) metal::precise::divide((a), (b))
+#define KV_RINT(x) metal::rint(x)
+#define KV_AS_FLOAT(u) as_type<float>(u)
+#define KV_TO_HALF(x) static_cast<half>(x)
+#define KV_LOAD2(p) (*((const device uint2*)(p)))
+#define KV_LOAD4(p) (*((const device uint4*)(p)))
+typedef half kv_half;
+""",
+    "cuda": _COMMON + """
+#define KV_SHARED __shared__
+#define KV_BARRIER() __syncthreads()
+#define KV_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
+#define KV_EXP2(x) exp2f(x)
+#define KV_DIV_RN(a, b) __fdiv_rn((a), (b))
+#define KV_RINT(x) rintf(x)
+#define KV_AS_FLOAT(u) __uint_as_float(u)
+#define KV_TO_HALF(x) __float2half_rn(x)
+#define KV_LOAD2(p) (*reinterpret_cast<const uint2*>(p))
+#define KV_LOAD4(p) (*reinterpret_cast<const uint4*>(p))
+typedef __half kv_half;
+""",
+}
+
+# Metal's indices are kernel attributes MLX adds when the body names them; CUDA has built-ins.
+INDEX = {
+    "metal": "const int kv_tid = (int)thread_position_in_threadgroup.x;\n"
+             "const int kv_bx = (int)threadgroup_position_in_grid.x;\n"
+             "const int kv_by = (int)threadgroup_position_in_grid.y;",
+    "cuda": "const int kv_tid = (int)threadIdx.x;\n"
+            "const int kv_bx = (int)blockIdx.x;\n"
+            "const int kv_by = (int)blockIdx.y;",
+}
+
+_PLACEHOLDER = re.compile(r"\{\{[A-Z_]+\}\}")
+
+
+def render(body: str, dialect: str) -> tuple[str, str]:
+    """(header, source) of a kernel body in `dialect`; raises on a placeholder left unreplaced."""
+    if dialect not in DIALECTS:
+        raise ValueError(f"dialect must be one of {DIALECTS}, got {dialect!r}")
+    source = body.replace("{{INDEX}}", INDEX[dialect])
+    left = _PLACEHOLDER.findall(source)
+    if left:
+        raise ValueError(f"unreplaced placeholders in the {dialect} body: {sorted(set(left))}")
+    return HEADERS[dialect], source
+
+
+def build(name: str, body: str, inputs: list[str], outputs: list[str], dialect: str):
+    """The mx.fast kernel object of `body` in `dialect` (compiled by MLX on first call)."""
+    import mlx.core as mx
+
+    header, source = render(body, dialect)
+    if dialect == "metal":
+        return mx.fast.metal_kernel(name=name, input_names=inputs, output_names=outputs, source=source,
+                                    header=header, ensure_row_contiguous=False)
+    return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=source,
+                               header=header, ensure_row_contiguous=False)
