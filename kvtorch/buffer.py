@@ -42,16 +42,25 @@ class TokenBuffer:
         """Append x [..., m, X] (same leading shape, dtype and device as earlier appends)."""
         m = x.shape[-2]
         if self._data is None or self._end + m > self.capacity:
-            self._grow(x, m)
+            self._grow(x.shape, x.dtype, x.device, m)
         self._data[..., self._end : self._end + m, :] = x.detach()
         self._end += m
 
-    def _grow(self, like: torch.Tensor, extra: int) -> None:
+    def reserve(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Make room for shape[-2] more tokens ([..., m, X], as earlier appends), count them as live,
+        and return their storage (uninitialized) for a kernel to write in place."""
+        m = shape[-2]
+        if self._data is None or self._end + m > self.capacity:
+            self._grow(shape, dtype, device, m)
+        self._end += m
+        return self._data[..., self._end - m : self._end, :]
+
+    def _grow(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, extra: int) -> None:
         live = len(self)
         cap = max(2 * (live + extra), MIN_CAPACITY)
         # A normal tensor even under inference mode, so a cache filled there can grow outside it.
         with torch.inference_mode(False):
-            new = torch.empty((*like.shape[:-2], cap, like.shape[-1]), dtype=like.dtype, device=like.device)
+            new = torch.empty((*shape[:-2], cap, shape[-1]), dtype=dtype, device=device)
         if live:
             new[..., :live, :] = self.view()
         # A fresh tensor rather than an in-place shift: views handed out before stay intact.

@@ -7,6 +7,12 @@ kvspec.layout.n_quantized says so, and are never re-quantized. Channel groups al
 any chunking stores exactly what kvspec.reference.compress stores for the whole history.
 Float tensors with a sliding window (Gemma-3 local layers) keep only their last `window` tokens.
 
+Compression (the residual-window flush) runs the Triton quantize kernel where it can
+(kvtorch.kernels.quantize: on CUDA by default, or wherever `kernels=True` asks, e.g. CPU under
+TRITON_INTERPRET=1), writing codes, scales and biases straight into the preallocated storage of the
+compressed buffers; elsewhere it quantizes with kvtorch.ops. Both store kvspec's bits exactly
+(low-rank coefficients: see kernels.quantize).
+
 Non-finite input (or beyond fp16 range) in a compressed tensor raises kvspec's NonFiniteError naming
 the layer. On CPU every chunk is checked; on an accelerator single-token appends accumulate a device
 flag that is read every CHECK_EVERY tokens (and by `check_pending`), so decoding does not wait on
@@ -62,16 +68,19 @@ class TensorStore:
         where: str = "",
         keep: int | None = None,
         lazy_check: bool | None = None,
+        kernels: bool | None = None,
     ) -> None:
         """basis: [H, D, r] fp32, required for LowRank. keep: a float tensor's sliding window.
-        lazy_check: accumulate the finite check on device for 1-token appends (default: off CPU)."""
+        lazy_check: accumulate the finite check on device for 1-token appends (default: off CPU).
+        kernels: compress with the Triton quantize kernel where it can run (default: on CUDA only,
+        as kvtorch.attention's kernels; True also on CPU under TRITON_INTERPRET=1)."""
         if isinstance(spec, LowRank) and (basis is None or basis.shape[-1] != spec.rank):
             raise ValueError(f"{where}: rank {spec.rank} needs a basis [Hkv, D, {spec.rank}]")
         if keep is not None and not isinstance(spec, Float):
             raise ValueError(f"{where}: only float tensors are trimmed to a sliding window")
         self.spec, self.residual, self.float_dtype = spec, residual, float_dtype
         self.basis = basis if isinstance(spec, LowRank) else None
-        self.where, self.keep, self.lazy_check = where, keep, lazy_check
+        self.where, self.keep, self.lazy_check, self.kernels = where, keep, lazy_check, kernels
         self.tokens = self.n = self.start = 0
         self.tail = TokenBuffer()
         self.arrays = {name: TokenBuffer() for name in array_names(spec)}
@@ -100,6 +109,8 @@ class TensorStore:
 
     def _compress(self, x: torch.Tensor) -> None:
         """Compress tokens [n, n1) (float dtype [B, H, m, D]) onto the compressed arrays."""
+        if self._kernel_compress(x):
+            return
         t = self.spec
         if isinstance(t, Quant):
             head = x.float() if t.rotation is None else ops.rotate(x, t.rotation)
@@ -115,6 +126,20 @@ class TensorStore:
                 out = dict(zip(("codes", "scales", "biases"), ops.quantize(c, t.coeff.bits, t.coeff.group, "token")))
         for name, arr in out.items():
             self.arrays[name].append(arr)
+
+    def _kernel_compress(self, x: torch.Tensor) -> bool:
+        """Quantize-and-append with the Triton kernel, in place in the buffers; False where it cannot."""
+        if not (x.is_cuda if self.kernels is None else self.kernels):
+            return False
+        from .kernels import quantize as kq
+
+        if kq.refusal(x, self.spec, self.basis) is not None:
+            return False
+        b, h, m, d = x.shape
+        out = {name: self.arrays[name].reserve(shape, _dtype(name, self.float_dtype), x.device)
+               for name, shape in compressed_shapes(self.spec, b, h, m, d).items()}
+        kq.quantize_rows(x, self.spec, self.float_dtype, self.basis, out=out)
+        return True
 
     @property
     def rotated(self) -> bool:
@@ -195,12 +220,15 @@ class TensorStore:
         return sum(a.numel() * a.element_size() for name, a in self.export().items() if name != "basis")
 
 
+def _dtype(name: str, float_dtype: str) -> torch.dtype:
+    """The torch dtype of a kvspec.layout array: codes int32 (uint32 bits), coeffs the float dtype, else fp16."""
+    return {"codes": torch.int32, "coeffs": ops.float_dtype(float_dtype)}.get(name, torch.float16)
+
+
 def _empty(t: TensorSpec, name: str, like: torch.Tensor, float_dtype: str) -> torch.Tensor:
     """A zero-token array of the right dtype and trailing shape (what kvspec.layout gives for n = 0)."""
     b, h, _, d = like.shape
-    shape = compressed_shapes(t, b, h, 0, d)[name]
-    dtype = {"codes": torch.int32, "coeffs": ops.float_dtype(float_dtype)}.get(name, torch.float16)
-    return torch.zeros(shape, dtype=dtype, device=like.device)
+    return torch.zeros(compressed_shapes(t, b, h, 0, d)[name], dtype=_dtype(name, float_dtype), device=like.device)
 
 
 @dataclass(frozen=True)
@@ -225,13 +253,15 @@ class LayerStore:
         window: int | None = None,
         where: str = "layer",
         lazy_check: bool | None = None,
+        kernels: bool | None = None,
     ) -> None:
+        """kernels: as TensorStore's (compress with the Triton quantize kernel; default on CUDA)."""
         bases = bases or {}
         self.window, self.residual = window, residual
         self.k, self.v = (
             TensorStore(
                 t, residual, float_dtype, bases.get(which), f"{where} {name}",
-                keep=window if isinstance(t, Float) else None, lazy_check=lazy_check,
+                keep=window if isinstance(t, Float) else None, lazy_check=lazy_check, kernels=kernels,
             )
             for which, name, t in (("k", "keys", k), ("v", "values", v))
         )

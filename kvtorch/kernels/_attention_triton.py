@@ -13,6 +13,22 @@ back (unrotate or times P_v^T), adds acc_f and normalizes.
 
 Packed tiles are dequantized in fp32 (code * scale + bias, codes turned into floats by the
 exponent trick) and fed to tl.dot in the float dtype with fp32 accumulation.
+
+Instruction budget (SASS of the lean loop compiled offline for sm_90 with Triton 3.6: triton.compile
+with GPUTarget("cuda", 90, 32), then the bundled cuobjdump; instructions per thread per loop
+iteration over the K and V elements a thread covers; D 128, group 64, GQA 4 padded to 16 rows):
+int4 PTX, BN 128, 8 warps: 6.75 per element (128 regs; PRMT 0.53, register moves 0.64, packed FMA
+0.5, LOP3/SHF 0.44, shared-memory traffic ~0.3, HMMA 0.125, the 16-row online softmax ~0.75);
+int4 without PTX, BN 64: 9.0; int8, BN 64: 7.9; int2, BN 128: 8.9; rank32 (bf16 coefficients):
+5.9 per coefficient. An H200 issues about 33e12 thread-instructions/s, so at 4.1 TB/s a 4.5-bit
+cache is memory-bound only below about 4.5 per element (int8: 9): int4 and int2 are issue-bound.
+Measured against what a factored loop would cost (never dequantize: scores = sum_g s_g (q_g . c_g)
++ b_g sum(q_g), values as (p s_g) . c_g + p . b_g, codes as 1024 + c in fp16 lanes, two per LOP3):
+unpacking 0.875 per element for K, 1.375 for V (V pairs two keys per mma register: one PRMT per
+two codes), ~3.9 per element in all. Prototypes of it showed two traps: Triton's joins of 16-bit lanes compile
+to register moves (~1.4 per element), and a value dot with N = 16 (one group of lane-split columns)
+under 8 warps is computed redundantly by every warp (255 registers, spills): each dot must keep
+N >= 8 x warps, i.e. value codes unpacked to whole groups in stream order.
 """
 
 from __future__ import annotations

@@ -172,7 +172,9 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
            block: tuple[int, int, int] | None = None, ptx: bool = True) -> torch.Tensor:
     """The Triton path of `attention` (inputs must pass `refusal`). splits: key splits of the
     all-compressed range (default: see `_splits`). block: (keys per block, warps, pipeline stages)
-    of the lean launch (default: the fastest measured on an H200, benchmarks/results). ptx:
+    of the lean launch (default: the fastest measured on an H200, benchmarks/results). A single
+    query with K and V fully compressed is taken as decode at the last position (the protocol's
+    split n_quantized(end) = n), which needs the lean launch only. ptx:
     dequantize 4-bit token-axis tiles with packed 16-bit inline PTX (CUDA only; ignored under the
     interpreter)."""
     if block is None:
@@ -192,6 +194,11 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     g0 = min(k.float_start, v.float_start)
     s_fast, c_fast = _splits(0, n_fast, block_n, b * hkv * nqb, splits)
     s_gen, c_gen = _splits(g0, end, GENERAL_BLOCK[0], b * hkv * nqb, splits)
+    if tq == 1 and k.n == end and v.n == end:
+        # Decode with nothing left in float (no residual window): the one query sits at end - 1, so its
+        # splits are n_quantized(end) = n and the lean launch covers every key; the GENERAL launch
+        # would only write empty slots, so it is not made (one launch fewer per layer and step).
+        s_gen = 0
     slots = s_fast + s_gen
     kc, ks, kb, kaux, knorm, km = _operands(k, q.device)
     vc, vs, vb, vaux, vnorm, vm = _operands(v, q.device)
@@ -210,6 +217,8 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     launches = ((False, s_fast, 0, c_fast, 0, block),
                 (True, s_gen, g0, c_gen, s_fast, GENERAL_BLOCK))
     for general, s_n, lo, chunk, slot0, (bn, warps, stages) in launches:
+        if s_n == 0:
+            continue
         _split_kernel[(s_n, b * hkv, nqb)](
             q, q.stride(0), q.stride(1), q.stride(2), qpos, k.split, v.split,
             kc, *kc.stride()[:2], kc.stride(2), ks, kb, *ks.stride()[:3],

@@ -22,9 +22,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=1)
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_refusal(device: torch.device) -> str | None:
     """Why Triton kernels cannot run on `device` (None: they can)."""
-    if importlib.util.find_spec("triton") is None:
+    if not _have_triton():
         return "triton is not installed"
     if device.type == "cuda":
         return None if not interpreting() else "TRITON_INTERPRET=1 runs kernels on CPU tensors only"

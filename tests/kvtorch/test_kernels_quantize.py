@@ -118,3 +118,46 @@ def test_gpu_size_bit_exact(bits, axis, rotation):
     x = history((2, 8, 2048, 128), seed=bits, dtype=torch.bfloat16)
     out = quantize_rows(x.cuda(), t, "bf16")
     assert_bit_exact(out, R.compress(x.float().numpy(), t, 0, "bf16"), f"gpu int{bits} {axis}")
+
+
+@pytest.mark.parametrize("text,sizes", [
+    ("int4-res3", [5, 1, 1, 9, 1]),
+    ("k2v8-kchan-g32-krot5-res4", [40, 1, 30, 1, 1]),
+    ("int3-g32-vchan-res0-bf16", [33, 1, 31, 1]),
+    ("krank16vint4-q4-random-res2", [7, 1, 3]),
+])
+def test_store_appends_through_the_kernel(text, sizes, monkeypatch):
+    """kvtorch.store with kernels=True quantizes each residual-window flush with the kernel, in place
+    in its buffers, and stores kvspec.reference.compress's arrays for the whole history."""
+    import kvspec
+    from kvtorch.kernels import _quantize_triton
+    from kvtorch.store import TensorStore
+
+    from .helpers import bases_for, reference_arrays
+
+    launches = []
+    original = _quantize_triton.quantize_rows_triton
+    monkeypatch.setattr(_quantize_triton, "quantize_rows_triton", lambda *a, **k: launches.append(1) or original(*a, **k))
+    spec = kvspec.parse(text)
+    x = history((1, 2, sum(sizes), 64), seed=len(text))
+    bases = bases_for(spec, 64, 2)
+    for which, t in spec.tensors().items():
+        basis = torch.from_numpy(bases[which]).to(DEVICE) if which in bases else None
+        store = TensorStore(t, spec.residual, spec.float_dtype, basis, kernels=True)
+        before, pos = len(launches), 0
+        for size in sizes:
+            store.append(x[:, :, pos : pos + size].to(DEVICE))
+            pos += size
+        ref = R.compress(x.numpy(), t, spec.residual, spec.float_dtype, bases.get(which))
+        got = store.export()
+        assert store.n == ref.n and len(launches) > before, f"{text} {which}: the kernel did not run"
+        want = reference_arrays(ref)
+        assert np.array_equal(got["tail"].float().cpu().numpy(), want["tail"]), f"{text} {which}: tail"
+        if "coeffs" in want:
+            assert_close(got["coeffs"].float().cpu(), want["coeffs"], tolerance("rank", 16, "fp16"), f"{text} {which}")
+        elif isinstance(t, LowRank):
+            q = t.coeff
+            deq = ops.dequantize(got["codes"], got["scales"], got["biases"], q.bits, q.group, "token", t.rank)
+            assert_close(deq.cpu(), R.compressed_values(ref), tolerance("hybrid", q.bits, "fp16"), f"{text} {which}")
+        else:
+            assert_bit_exact(got, ref, f"{text} {which}")
