@@ -215,6 +215,16 @@ def main() -> None:
     print(f"{gpu}: torch {torch.__version__}, transformers {transformers.__version__}, triton {triton.__version__}",
           flush=True)
     rows, skipped = [], []
+    fname = f"decode_e2e_{gpu.replace(' ', '_').lower()}.json"
+    dirs = [args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+
+    def write() -> None:
+        """Results so far (after every run, so a run cut short by a timeout keeps what it measured)."""
+        meta.update(skipped=skipped, seconds=time.time() - t0)
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / fname).write_text(json.dumps(dict(meta, rows=rows), indent=1))
+
     models = [("mistral-7b-shape (RANDOM bf16 weights)", lambda: (mistral_7b_random(device, args.smoke), None))]
     if not args.no_smollm2:
         models.append(("smollm2-135m (real weights)", lambda: smollm2(device)))
@@ -246,6 +256,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
                     continue
                 rows.append(row)
+                write()
                 peak = f", peak {row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else ""
                 share = f", append {row['append_share_pct']:.1f}%" if "append_share_pct" in row else ""
                 print(f"  {name:20s} {context:6d} tokens: {row['tokens_per_s']:7.1f} tok/s, step "
@@ -256,14 +267,8 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
     appends.restore()
-    meta.update(skipped=skipped, seconds=time.time() - t0)
-    text = json.dumps(dict(meta, rows=rows), indent=1)
-    name = f"decode_e2e_{gpu.replace(' ', '_').lower()}.json"
-    dirs = [args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
-    for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / name).write_text(text)
-        print(f"wrote {d / name}")
+    write()
+    print("wrote " + ", ".join(str(d / fname) for d in dirs))
     print_table(rows)
     for s in skipped:
         print(f"skipped: {s}")
