@@ -8,6 +8,7 @@ never imported. Hub models need network access or a local copy.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,9 @@ class Alias:
         size = sum(f.stat().st_size for f in files)
         if not out.is_file() or out.stat().st_size != size:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(".part")
+            # A private temporary name: processes joining at once (a sweep's workers) each finish their
+            # own copy and the atomic rename lets the last one win with identical bytes.
+            tmp = out.with_suffix(f".part{os.getpid()}")
             with open(tmp, "wb") as dst:
                 for f in files:
                     dst.write(f.read_bytes())
@@ -110,7 +113,6 @@ def resolve_alias(name: str) -> Alias | None:
 def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
     """Raise ModelNotAvailable at once when `repo_id` is neither in the local Hugging Face cache nor
     reachable (no network), instead of letting the hub client retry for most of a minute."""
-    import os
     import socket
 
     hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
