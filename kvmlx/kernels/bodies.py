@@ -214,9 +214,11 @@ for (int g = 0; g < G; ++g) {
   m[g] = -1.0e30f; l[g] = 0.0f; pb[g] = 0.0f;
 }
 
-for (int r0 = start + slot; r0 < stop; r0 += RS * U) {
+// The loop bound is the same for every thread: the shuffles inside need all 32 lanes of a warp
+// (a slot that left early would hang __shfl_xor_sync on a partial last split).
+for (int r0 = start; r0 < stop; r0 += RS * U) {
   for (int u = 0; u < U; ++u) {
-    const int row = r0 + u * RS;
+    const int row = r0 + slot + u * RS;
     const bool live = row < stop;
     float xv[DPT];
     float x_s = 0.0f, x_b = 0.0f;
