@@ -79,7 +79,14 @@ def test_cuda_dialect_compiles_with_nvrtc(spec):
         assert ok, f"{launch.name} {launch.template}: {log[:4000]}"
 
 
-def test_cpu_says_why_no_kernel_runs():
+def test_kernels_are_opt_in(monkeypatch):
+    monkeypatch.delenv("KVMLX_KERNELS", raising=False)
+    assert selfcheck.current_dialect() is None
+    assert "KVMLX_KERNELS=on" in selfcheck.refusal()
+
+
+def test_cpu_says_why_no_kernel_runs(monkeypatch):
+    monkeypatch.setenv("KVMLX_KERNELS", "on")
     assert selfcheck.current_dialect() is None
     assert "cpu" in selfcheck.refusal().lower()
 
