@@ -181,12 +181,15 @@ def run_spec(setup: Setup, spec: kvspec.KVSpec, bases, advance=None) -> tuple[di
     return row, res.nll
 
 
-def report(setup: Setup, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+def report(setup: Setup, rows: list[dict[str, Any]], devices: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+    """The JSON report; `devices` are the fan-out workers' devices when the rows were computed there."""
     r = setup.runner
+    device = devices[0] if devices else str(r.device)
     return {
         "model": r.name,
         "backend": r.backend,
-        "device": r.device,
+        "device": device,
+        "hardware": hardware_name(device),
         "machine": f"{platform.system()} {platform.machine()}",
         "data": setup.data,
         "context": setup.context,
@@ -196,3 +199,13 @@ def report(setup: Setup, rows: list[dict[str, Any]], **extra: Any) -> dict[str, 
         **extra,
         "results": rows,
     }
+
+
+def hardware_name(device: str) -> str:
+    """The accelerator's name for a CUDA device, else the CPU's (what a result was measured on)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()

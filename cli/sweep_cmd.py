@@ -99,15 +99,16 @@ def sweep(
         family, budget = families.get(row["spec"], ("baseline", None))
         row["family"], row["budget"] = family, budget
         row["bits_per_element_limit"] = bits_per_element(kvspec.parse(row["spec"]), runner.shape.head_dim).total
-    report = experiment.report(setup, rows, budgets=budget_list, command="kvmlx sweep " + " ".join(_argv()),
+    report = experiment.report(setup, rows, devices, budgets=budget_list, command="kvmlx sweep " + " ".join(_argv()),
                                workers=list(devices), failures=failures)
     prefix = out or Path("benchmarks/results") / f"sweep-{_slug(runner.name)}-{_slug(data)}"
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    prefix.with_suffix(".md").write_text(markdown(report))
+    # Suffixes appended, not substituted: "sweep-qwen2.5-0.5b-bbc" has a dot of its own.
+    Path(f"{prefix}.json").write_text(json.dumps(report, indent=1))
+    Path(f"{prefix}.md").write_text(markdown(report))
     console.print(markdown(report))
     try:
-        plots.plot_sweeps([report], prefix.with_suffix(".png"))
+        plots.plot_sweeps([report], Path(f"{prefix}.png"))
         console.print(f"wrote {prefix}.json, .md, .png")
     except RuntimeError as e:  # the numbers are written; only the picture needs matplotlib
         console.print(f"wrote {prefix}.json, .md; [yellow]no plot: {e}[/]")
@@ -140,7 +141,7 @@ def markdown(report: dict[str, Any]) -> str:
     head = "| budget | family | spec | bits/el | PPL | ΔPPL [95% CI] |" + (" last word |" if lw else "")
     lines = [
         f"{report['model']} on {report['data']} ({report['results'][0]['tokens']:,} scored tokens, context "
-        f"{report['context']}, {report['backend']}/{report['device']})",
+        f"{report['context']}, {report['backend']}/{report['device']}, {report.get('hardware', '?')})",
         "",
         head,
         "|" + "---|" * (head.count("|") - 1),

@@ -71,13 +71,15 @@ def test_two_cpu_workers_match_one_process(tmp_path):
     common = ["sweep", "--backend", "torch", "--device", "cpu", "--budgets", "8.5", "--max-tokens", "40",
               "--context", "20", "--chunk", "8", "--kv", "rank8-random"]
     runner = CliRunner()
-    one = runner.invoke(app, [*common, "--out", str(tmp_path / "one")])
+    # Output prefixes with a dot of their own (like "sweep-qwen2.5-0.5b-bbc") keep it.
+    one = runner.invoke(app, [*common, "--out", str(tmp_path / "one-0.5b")])
     assert one.exit_code == 0, one.output
-    two = runner.invoke(app, [*common, "--workers", "2", "--out", str(tmp_path / "two")])
+    two = runner.invoke(app, [*common, "--workers", "2", "--out", str(tmp_path / "two-0.5b")])
     assert two.exit_code == 0, two.output
-    a = json.loads((tmp_path / "one.json").read_text())
-    b = json.loads((tmp_path / "two.json").read_text())
+    a = json.loads((tmp_path / "one-0.5b.json").read_text())
+    b = json.loads((tmp_path / "two-0.5b.json").read_text())
     assert b["workers"] == ["cpu", "cpu"] and b["failures"] == []
     assert [r["spec"] for r in a["results"]] == [r["spec"] for r in b["results"]]
     np.testing.assert_allclose([r["ppl"] for r in b["results"]], [r["ppl"] for r in a["results"]], rtol=1e-9)
-    assert (tmp_path / "two.png").stat().st_size > 0 and "| 8.5 |" in (tmp_path / "two.md").read_text()
+    assert (tmp_path / "two-0.5b.png").stat().st_size > 0 and "| 8.5 |" in (tmp_path / "two-0.5b.md").read_text()
+    assert b["device"] == "cpu" and b["hardware"]
