@@ -189,3 +189,12 @@ def test_gpu_size_decode(text, ptx):
     assert refusal(q, kp, vp) is None
     got = attend(q, q_pos, kp, vp, scale=128 ** -0.5, ptx=ptx)
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), text)
+
+
+def test_channel_axis_tiles_wider_than_128_are_refused():
+    from kvtorch.kernels.support import tensor_refusal
+
+    spec = kvspec.parse("int4-kchan")
+    assert "shared memory" in tensor_refusal(spec.k, 256)
+    assert tensor_refusal(spec.k, 128) is None
+    assert tensor_refusal(spec.v, 256) is None  # token-axis values at D 256 ran on the H200
