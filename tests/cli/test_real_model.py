@@ -38,6 +38,7 @@ def test_ppl_json_rows(backend):
     rows = report["results"]
     assert [x["spec"] for x in rows] == ["fp16", "int8", "int4", "rank16-random"]
     assert report["backend"] == backend and "decoding" in report["protocol"]
+    assert report["command"].startswith("kvmlx ppl") and report["hardware"]
     for x in rows:
         assert x["tokens"] == 79 and 1 < x["ppl"] < 1e6  # rank16 on a random basis ruins the model
         assert x["ppl_ci"][0] < x["ppl"] < x["ppl_ci"][1]
