@@ -1,5 +1,9 @@
 """kvmlx's MLX custom kernels on a GPU (MLX's CUDA build on an H200; Metal on a Mac): verify, then time.
 
+Sets KVMLX_KERNELS=on (the kernels are opt-in until this script passes on a GPU).
+0. Isolate (CUDA): quantize, the fast and general split launches and the reduce each run once alone
+   in a child process with a timeout; if a decode kernel fails or hangs there, steps 1-2 leave the
+   decode kernels out and say so (the 2026-11-29 H200 runs stalled in the first decode self-check).
 1. Verify: for each spec and shape, K/V from fresh random inputs (odd lengths, constant stretches,
    an outlier channel) go through a kvmlx cache on the GPU (quantize kernel): codes, scales, biases
    must equal kvspec.reference.compress bit for bit; one decode step through kvmlx.attention
@@ -39,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kvmlx.attention import KERNELS as kattn_registry  # noqa: E402
 from kvmlx.attention import compressed_attention  # noqa: E402
 from kvmlx.kernels import attention as kattn  # noqa: E402
 from kvmlx.kernels import quantize as kquant  # noqa: E402
@@ -85,6 +90,52 @@ def dump_sources(tag: str) -> None:
             log(f"  generated source: {path}")
     except Exception as e:
         log(f"  (could not write the generated source: {e})")
+
+
+# --- 0. isolation: each kernel alone, in a child process with a timeout ----------------------------
+
+# One launch of one kernel on inputs built by the MLX ops path (kernels off while building), so a
+# kernel that never finishes is named instead of stalling the whole run (the H200 runs of 2026-11-29
+# stalled in the first decode self-check).
+_CHILD = """
+import os, sys
+os.environ["KVMLX_KERNELS"] = "off"
+sys.path.insert(0, os.getcwd())
+import mlx.core as mx
+mx.set_default_device(mx.gpu)
+from kvspec import parse
+from kvmlx.kernels import attention as ka, quantize as kq
+which, spec = sys.argv[1], parse(sys.argv[2])
+if which == "quantize":
+    out = kq.quantize_launch(mx.random.normal((1, 2, 64, 128)).astype(mx.bfloat16), 4, 64, "token").run("cuda")
+else:
+    q, k, v, scale = ka._probe((spec.k, spec.v, 128, 4, 2, "bf16"))
+    mx.eval(q, k.floats, v.floats, *k.compressed.values(), *v.compressed.values())
+    fast, general, meta = ka.split_launches(q, k, v, scale)
+    if which == "reduce":
+        zeros = {n: mx.zeros(shape, dt) for n, (shape, dt) in fast.outputs.items()}
+        out = ka.reduce_launch(zeros, {n: mx.zeros(shape, dt) for n, (shape, dt) in general.outputs.items()}, meta).run("cuda")
+    else:
+        out = (fast if which == "split-fast" else general).run("cuda")
+mx.eval(list(out.values()))
+print("finished")
+"""
+ISOLATE = [("quantize", "int4"), ("split-fast", "int4"), ("split-general", "int4-res16"), ("reduce", "int4")]
+
+
+def isolate(timeout_s: float) -> dict[str, str]:
+    """kernel -> "ok", "timeout after N s" or the error, each run alone in a fresh process."""
+    root = Path(__file__).resolve().parents[1]
+    out = {}
+    for which, spec in ISOLATE:
+        try:
+            r = subprocess.run([sys.executable, "-c", _CHILD, which, spec], cwd=root, capture_output=True,
+                               text=True, timeout=timeout_s)
+            out[which] = "ok" if "finished" in r.stdout else f"rc {r.returncode}: {r.stderr.strip()[-600:]}"
+        except subprocess.TimeoutExpired:
+            out[which] = f"timeout after {timeout_s:.0f} s"
+        log(f"isolate {which:14s} ({spec}): {out[which]}")
+    return out
 
 
 # --- 1. verification ------------------------------------------------------------------------------
@@ -227,6 +278,8 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
                 row["ms"] = mlx_time(mlxlm)
                 row["bytes"] = nbytes(q, *kq, *vq, q)
             elif method.startswith("kvmlx-"):
+                if kattn.decode_attention not in kattn_registry:
+                    raise RuntimeError("decode kernels failed in isolation (see 'isolated')")
                 kf, vf = decode_fetched(method[6:], b, t, hkv, d), decode_fetched(method[6:], b, t, hkv, d)
                 if kattn.refusal(q, kf, vf, None):
                     raise RuntimeError(kattn.refusal(q, kf, vf, None))
@@ -280,7 +333,10 @@ def triton_time(torch, method: str, b, t, hq, hkv, d) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget-s", type=float, default=200, help="start no new timing shape after this many seconds")
-    budget = ap.parse_args().budget_s
+    ap.add_argument("--isolate-timeout-s", type=float, default=60, help="limit for each kernel's isolated run")
+    args = ap.parse_args()
+    budget = args.budget_s
+    os.environ.setdefault("KVMLX_KERNELS", "on")  # the kernels are opt-in; this script is their check
     t_start = time.time()
     if selfcheck.refusal() is None or "default device" in (selfcheck.refusal() or ""):
         mx.set_default_device(mx.gpu)
@@ -301,6 +357,11 @@ def main() -> None:
     except ImportError:
         meta["triton"] = None
     log(json.dumps(meta))
+    isolated = isolate(args.isolate_timeout_s) if meta["dialect"] == "cuda" else {}
+    if any(v != "ok" for k, v in isolated.items() if k != "quantize"):
+        # A decode kernel that hangs would stall every check after it: verify and time without them.
+        kattn_registry.remove(kattn.decode_attention)
+        log("decode kernels failed in isolation: verifying quantize only, timing baselines only")
     verify = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -327,7 +388,7 @@ def main() -> None:
             log("time budget reached; skipping the remaining shapes")
             break
         rows += time_shape(*shape, torch_mod)
-    result = {"meta": meta, "verify": verify, "fallbacks": fallbacks, "timing": rows,
+    result = {"meta": meta, "isolated": isolated, "verify": verify, "fallbacks": fallbacks, "timing": rows,
               "seconds": time.time() - t_start}
     name = f"mlx_kernels_{meta['gpu'].lower().replace(' ', '_').replace('nvidia_', 'nvidia_')}.json"
     OUT_DIR.mkdir(exist_ok=True)
