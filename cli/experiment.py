@@ -4,6 +4,7 @@ every spec on the same tokens, paired bootstrap against the fp16 row."""
 from __future__ import annotations
 
 import platform
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,6 +200,11 @@ def report(setup: Setup, rows: list[dict[str, Any]], devices: tuple[str, ...] = 
         **extra,
         "results": rows,
     }
+
+
+def command_line(name: str) -> str:
+    """The command as typed (`kvmlx <name> <arguments>`), for the report."""
+    return f"kvmlx {name} " + " ".join(sys.argv[2:])
 
 
 def hardware_name(device: str) -> str:

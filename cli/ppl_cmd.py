@@ -51,7 +51,7 @@ def ppl(
     specs = experiment.parse_specs(texts, runner.shape.head_dim)
     setup = experiment.make_setup(runner, data, max_tokens, context, stride, chunk, lastword, seed)
     bases = experiment.ensure_bases(runner, specs, data, calib_tokens, recalibrate)
-    result = experiment.report(setup, experiment.run_specs(setup, specs, bases), command="kvmlx ppl " + " ".join(sys.argv[2:]))
+    result = experiment.report(setup, experiment.run_specs(setup, specs, bases), command=experiment.command_line("ppl"))
     if as_json:
         print(json.dumps(result))
     else:

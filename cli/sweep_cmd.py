@@ -99,7 +99,7 @@ def sweep(
         family, budget = families.get(row["spec"], ("baseline", None))
         row["family"], row["budget"] = family, budget
         row["bits_per_element_limit"] = bits_per_element(kvspec.parse(row["spec"]), runner.shape.head_dim).total
-    report = experiment.report(setup, rows, devices, budgets=budget_list, command="kvmlx sweep " + " ".join(_argv()),
+    report = experiment.report(setup, rows, devices, budgets=budget_list, command=experiment.command_line("sweep"),
                                workers=list(devices), failures=failures)
     prefix = out or Path("benchmarks/results") / f"sweep-{_slug(runner.name)}-{_slug(data)}"
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -159,8 +159,3 @@ def markdown(report: dict[str, Any]) -> str:
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(text).name)
 
-
-def _argv() -> list[str]:
-    import sys
-
-    return sys.argv[2:]

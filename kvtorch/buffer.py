@@ -40,11 +40,7 @@ class TokenBuffer:
 
     def append(self, x: torch.Tensor) -> None:
         """Append x [..., m, X] (same leading shape, dtype and device as earlier appends)."""
-        m = x.shape[-2]
-        if self._data is None or self._end + m > self.capacity:
-            self._grow(x.shape, x.dtype, x.device, m)
-        self._data[..., self._end : self._end + m, :] = x.detach()
-        self._end += m
+        self.reserve(x.shape, x.dtype, x.device)[...] = x.detach()
 
     def reserve(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Make room for shape[-2] more tokens ([..., m, X], as earlier appends), count them as live,
