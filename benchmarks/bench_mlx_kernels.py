@@ -1,6 +1,6 @@
 """kvmlx's MLX custom kernels on a GPU (MLX's CUDA build on an H200; Metal on a Mac): verify, then time.
 
-Sets KVMLX_KERNELS=on (the kernels are opt-in until this script passes on a GPU).
+Sets KVMLX_KERNELS=on, so a Mac runs the Metal dialect too (by default only the CUDA dialect runs).
 0. Isolate (CUDA): quantize, the fast and general split launches and the reduce each run once alone
    in a child process with a timeout; if a decode kernel fails or hangs there, steps 1-2 leave the
    decode kernels out and say so (the 2026-11-29 H200 runs stalled in the first decode self-check).
@@ -336,7 +336,7 @@ def main() -> None:
     ap.add_argument("--isolate-timeout-s", type=float, default=60, help="limit for each kernel's isolated run")
     args = ap.parse_args()
     budget = args.budget_s
-    os.environ.setdefault("KVMLX_KERNELS", "on")  # the kernels are opt-in; this script is their check
+    os.environ.setdefault("KVMLX_KERNELS", "on")  # Metal runs only when switched on; this script is its check
     t_start = time.time()
     if selfcheck.refusal() is None or "default device" in (selfcheck.refusal() or ""):
         mx.set_default_device(mx.gpu)

@@ -105,8 +105,14 @@ def _resplit(p: mx.array, k: Fetched, v: Fetched, b: int, hkv: int, rep: int, tq
     return p_c, p_f.reshape(b, hkv, rep * tq, -1)
 
 
+def _fused_quantized_matmul() -> bool:
+    """Whether mx.quantized_matmul takes our fp32 queries here: MLX 0.32's CUDA build has no
+    fp32-activation kernel ("No implementation for problem shape"), so there we dequantize first."""
+    return mx.default_device() != mx.gpu or mx.metal.is_available()
+
+
 def _affine(t: Quant, dim: int) -> bool:
-    return t.axis == "token" and ops.mlx_layout(t.bits, t.group, dim)
+    return t.axis == "token" and ops.mlx_layout(t.bits, t.group, dim) and _fused_quantized_matmul()
 
 
 def _compressed_scores(q: mx.array, k: Fetched) -> mx.array:
@@ -143,7 +149,7 @@ def _compressed_output(p: mx.array, v: Fetched) -> mx.array:
 
 
 def _hybrid_affine(t: LowRank) -> bool:
-    return t.coeff is not None and ops.mlx_layout(t.coeff.bits, t.coeff.group, t.rank)
+    return t.coeff is not None and ops.mlx_layout(t.coeff.bits, t.coeff.group, t.rank) and _fused_quantized_matmul()
 
 
 def _coefficients(t: LowRank, c: dict[str, mx.array]) -> mx.array:

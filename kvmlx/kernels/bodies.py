@@ -275,7 +275,12 @@ for (int r0 = start; r0 < stop; r0 += RS * U) {
 for (int g = 0; g < G; ++g) {
   if (VFOLD) for (int k = 0; k < DPT; ++k) acc[g][k] += pb[g];
   float mw = m[g];
-  for (int o = TPR; o < 32; o <<= 1) mw = KV_MAX(mw, KV_SHFL_XOR(mw, o));
+  // The shuffle goes into its own variable: inside KV_MAX (a macro) it would run twice, the second
+  // time only in lanes whose compare failed, and a full-mask shuffle in divergent lanes deadlocks.
+  for (int o = TPR; o < 32; o <<= 1) {
+    const float other = KV_SHFL_XOR(mw, o);
+    mw = KV_MAX(mw, other);
+  }
   const float a = KV_EXP2(m[g] - mw);
   l[g] *= a;
   for (int k = 0; k < DPT; ++k) acc[g][k] *= a;

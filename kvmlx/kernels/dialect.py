@@ -31,6 +31,7 @@ import re
 DIALECTS = ("metal", "cuda")
 
 _COMMON = """
+// Macros (both dialects, any operand types): an argument may run twice, so never pass a shuffle.
 #define KV_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define KV_MIN(a, b) ((a) < (b) ? (a) : (b))
 // A packed word; other types only appear in branches a float-coefficient instantiation never takes.

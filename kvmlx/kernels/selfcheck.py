@@ -1,10 +1,12 @@
 """Which dialect runs here, and kernels that check themselves once before they are trusted.
 
-`current_dialect()` is "metal" or "cuda" when MLX's default stream is a GPU of that kind, else None;
-`refusal()` says why no kernel runs (kernels not switched on, CPU stream, no GPU backend). The
-kernels are opt-in (KVMLX_KERNELS=on): on the H200 (MLX 0.32.4, CUDA dialect) the first decode
-self-check did not return within 230 s, twice, and a self-check cannot catch a kernel that never
-finishes, so no user gets them until a GPU run verifies them.
+`current_dialect()` is "metal" or "cuda" when MLX's default stream is a GPU of that kind and the
+kernels are switched on there, else None; `refusal()` says why no kernel runs. KVMLX_KERNELS picks:
+"off" (never), "on" (both dialects), unset (the CUDA dialect only). The CUDA dialect was verified on
+an H200 (MLX 0.32.4: codes bit-exact, outputs within kvspec tolerances, zero fallbacks; 2026-11-29,
+after the deadlock described in tests/kvmlx/test_kernels.py was fixed). The Metal dialect has never
+been compiled or run (no Apple hardware), and a self-check cannot catch a kernel that never
+returns, so Metal waits for KVMLX_KERNELS=on.
 
 `SelfChecked` wraps one kernel: the first call for a configuration (key) runs the kernel and the
 MLX ops path on a small probe input of that configuration; if the kernel fails to compile or run,
@@ -29,14 +31,26 @@ class KernelFallback(UserWarning):
     """A kernel failed its first-use check; the MLX ops path runs instead."""
 
 
+def _switch() -> str:
+    """KVMLX_KERNELS as "on", "off" or "auto" (unset or anything else)."""
+    value = os.environ.get("KVMLX_KERNELS", "auto").lower()
+    if value in ("1", "on", "true", "yes"):
+        return "on"
+    return "off" if value in ("0", "off", "false", "no") else "auto"
+
+
 def refusal() -> str | None:
     """Why no kernel runs on MLX's default stream (None: one can)."""
-    if os.environ.get("KVMLX_KERNELS", "off").lower() not in ("1", "on", "true", "yes"):
-        return "kvmlx kernels are opt-in until verified on a GPU: set KVMLX_KERNELS=on to try them"
+    switch = _switch()
+    if switch == "off":
+        return "KVMLX_KERNELS=off: the MLX ops path runs"
     if mx.default_device() != mx.gpu:
         return f"MLX's default device is {mx.default_device()}: the kernels run on GPU streams"
     if mx.metal.is_available():
-        return None
+        if switch == "on":
+            return None
+        return ("the Metal kernels have not been run on Apple hardware yet: set KVMLX_KERNELS=on to try them "
+                "(each checks itself on first use)")
     if hasattr(mx, "cuda") and mx.cuda.is_available():
         return None
     return "this MLX build has neither Metal nor CUDA"

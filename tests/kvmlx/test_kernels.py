@@ -34,6 +34,34 @@ def decode_launches(spec: str, d: int = 128, g: int = 4, dtype: str = "fp16"):
     return [fast, general, kattn.reduce_launch(outs, outs, meta)]
 
 
+def _macro_arguments(source: str, macro: str) -> list[str]:
+    """The argument text of every `macro(...)` call in `source` (balanced parentheses)."""
+    out = []
+    for m in re.finditer(rf"\b{macro}\(", source):
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(source[i], 0)
+            i += 1
+        out.append(source[m.end(): i - 1])
+    return out
+
+
+@pytest.mark.parametrize("body", ["QUANTIZE", "SPLIT", "REDUCE"])
+def test_no_warp_collective_inside_a_comparing_macro(body):
+    """KV_MAX/KV_MIN are macros that evaluate an argument twice, the second time only in the lanes
+    whose compare went one way: a full-mask shuffle there deadlocks the warp (the H200 hang of
+    2026-11-29 was `KV_MAX(mw, KV_SHFL_XOR(mw, o))`)."""
+    source = getattr(bodies, body)
+    for macro in ("KV_MAX", "KV_MIN"):
+        for args in _macro_arguments(source, macro):
+            assert "KV_SHFL" not in args, f"{body}: {macro}({args}) runs a shuffle in divergent lanes"
+
+
+def test_the_macro_check_catches_the_old_hang():
+    bad = "for (int o = TPR; o < 32; o <<= 1) mw = KV_MAX(mw, KV_SHFL_XOR(mw, o));"
+    assert any("KV_SHFL" in a for a in _macro_arguments(bad, "KV_MAX"))
+
+
 @pytest.mark.parametrize("which", ["metal", "cuda"])
 def test_bodies_render_without_placeholders(which):
     for body in (bodies.QUANTIZE, bodies.SPLIT, bodies.REDUCE):
@@ -79,16 +107,42 @@ def test_cuda_dialect_compiles_with_nvrtc(spec):
         assert ok, f"{launch.name} {launch.template}: {log[:4000]}"
 
 
-def test_kernels_are_opt_in(monkeypatch):
-    monkeypatch.delenv("KVMLX_KERNELS", raising=False)
+def test_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("KVMLX_KERNELS", "off")
     assert selfcheck.current_dialect() is None
-    assert "KVMLX_KERNELS=on" in selfcheck.refusal()
+    assert "KVMLX_KERNELS=off" in selfcheck.refusal()
 
 
-def test_cpu_says_why_no_kernel_runs(monkeypatch):
-    monkeypatch.setenv("KVMLX_KERNELS", "on")
+@pytest.mark.parametrize("switch", [None, "on"])
+def test_cpu_says_why_no_kernel_runs(monkeypatch, switch):
+    if switch is None:
+        monkeypatch.delenv("KVMLX_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("KVMLX_KERNELS", switch)
     assert selfcheck.current_dialect() is None
     assert "cpu" in selfcheck.refusal().lower()
+
+
+@pytest.mark.parametrize("switch, want", [(None, None), ("on", "metal")])
+def test_metal_waits_for_the_switch(monkeypatch, switch, want):
+    """Unset, a Mac runs the ops path (the Metal dialect is unverified); KVMLX_KERNELS=on tries it."""
+    if switch is None:
+        monkeypatch.delenv("KVMLX_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("KVMLX_KERNELS", switch)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    assert selfcheck.current_dialect() == want
+    if want is None:
+        assert "KVMLX_KERNELS=on" in selfcheck.refusal()
+
+
+def test_cuda_runs_the_kernels_unless_switched_off(monkeypatch):
+    monkeypatch.delenv("KVMLX_KERNELS", raising=False)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    monkeypatch.setattr(mx, "cuda", type("FakeCuda", (), {"is_available": staticmethod(lambda: True)}), raising=False)
+    assert selfcheck.current_dialect() == "cuda"
 
 
 def _fake(kernel):
