@@ -108,3 +108,19 @@ def test_local_paths_must_be_a_model(tmp_path):
         load_model(str(tmp_path / "weights.bin"))
     with pytest.raises(ValueError, match="no config.json and 0 .gguf files"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("version", ["5.17.0", "5.22.2"])
+def test_a_transformers_that_misloads_gemma3_gguf_is_refused_with_the_fix(version):
+    from kvtorch.loading import UnsupportedTransformers, check_gguf_support
+
+    with pytest.raises(UnsupportedTransformers, match=r"pip install 'transformers>=5\.23'"):
+        check_gguf_support("gemma3_text", version)
+
+
+@pytest.mark.parametrize("model_type, version", [("gemma3_text", "5.23.0"), ("gemma3", "5.24.0"), ("llama", "5.17.0"),
+                                                 ("qwen2", "5.0.0")])
+def test_gguf_support_passes_where_the_model_loads_right(model_type, version):
+    from kvtorch.loading import check_gguf_support
+
+    check_gguf_support(model_type, version)
