@@ -12,7 +12,6 @@ import torch
 
 from kvspec.models import check_hub_reachable, resolve_alias
 
-
 # The oldest transformers whose GGUF loading gives a correct model, per architecture. Measured here
 # (plain transformers, bf16, Gemma-3-270m Q4_K_M, first 768 BBC tokens): 5.17 gives PPL 372, 5.18-5.22
 # give 39.7, 5.23 and 5.24 give 20.1 (fp32: 20.1); llama and qwen2 agree across 5.17-5.24.
