@@ -168,19 +168,35 @@ def _is_int4_tokens(t) -> bool:
     return isinstance(t, Quant) and t.bits == 4 and t.axis == "token"
 
 
+def _bits(t) -> int | None:
+    q = t if isinstance(t, Quant) else t.coeff
+    return None if q is None else q.bits
+
+
+def default_block(kspec, vspec, d: int) -> tuple[int, int, int]:
+    """(keys per block, warps, stages) of the lean launch: the fastest measured on an H200 where
+    measured. 3-bit tiles gather their codes from two words each, which the pipeline stages multiply:
+    (64, 4, 3) asks 284,672 B of shared memory at D 128 (an H200 has 232,448), (64, 4, 2) 153,600,
+    and at D 256 (32, 4, 2) 156,672 (benchmarks/triton_smem.py, compiled offline for sm_90)."""
+    if _is_int4_tokens(kspec) and _is_int4_tokens(vspec):
+        return 128, 8, 3
+    if 3 in (_bits(kspec), _bits(vspec)) and d > 64:
+        return (64, 4, 2) if d <= 128 else (32, 4, 2)
+    return 64, 4, 3
+
+
 def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: int | None = None,
            block: tuple[int, int, int] | None = None, ptx: bool = True) -> torch.Tensor:
     """The Triton path of `attention` (inputs must pass `refusal`). splits: key splits of the
     all-compressed range (default: see `_splits`). block: (keys per block, warps, pipeline stages)
-    of the lean launch (default: the fastest measured on an H200, benchmarks/results). A single
+    of the lean launch (default: `default_block`). A single
     query with K and V fully compressed is taken as decode at the last position (the protocol's
     split n_quantized(end) = n), which needs the lean launch only. ptx:
     dequantize 4-bit token-axis tiles with packed 16-bit inline PTX (CUDA only; ignored under the
     interpreter)."""
-    if block is None:
-        block = (128, 8, 3) if _is_int4_tokens(k.spec) and _is_int4_tokens(v.spec) else (64, 4, 3)
-    block_n = block[0]
     b, hq, tq, d = q.shape
+    block = block or default_block(k.spec, v.spec, d)
+    block_n = block[0]
     q, kf, vf = _unit_stride(q), _unit_stride(k.floats), _unit_stride(v.floats)
     hkv = kf.shape[1]
     g = hq // hkv
