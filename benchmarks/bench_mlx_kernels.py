@@ -18,7 +18,8 @@ Sets KVMLX_KERNELS=on, so a Mac runs the Metal dialect too (by default only the 
    mx.synchronize) / CALLS, after warm-up; torch times: CUDA events, median. Bytes count every
    input read once and the output written once; "roof" is those bytes at 4.19 TB/s (DEVICE.md).
 
-    PYTHONPATH=. python benchmarks/bench_mlx_kernels.py
+    PYTHONPATH=. python benchmarks/bench_mlx_kernels.py [--skip-verify] [--dpt 8,4]
+(--dpt adds rows kvmlx-<method>@<dims per thread> next to the default choice of kvmlx.kernels.attention.dpt_for.)
 Writes benchmarks/results/mlx_kernels_<gpu>.json (and $OUT/ when OUT is set). A kernel that fails to
 compile is printed in full with its generated source written next to the JSON; the rest still runs.
 """
@@ -280,11 +281,19 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
             elif method.startswith("kvmlx-"):
                 if kattn.decode_attention not in kattn_registry:
                     raise RuntimeError("decode kernels failed in isolation (see 'isolated')")
-                kf, vf = decode_fetched(method[6:], b, t, hkv, d), decode_fetched(method[6:], b, t, hkv, d)
-                if kattn.refusal(q, kf, vf, None):
-                    raise RuntimeError(kattn.refusal(q, kf, vf, None))
-                dialect = selfcheck.current_dialect()
-                row["ms"] = mlx_time(lambda kf=kf, vf=vf, dialect=dialect: kattn.run_decode(dialect, q, kf, vf, scale))
+                # "kvmlx-int4@8": the split kernel with 8 dims per thread instead of kattn.dpt_for's choice.
+                spec_name, _, dpt = method[6:].partition("@")
+                kf, vf = decode_fetched(spec_name, b, t, hkv, d), decode_fetched(spec_name, b, t, hkv, d)
+                default_dpt = kattn.dpt_for
+                if dpt:
+                    kattn.dpt_for = lambda g, dpt=int(dpt): dpt
+                try:
+                    if kattn.refusal(q, kf, vf, None):
+                        raise RuntimeError(kattn.refusal(q, kf, vf, None))
+                    dialect = selfcheck.current_dialect()
+                    row["ms"] = mlx_time(lambda kf=kf, vf=vf, dialect=dialect: kattn.run_decode(dialect, q, kf, vf, scale))
+                finally:
+                    kattn.dpt_for = default_dpt
                 row["bytes"] = nbytes(q, q, *(a for f in (kf, vf) for a in (*f.compressed.values(), f.floats)))
             elif torch_mod is not None:
                 row.update(triton_time(torch_mod, method[7:], b, t, hq, hkv, d))
@@ -295,7 +304,7 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
             log(f"{model} b{b} x {t} {method}: {row['error']}")
             traceback.print_exc()
             if method.startswith("kvmlx-"):
-                dump_sources(method[6:])
+                dump_sources(method[6:].partition("@")[0])
         if "ms" in row:
             row["tb_s"] = row["bytes"] / row["ms"] / 1e9
             row["roof_ms"] = row["bytes"] / (COPY_TBS * 1e9)
@@ -334,8 +343,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget-s", type=float, default=200, help="start no new timing shape after this many seconds")
     ap.add_argument("--isolate-timeout-s", type=float, default=60, help="limit for each kernel's isolated run")
+    ap.add_argument("--dpt", default="", help="also time the kvmlx kernels at these dims per thread, e.g. 8,4")
+    ap.add_argument("--skip-verify", action="store_true", help="time only (verification takes ~200 s on an H200)")
     args = ap.parse_args()
     budget = args.budget_s
+    for dpt in filter(None, args.dpt.split(",")):
+        TIME_METHODS.extend(f"kvmlx-{m}@{int(dpt)}" for m in ("int8", "int4", "int2", "rank32"))
     os.environ.setdefault("KVMLX_KERNELS", "on")  # Metal runs only when switched on; this script is its check
     t_start = time.time()
     if selfcheck.refusal() is None or "default device" in (selfcheck.refusal() or ""):
@@ -365,7 +378,7 @@ def main() -> None:
     verify = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for shape in VERIFY_SHAPES:
+        for shape in [] if args.skip_verify else VERIFY_SHAPES:
             for spec in VERIFY_SPECS:
                 try:
                     r = verify_one(spec, shape, torch_mod)
@@ -403,14 +416,14 @@ def main() -> None:
 
 
 def print_table(rows) -> None:
-    log(f"\n{'model':14s} {'shape':>10s} {'method':15s} {'ms':>8s} {'TB/s':>6s} {'x sdpa':>7s} {'roof ms':>8s}")
+    log(f"\n{'model':14s} {'shape':>10s} {'method':18s} {'ms':>8s} {'TB/s':>6s} {'x sdpa':>7s} {'roof ms':>8s}")
     for r in rows:
         shape = f"{r['batch']}x{r['context'] // 1024}k"
         if "ms" in r:
-            log(f"{r['model']:14s} {shape:>10s} {r['method']:15s} {r['ms']:8.3f} {r['tb_s']:6.2f} "
+            log(f"{r['model']:14s} {shape:>10s} {r['method']:18s} {r['ms']:8.3f} {r['tb_s']:6.2f} "
                 f"{r.get('speedup_vs_mlx_sdpa', float('nan')):7.2f} {r['roof_ms']:8.3f}")
         else:
-            log(f"{r['model']:14s} {shape:>10s} {r['method']:15s} {r.get('error', 'skipped')[:60]}")
+            log(f"{r['model']:14s} {shape:>10s} {r['method']:18s} {r.get('error', 'skipped')[:60]}")
 
 
 def targets(rows) -> None:
