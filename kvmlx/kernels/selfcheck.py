@@ -3,8 +3,8 @@
 `current_dialect()` is "metal" or "cuda" when MLX's default stream is a GPU of that kind and the
 kernels are switched on there, else None; `refusal()` says why no kernel runs. KVMLX_KERNELS picks:
 "off" (never), "on" (both dialects), unset (the CUDA dialect only). The CUDA dialect was verified on
-an H200 (MLX 0.32.4: codes bit-exact, outputs within kvspec tolerances, zero fallbacks; 2026-11-29,
-after the deadlock described in tests/kvmlx/test_kernels.py was fixed). The Metal dialect has never
+an H200 (MLX 0.32.4, 30 cases: codes bit-exact, outputs within kvspec tolerances in 29, zero
+fallbacks; 2026-11-29, after the deadlock described in tests/kvmlx/test_kernels.py was fixed). The Metal dialect has never
 been compiled or run (no Apple hardware), and a self-check cannot catch a kernel that never
 returns, so Metal waits for KVMLX_KERNELS=on.
 
