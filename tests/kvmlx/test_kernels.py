@@ -217,6 +217,23 @@ def test_decode_without_a_gpu_falls_back_once_and_stays_exact(monkeypatch):
         assert np.array_equal(np.array(out), want)
 
 
+@pytest.mark.parametrize("spec", ["int4", "int8", "int4-g32", "rank32-q4"])
+def test_the_dequantizing_ops_path_of_mlx_cuda_matches_quantized_matmul(monkeypatch, spec):
+    """MLX's CUDA build has no fp32-activation quantized_matmul, so there the ops path (the kernels'
+    self-check reference) dequantizes first; on the CPU both forms run and must agree."""
+    import kvmlx.attention as katt
+
+    s = parse(spec)
+    fused_here = (lambda: katt._hybrid_affine(s.k)) if spec.startswith("rank") else (lambda: katt._affine(s.k, 64))
+    q, k, v, scale = kattn._probe((s.k, s.v, 64, 3, 2, "fp16"))
+    assert fused_here()
+    fused = np.array(reference_attention(q, k, v, scale).astype(mx.float32))
+    monkeypatch.setattr(katt, "_fused_quantized_matmul", lambda: False)
+    assert not fused_here()
+    dequantized = np.array(reference_attention(q, k, v, scale).astype(mx.float32))
+    np.testing.assert_allclose(dequantized, fused, rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("spec,why", [("int4", "prefill"), ("fp16", "float")])
 def test_decode_refusals_name_the_reason(spec, why):
     s = parse(spec)
