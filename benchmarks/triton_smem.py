@@ -14,6 +14,7 @@ Appends one record per config to PATH (default benchmarks/results/triton_smem_sm
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -90,15 +91,19 @@ def compile_configs(spec: dict, method: str, configs: list[tuple[int, int, int]]
 
 
 def main() -> None:
-    method, d, g = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    if sys.argv[-1] == "--capture":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("method", help="int2, int3, int4, int8 or rank32")
+    ap.add_argument("d", type=int, help="head dim")
+    ap.add_argument("g", type=int, help="query heads per KV head")
+    ap.add_argument("configs", nargs="*", default=["64,4,3"], help="keys per block,warps,stages")
+    ap.add_argument("--json", type=Path, default=OUT, help="file the records are appended to")
+    ap.add_argument("--capture", action="store_true", help=argparse.SUPPRESS)  # step 1, in the child
+    args = ap.parse_args()
+    method, d, g, out_path = args.method, args.d, args.g, args.json
+    if args.capture:
         print(json.dumps(capture(method, d, g)))
         return
-    rest = sys.argv[4:]
-    out_path = Path(rest[rest.index("--json") + 1]) if "--json" in rest else OUT
-    if "--json" in rest:
-        del rest[rest.index("--json"):rest.index("--json") + 2]
-    configs = [tuple(int(x) for x in c.split(",")) for c in rest] or [(64, 4, 3)]
+    configs = [tuple(int(x) for x in c.split(",")) for c in args.configs]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, __file__, method, str(d), str(g), "--capture"], env=env, cwd=ROOT,
                          capture_output=True, text=True, check=True)

@@ -43,6 +43,12 @@ def _sms() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if torch.cuda.is_available() else 4
 
 
+def _quantizer(t) -> Quant | None:
+    """The Quant that stores a tensor's codes: the spec itself, a hybrid's coefficient quantizer, or
+    None (float coefficients)."""
+    return t if isinstance(t, Quant) else t.coeff
+
+
 def _values(part) -> torch.Tensor | None:
     """Compressed rows as attention reads them, fp32 [B, Hkv, n, D or r] (still rotated); None if n == 0."""
     t, a = part.spec, part.arrays
@@ -50,7 +56,7 @@ def _values(part) -> torch.Tensor | None:
         return None
     if isinstance(t, LowRank) and t.coeff is None:
         return a["coeffs"][:, :, : part.n].float()
-    q = t if isinstance(t, Quant) else t.coeff
+    q = _quantizer(t)
     rows = part.n // q.group if q.axis == "channel" else part.n
     width = t.rank if isinstance(t, LowRank) else part.floats.shape[-1]
     return ops.dequantize(a["codes"][:, :, : part.n], a["scales"][:, :, :rows], a["biases"][:, :, :rows],
@@ -134,7 +140,7 @@ def _operands(part, device):
     t, a = part.spec, part.arrays
     d = part.floats.shape[-1]
     dummy = torch.zeros(1, dtype=torch.int32, device=device)
-    q = t if isinstance(t, Quant) else t.coeff
+    q = _quantizer(t)
     width = t.rank if isinstance(t, LowRank) else d
     c = a.get("codes", a.get("coeffs")) if part.n else None
     c = dummy.view(1, 1, 1, 1) if c is None else _unit_stride(c)
@@ -168,11 +174,6 @@ def _is_int4_tokens(t) -> bool:
     return isinstance(t, Quant) and t.bits == 4 and t.axis == "token"
 
 
-def _bits(t) -> int | None:
-    q = t if isinstance(t, Quant) else t.coeff
-    return None if q is None else q.bits
-
-
 def default_block(kspec, vspec, d: int) -> tuple[int, int, int]:
     """(keys per block, warps, stages) of the lean launch: the fastest measured on an H200 where
     measured. 3-bit tiles gather their codes from two words each, which the pipeline stages multiply:
@@ -180,7 +181,7 @@ def default_block(kspec, vspec, d: int) -> tuple[int, int, int]:
     and at D 256 (32, 4, 2) 156,672 (benchmarks/triton_smem.py, compiled offline for sm_90)."""
     if _is_int4_tokens(kspec) and _is_int4_tokens(vspec):
         return 128, 8, 3
-    if 3 in (_bits(kspec), _bits(vspec)) and d > 64:
+    if d > 64 and any(q is not None and q.bits == 3 for q in map(_quantizer, (kspec, vspec))):
         return (64, 4, 2) if d <= 128 else (32, 4, 2)
     return 64, 4, 3
 
