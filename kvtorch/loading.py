@@ -34,6 +34,43 @@ def check_gguf_support(model_type: str, transformers_version: str) -> None:
             )
 
 
+# Byte sizes of GGUF's fixed-size value types (type ids 8 and 9 are string and array).
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_architecture(path: Path) -> str:
+    """general.architecture of a GGUF file ("llama", "qwen2", "gemma3"), read from its header alone
+    (gguf.GGUFReader parses the whole vocabulary first: 8 s for Gemma-3's 262k tokens)."""
+    import struct
+
+    with open(path, "rb") as f:
+        read = lambda fmt: struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]  # noqa: E731
+        string = lambda: f.read(read("Q")).decode()  # noqa: E731
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                f.seek(read("Q"), 1)
+            elif kind == 9:
+                item, n = read("I"), read("Q")
+                if item in (8, 9):
+                    for _ in range(n):
+                        skip(item)
+                else:
+                    f.seek(n * _GGUF_SIZES[item], 1)
+            else:
+                f.seek(_GGUF_SIZES[kind], 1)
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file")
+        read("I"), read("Q")  # version, tensor count
+        for _ in range(read("Q")):
+            key, kind = string(), read("I")
+            if key == "general.architecture" and kind == 8:
+                return string()
+            skip(kind)
+    raise ValueError(f"{path}: no general.architecture in the GGUF header")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -63,8 +100,11 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
         check_hub_reachable(source)
     placement = {"device_map": "auto"} if device == "auto" else {}
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if gguf_file:  # before the weights load: a refusal should not cost a model load first
+        check_gguf_support(gguf_architecture(Path(source) / gguf_file), transformers.__version__)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **extra)
@@ -75,10 +115,6 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
             f"could not load {source!r} from the Hugging Face hub ({e}). Without network access, pass a local "
             "directory or a .gguf file instead"
         ) from e
-    if gguf_file:
-        import transformers
-
-        check_gguf_support(model.config.model_type, transformers.__version__)
     if device != "auto":
         model = model.to(device)
     return model.eval(), tokenizer

@@ -3,6 +3,7 @@ tokenizer, and load_model's errors for things that are not here."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'kvmlx[torch]')")
@@ -116,6 +117,26 @@ def test_a_transformers_that_misloads_gemma3_gguf_is_refused_with_the_fix(versio
 
     with pytest.raises(UnsupportedTransformers, match=r"pip install 'transformers>=5\.23'"):
         check_gguf_support("gemma3_text", version)
+
+
+def test_gemma3_gguf_is_refused_from_its_header_before_any_weight_loads(tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf", reason="gguf is not installed")
+    import transformers
+
+    path = tmp_path / "tiny-gemma3.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    from kvtorch.loading import UnsupportedTransformers, gguf_architecture
+
+    assert gguf_architecture(path) == "gemma3"
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("tokenizer loaded"))
+    with pytest.raises(UnsupportedTransformers, match="5.17.0"):
+        load_model(str(path), device="cpu")
 
 
 @pytest.mark.parametrize("model_type, version", [("gemma3_text", "5.23.0"), ("gemma3", "5.24.0"), ("llama", "5.17.0"),
