@@ -18,8 +18,9 @@ Sets KVMLX_KERNELS=on, so a Mac runs the Metal dialect too (by default only the 
    mx.synchronize) / CALLS, after warm-up; torch times: CUDA events, median. Bytes count every
    input read once and the output written once; "roof" is those bytes at 4.19 TB/s (DEVICE.md).
 
-    PYTHONPATH=. python benchmarks/bench_mlx_kernels.py [--skip-verify] [--dpt 8,4]
-(--dpt adds rows kvmlx-<method>@<dims per thread> next to the default choice of kvmlx.kernels.attention.dpt_for.)
+    PYTHONPATH=. python benchmarks/bench_mlx_kernels.py [--skip-verify] [--variants 16x2x256,8x8x128]
+(--variants adds rows kvmlx-<method>@<dims per thread>x<unroll>x<threads> next to the defaults of
+kvmlx.kernels.attention: dpt_for, UNROLL, THREADS.)
 Writes benchmarks/results/mlx_kernels_<gpu>.json (and $OUT/ when OUT is set). A kernel that fails to
 compile is printed in full with its generated source written next to the JSON; the rest still runs.
 """
@@ -281,19 +282,21 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
             elif method.startswith("kvmlx-"):
                 if kattn.decode_attention not in kattn_registry:
                     raise RuntimeError("decode kernels failed in isolation (see 'isolated')")
-                # "kvmlx-int4@8": the split kernel with 8 dims per thread instead of kattn.dpt_for's choice.
-                spec_name, _, dpt = method[6:].partition("@")
+                # "kvmlx-int4@8x4x128": the split kernel at 8 dims per thread, unroll 4, 128 threads
+                # instead of kattn's defaults (dpt_for, UNROLL, THREADS).
+                spec_name, _, variant = method[6:].partition("@")
                 kf, vf = decode_fetched(spec_name, b, t, hkv, d), decode_fetched(spec_name, b, t, hkv, d)
-                default_dpt = kattn.dpt_for
-                if dpt:
-                    kattn.dpt_for = lambda g, dpt=int(dpt): dpt
+                defaults = (kattn.dpt_for, kattn.UNROLL, kattn.THREADS)
+                if variant:
+                    dpt, unroll, threads = (list(map(int, variant.split("x"))) + [defaults[1], defaults[2]])[:3]
+                    kattn.dpt_for, kattn.UNROLL, kattn.THREADS = (lambda g, dpt=dpt: dpt), unroll, threads
                 try:
                     if kattn.refusal(q, kf, vf, None):
                         raise RuntimeError(kattn.refusal(q, kf, vf, None))
                     dialect = selfcheck.current_dialect()
                     row["ms"] = mlx_time(lambda kf=kf, vf=vf, dialect=dialect: kattn.run_decode(dialect, q, kf, vf, scale))
                 finally:
-                    kattn.dpt_for = default_dpt
+                    kattn.dpt_for, kattn.UNROLL, kattn.THREADS = defaults
                 row["bytes"] = nbytes(q, q, *(a for f in (kf, vf) for a in (*f.compressed.values(), f.floats)))
             elif torch_mod is not None:
                 row.update(triton_time(torch_mod, method[7:], b, t, hq, hkv, d))
@@ -343,12 +346,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget-s", type=float, default=200, help="start no new timing shape after this many seconds")
     ap.add_argument("--isolate-timeout-s", type=float, default=60, help="limit for each kernel's isolated run")
-    ap.add_argument("--dpt", default="", help="also time the kvmlx kernels at these dims per thread, e.g. 8,4")
+    ap.add_argument("--variants", default="", help="also time the kvmlx kernels at these dims per thread x unroll "
+                    "x threads per group, e.g. 16x2x256,8x8x128 (a shorter form keeps the defaults of the rest)")
     ap.add_argument("--skip-verify", action="store_true", help="time only (verification takes ~200 s on an H200)")
     args = ap.parse_args()
     budget = args.budget_s
-    for dpt in filter(None, args.dpt.split(",")):
-        TIME_METHODS.extend(f"kvmlx-{m}@{int(dpt)}" for m in ("int8", "int4", "int2", "rank32"))
+    for variant in filter(None, args.variants.split(",")):
+        TIME_METHODS.extend(f"kvmlx-{m}@{variant}" for m in ("int8", "int4", "int2", "rank32"))
     os.environ.setdefault("KVMLX_KERNELS", "on")  # Metal runs only when switched on; this script is its check
     t_start = time.time()
     if selfcheck.refusal() is None or "default device" in (selfcheck.refusal() or ""):

@@ -30,7 +30,9 @@ from .launch import Launch
 from .selfcheck import SelfChecked
 
 LOG2E = 1.4426950408889634
-THREADS, UNROLL = 256, 2
+THREADS = 128  # 4 warps: finer steps of occupancy at ~128-160 registers per thread
+UNROLL = 4  # rows per thread whose loads are in flight together (see bodies.SPLIT's fetch)
+DPT_SMALL_G, DPT_LARGE_G = 8, 4
 TARGET_GROUPS = 528  # threadgroups to fill a large GPU (4 per multiprocessor of an H200)
 MAX_GENERAL = 16
 
@@ -46,8 +48,16 @@ def _width(t, d: int) -> int:
 
 
 def dpt_for(g: int) -> int:
-    """Dims per thread: 16 keeps G * 16 query values in registers for G <= 4; more heads take 8."""
-    return 16 if g <= 4 else 8
+    """Dims per thread: a thread keeps G x DPT query values and as many accumulators in registers."""
+    return DPT_SMALL_G if g <= 4 else DPT_LARGE_G
+
+
+def threads_per_row(d: int, dpt: int, kw: int, vw: int, general: bool) -> int:
+    """Threads reading one key row. Fast splits cover the stored width only (a rank-32 row takes 32 /
+    DPT threads, not D / DPT); general splits also read float rows of D. Powers of two only: the
+    score is reduced by butterfly shuffles."""
+    tpr = (d if general else max(kw, vw)) // dpt
+    return tpr if tpr & (tpr - 1) == 0 else d // dpt
 
 
 def refusal(q: mx.array, k: Fetched, v: Fetched, window: int | None) -> str | None:
@@ -120,24 +130,25 @@ def split_launches(q: mx.array, k: Fetched, v: Fetched, scale: float) -> tuple[L
     elif isinstance(k.spec, LowRank):
         qc = ops.project(qf.reshape(b, hkv, g, d), k.basis).reshape(b, hq, kw)
     qc = mx.contiguous(qc)
-    granule = THREADS // (d // dpt) * UNROLL
     gen_lo = min(k.n, v.n)
-    s_fast, c_fast = _splits(gen_lo, granule, b * hkv, 1 << 16)
-    s_gen, c_gen = _splits(k.tokens - gen_lo, granule, b * hkv, MAX_GENERAL)
+    tpr = {gen: threads_per_row(d, dpt, kw, vw, bool(gen)) for gen in (0, 1)}
+    granule = {gen: THREADS // tpr[gen] * UNROLL for gen in (0, 1)}
+    s_fast, c_fast = _splits(gen_lo, granule[0], b * hkv, 1 << 16)
+    s_gen, c_gen = _splits(k.tokens - gen_lo, granule[1], b * hkv, MAX_GENERAL)
     params = mx.array([k.n, v.n, k.float_start, v.float_start, k.tokens, c_fast, c_gen, gen_lo, s_fast, s_gen, hkv, 0],
                       mx.int32)
     inputs = {"params": params, "qc": qc, "qf": qf, **_tensor_inputs(k, "k", dtype), **_tensor_inputs(v, "v", dtype)}
     kb, kgr, kch = _fmt(k.spec)
     vb, vgr, vch = _fmt(v.spec)
-    template = [("T", dtype), ("D", d), ("G", g), ("DPT", dpt), ("NT", THREADS), ("U", UNROLL), ("GEN", 0),
-                ("KB", kb), ("KW", kw), ("KGR", kgr), ("KCH", kch), ("VB", vb), ("VW", vw), ("VGR", vgr), ("VCH", vch)]
     launches = []
     for gen, splits in ((0, s_fast), (1, s_gen)):
         n_out = b * hkv * max(splits, 1) * g
         outputs = {"pm": ((n_out,), mx.float32), "pl": ((n_out,), mx.float32), "pc": ((n_out * vw,), mx.float32),
                    "pf": ((n_out * d if gen else 1,), mx.float32)}
-        tmpl = [(n, gen if n == "GEN" else x) for n, x in template]
-        launches.append(Launch("kvmlx_split", bodies.SPLIT, inputs, outputs, tmpl,
+        template = [("T", dtype), ("D", d), ("G", g), ("DPT", dpt), ("TPR", tpr[gen]), ("NT", THREADS),
+                    ("U", UNROLL), ("GEN", gen), ("KB", kb), ("KW", kw), ("KGR", kgr), ("KCH", kch), ("VB", vb),
+                    ("VW", vw), ("VGR", vgr), ("VCH", vch)]
+        launches.append(Launch("kvmlx_split", bodies.SPLIT, inputs, outputs, template,
                                grid=(max(splits, 1) * THREADS, b * hkv, 1), threadgroup=(THREADS, 1, 1)))
     plain = isinstance(v.spec, Quant) and v.spec.rotation is None
     meta = {"splits": (s_fast, s_gen), "shape": (b, hq, d), "vw": vw, "g": g, "plain": plain}

