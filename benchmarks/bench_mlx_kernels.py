@@ -18,9 +18,9 @@ Sets KVMLX_KERNELS=on, so a Mac runs the Metal dialect too (by default only the 
    mx.synchronize) / CALLS, after warm-up; torch times: CUDA events, median. Bytes count every
    input read once and the output written once; "roof" is those bytes at 4.19 TB/s (DEVICE.md).
 
-    PYTHONPATH=. python benchmarks/bench_mlx_kernels.py [--skip-verify] [--variants 16x2x256,8x8x128]
-(--variants adds rows kvmlx-<method>@<dims per thread>x<unroll>x<threads> next to the defaults of
-kvmlx.kernels.attention: dpt_for, UNROLL, THREADS.)
+    PYTHONPATH=. python benchmarks/bench_mlx_kernels.py [--skip-verify] [--variants 16x2x256,8x4x128x2048]
+(--variants adds rows kvmlx-<method>@<dims per thread>x<unroll>x<threads>[x<target groups>] next to
+the defaults of kvmlx.kernels.attention: dpt_for, UNROLL, THREADS, TARGET_GROUPS.)
 Writes benchmarks/results/mlx_kernels_<gpu>.json (and $OUT/ when OUT is set). A kernel that fails to
 compile is printed in full with its generated source written next to the JSON; the rest still runs.
 """
@@ -282,21 +282,23 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
             elif method.startswith("kvmlx-"):
                 if kattn.decode_attention not in kattn_registry:
                     raise RuntimeError("decode kernels failed in isolation (see 'isolated')")
-                # "kvmlx-int4@8x4x128": the split kernel at 8 dims per thread, unroll 4, 128 threads
-                # instead of kattn's defaults (dpt_for, UNROLL, THREADS).
+                # "kvmlx-int4@8x4x128x2048": the split kernel at 8 dims per thread, unroll 4, 128 threads,
+                # aiming at 2048 groups, instead of kattn's defaults (dpt_for, UNROLL, THREADS, TARGET_GROUPS).
                 spec_name, _, variant = method[6:].partition("@")
                 kf, vf = decode_fetched(spec_name, b, t, hkv, d), decode_fetched(spec_name, b, t, hkv, d)
-                defaults = (kattn.dpt_for, kattn.UNROLL, kattn.THREADS)
+                defaults = (kattn.dpt_for, kattn.UNROLL, kattn.THREADS, kattn.TARGET_GROUPS)
                 if variant:
-                    dpt, unroll, threads = (list(map(int, variant.split("x"))) + [defaults[1], defaults[2]])[:3]
-                    kattn.dpt_for, kattn.UNROLL, kattn.THREADS = (lambda g, dpt=dpt: dpt), unroll, threads
+                    given = list(map(int, variant.split("x")))
+                    dpt, unroll, threads, groups = given + [defaults[1], defaults[2], defaults[3]][len(given) - 1:]
+                    kattn.dpt_for = lambda g, width, dpt=dpt: dpt
+                    kattn.UNROLL, kattn.THREADS, kattn.TARGET_GROUPS = unroll, threads, groups
                 try:
                     if kattn.refusal(q, kf, vf, None):
                         raise RuntimeError(kattn.refusal(q, kf, vf, None))
                     dialect = selfcheck.current_dialect()
                     row["ms"] = mlx_time(lambda kf=kf, vf=vf, dialect=dialect: kattn.run_decode(dialect, q, kf, vf, scale))
                 finally:
-                    kattn.dpt_for, kattn.UNROLL, kattn.THREADS = defaults
+                    kattn.dpt_for, kattn.UNROLL, kattn.THREADS, kattn.TARGET_GROUPS = defaults
                 row["bytes"] = nbytes(q, q, *(a for f in (kf, vf) for a in (*f.compressed.values(), f.floats)))
             elif torch_mod is not None:
                 row.update(triton_time(torch_mod, method[7:], b, t, hq, hkv, d))
@@ -347,7 +349,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=200, help="start no new timing shape after this many seconds")
     ap.add_argument("--isolate-timeout-s", type=float, default=60, help="limit for each kernel's isolated run")
     ap.add_argument("--variants", default="", help="also time the kvmlx kernels at these dims per thread x unroll "
-                    "x threads per group, e.g. 16x2x256,8x8x128 (a shorter form keeps the defaults of the rest)")
+                    "x threads per group x target groups, e.g. 16x2x256,8x4x128x2048 (a shorter form keeps the "
+                    "defaults of the rest)")
     ap.add_argument("--skip-verify", action="store_true", help="time only (verification takes ~200 s on an H200)")
     args = ap.parse_args()
     budget = args.budget_s

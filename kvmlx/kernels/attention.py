@@ -32,7 +32,7 @@ from .selfcheck import SelfChecked
 LOG2E = 1.4426950408889634
 THREADS = 128  # 4 warps: finer steps of occupancy at ~128-160 registers per thread
 UNROLL = 4  # rows per thread whose loads are in flight together (see bodies.SPLIT's fetch)
-DPT_SMALL_G, DPT_LARGE_G = 8, 4
+DPT_SMALL_G, DPT_NARROW, DPT_LARGE_G = 16, 8, 4  # see dpt_for
 TARGET_GROUPS = 528  # threadgroups to fill a large GPU (4 per multiprocessor of an H200)
 MAX_GENERAL = 16
 
@@ -47,9 +47,14 @@ def _width(t, d: int) -> int:
     return t.rank if isinstance(t, LowRank) else d
 
 
-def dpt_for(g: int) -> int:
-    """Dims per thread: a thread keeps G x DPT query values and as many accumulators in registers."""
-    return DPT_SMALL_G if g <= 4 else DPT_LARGE_G
+def dpt_for(g: int, width: int) -> int:
+    """Dims per thread for G query heads per KV head over stored rows of `width` (K's or V's, the
+    wider). A thread keeps G x DPT query values and as many accumulators in registers. H200, int4,
+    batch 8 x 32k, Mistral heads (benchmarks/results/mlx_kernels_nvidia_h200*.json): 16 dims 0.45-0.48
+    ms, 8 dims 0.51-0.55; rank-32 rows the other way round (0.33-0.38 at 8, 0.39-0.43 at 16)."""
+    if g > 4:
+        return DPT_LARGE_G
+    return DPT_SMALL_G if width >= 128 else DPT_NARROW
 
 
 def threads_per_row(d: int, dpt: int, kw: int, vw: int, general: bool) -> int:
@@ -72,7 +77,7 @@ def refusal(q: mx.array, k: Fetched, v: Fetched, window: int | None) -> str | No
         return "float tensors run on the reference"
     if d not in (32, 64, 128, 256) or hq % hkv or hq // hkv > 16:
         return f"head dim {d} with {hq} query heads over {hkv} KV heads"
-    dpt = dpt_for(hq // hkv)
+    dpt = dpt_for(hq // hkv, max(_width(k.spec, d), _width(v.spec, d)))
     for name, t in (("K", k), ("V", v)):
         bits, group, chan = _fmt(t.spec)
         if _width(t.spec, d) % dpt or (bits != 16 and not chan and group % dpt):
@@ -120,9 +125,9 @@ def split_launches(q: mx.array, k: Fetched, v: Fetched, scale: float) -> tuple[L
     b, hq, _, d = q.shape
     hkv = k.floats.shape[1]
     g = hq // hkv
-    dpt = dpt_for(g)
-    dtype = k.floats.dtype
     kw, vw = _width(k.spec, d), _width(v.spec, d)
+    dpt = dpt_for(g, max(kw, vw))
+    dtype = k.floats.dtype
     qf = mx.contiguous(q.astype(mx.float32).reshape(b, hq, d) * (scale * LOG2E))
     qc = qf
     if isinstance(k.spec, Quant) and k.spec.rotation is not None:
