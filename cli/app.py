@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import calibrate_cmd, chat_cmd, data_cmd, ppl_cmd, spec_cmd, sweep_cmd
+from . import calibrate_cmd, chat_cmd, data_cmd, plots, ppl_cmd, spec_cmd, sweep_cmd
 
 app = typer.Typer(
     name="kvmlx",
@@ -18,6 +18,7 @@ app.add_typer(data_cmd.app, name="data")
 app.command()(chat_cmd.chat)
 app.command()(calibrate_cmd.calibrate)
 app.command()(sweep_cmd.sweep)
+app.command()(plots.plot)
 app.command(help=f"{ppl_cmd.ppl.__doc__}\n\nProtocol: {ppl_cmd.PROTOCOL}")(ppl_cmd.ppl)
 
 
