@@ -199,11 +199,27 @@ def unrotate(y: mx.array, seed: int) -> mx.array:
 # --- low rank -----------------------------------------------------------------------------------
 
 
+def _tf32_high(x: mx.array) -> mx.array:
+    """x (fp32) with the low 13 mantissa bits cleared: exactly representable in TF32 (10-bit mantissa)."""
+    return mx.view(mx.view(x, mx.uint32) & mx.array(0xFFFFE000, mx.uint32), mx.float32)
+
+
+def matmul_fp32(a: mx.array, b: mx.array, split: bool | None = None) -> mx.array:
+    """a @ b (fp32) at fp32 accuracy also where MLX runs fp32 GEMMs as TF32 (MLX_ENABLE_TF32, on by
+    default: its CUDA build, M5-class Apple GPUs), whose ~1e-3 relative error flips quantized rank
+    coefficients away from kvspec's. split (default: on a GPU) sums three GEMMs of TF32-exact high
+    parts and remainders, hi.hi + hi.lo + lo.hi: relative error ~2^-21 instead of 2^-11."""
+    if not (mx.default_device() != mx.cpu if split is None else split):
+        return a @ b
+    ah, bh = _tf32_high(a), _tf32_high(b)
+    return ah @ bh + (ah @ (b - bh) + (a - ah) @ bh)
+
+
 def project(x: mx.array, basis: mx.array) -> mx.array:
     """x [B, H, T, D], basis [H, D, r] -> coefficients [B, H, T, r] in fp32."""
-    return x.astype(mx.float32) @ basis.astype(mx.float32)
+    return matmul_fp32(x.astype(mx.float32), basis.astype(mx.float32))
 
 
 def reconstruct(c: mx.array, basis: mx.array) -> mx.array:
     """coefficients [B, H, T, r], basis [H, D, r] -> [B, H, T, D] in fp32."""
-    return c.astype(mx.float32) @ mx.swapaxes(basis.astype(mx.float32), -1, -2)
+    return matmul_fp32(c.astype(mx.float32), mx.swapaxes(basis.astype(mx.float32), -1, -2))

@@ -107,6 +107,21 @@ def test_check_finite_refuses_like_the_reference(bad):
     ops.check_finite(mx.array(np.full((2, 3), 65504.0, np.float32)))
 
 
+def test_tf32_split_matmul_keeps_fp32_accuracy():
+    """The three-GEMM split (what GPUs run, where fp32 GEMMs may be TF32) against float64: its high
+    parts are TF32-exact and its error stays at fp32 level, far below TF32's 2^-11."""
+    rng = np.random.default_rng()
+    a = (rng.standard_normal((2, 3, 37, 128)) * np.exp(rng.uniform(-6, 6, (2, 3, 37, 1)))).astype(np.float32)
+    b = rng.standard_normal((3, 128, 32)).astype(np.float32)
+    hi = np.array(ops._tf32_high(mx.array(a)))
+    assert not (hi.view(np.uint32) & 0x1FFF).any() and np.all(np.abs(a - hi) <= np.abs(a) * 2.0**-10)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    scale = np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
+    for split in (True, False):
+        got = np.array(ops.matmul_fp32(mx.array(a), mx.array(b), split=split))
+        assert np.max(np.abs(got - want) / scale) < 2.0**-19, split
+
+
 def test_projection_within_rank_tolerance():
     rng = np.random.default_rng(9)
     x = rng.standard_normal((1, 2, 11, 64)).astype(np.float32)
