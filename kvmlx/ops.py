@@ -13,6 +13,7 @@ so `mlx_layout` codes can go straight into mx.quantized_matmul / mx.dequantize.
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from math import gcd
 
@@ -206,20 +207,25 @@ def _tf32_high(x: mx.array) -> mx.array:
 
 def matmul_fp32(a: mx.array, b: mx.array, split: bool | None = None) -> mx.array:
     """a @ b (fp32) at fp32 accuracy also where MLX runs fp32 GEMMs as TF32 (MLX_ENABLE_TF32, on by
-    default: its CUDA build, M5-class Apple GPUs), whose ~1e-3 relative error flips quantized rank
-    coefficients away from kvspec's. split (default: on a GPU) sums three GEMMs of TF32-exact high
-    parts and remainders, hi.hi + hi.lo + lo.hi: relative error ~2^-21 instead of 2^-11."""
-    if not (mx.default_device() != mx.cpu if split is None else split):
+    default: its CUDA build, M5-class Apple GPUs), whose ~1e-3 relative error flips stored rank
+    coefficients away from kvspec's. split (default: on a GPU unless MLX_ENABLE_TF32=0) sums three
+    GEMMs of TF32-exact high parts and remainders, hi.hi + hi.lo + lo.hi: relative error ~2^-21
+    instead of 2^-11, for 3 GEMMs and 8 elementwise ops instead of one GEMM."""
+    if split is None:
+        split = mx.default_device() != mx.cpu and os.environ.get("MLX_ENABLE_TF32", "1") != "0"
+    if not split:
         return a @ b
     ah, bh = _tf32_high(a), _tf32_high(b)
     return ah @ bh + (ah @ (b - bh) + (a - ah) @ bh)
 
 
-def project(x: mx.array, basis: mx.array) -> mx.array:
-    """x [B, H, T, D], basis [H, D, r] -> coefficients [B, H, T, r] in fp32."""
-    return matmul_fp32(x.astype(mx.float32), basis.astype(mx.float32))
+def project(x: mx.array, basis: mx.array, stored: bool = False) -> mx.array:
+    """x [B, H, T, D], basis [H, D, r] -> coefficients [B, H, T, r] in fp32. stored: coefficients
+    the cache keeps (fp32 accuracy, see matmul_fp32); queries take the plain GEMM, as scores do."""
+    x, basis = x.astype(mx.float32), basis.astype(mx.float32)
+    return matmul_fp32(x, basis) if stored else x @ basis
 
 
 def reconstruct(c: mx.array, basis: mx.array) -> mx.array:
     """coefficients [B, H, T, r], basis [H, D, r] -> [B, H, T, D] in fp32."""
-    return matmul_fp32(c.astype(mx.float32), mx.swapaxes(basis.astype(mx.float32), -1, -2))
+    return c.astype(mx.float32) @ mx.swapaxes(basis.astype(mx.float32), -1, -2)

@@ -148,9 +148,9 @@ class TensorStore:
                 x = ops.rotate(x, t.rotation)
             arrays = dict(zip(("codes", "scales", "biases"), kernels.quantize(x, t.bits, t.group, t.axis)))
         elif t.coeff is None:
-            arrays = {"coeffs": ops.round_to(ops.project(x, self.basis), self.float_dtype)}
+            arrays = {"coeffs": ops.round_to(ops.project(x, self.basis, stored=True), self.float_dtype)}
         else:
-            c = ops.project(x, self.basis)
+            c = ops.project(x, self.basis, stored=True)
             arrays = dict(zip(("codes", "scales", "biases"), kernels.quantize(c, t.coeff.bits, t.coeff.group, "token")))
         for name, arr in arrays.items():
             self.parts.setdefault(name, Buffer()).append(arr)
