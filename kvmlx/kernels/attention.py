@@ -30,10 +30,14 @@ from .launch import Launch
 from .selfcheck import SelfChecked
 
 LOG2E = 1.4426950408889634
-THREADS = 128  # 4 warps: finer steps of occupancy at ~128-160 registers per thread
+# Launch shape, chosen on the H200 (benchmarks/results/mlx_kernels_nvidia_h200-variants.json, int4 at
+# batch 8 x 32k): 128-thread groups fit 2-3 per multiprocessor at the 150-220 registers a thread holds
+# (16 dims, unroll 4, 128 threads: 0.45-0.50 ms; 16 dims, unroll 2, 256 threads: 0.54); 1,584 or 2,048
+# groups instead of 528 made no difference beyond the run-to-run spread.
+THREADS = 128
 UNROLL = 4  # rows per thread whose loads are in flight together (see bodies.SPLIT's fetch)
 DPT_SMALL_G, DPT_NARROW, DPT_LARGE_G = 16, 8, 4  # see dpt_for
-TARGET_GROUPS = 528  # threadgroups to fill a large GPU (4 per multiprocessor of an H200)
+TARGET_GROUPS = 528  # threadgroups to aim at (4 per multiprocessor of an H200)
 MAX_GENERAL = 16
 
 
