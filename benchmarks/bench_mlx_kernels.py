@@ -18,9 +18,11 @@ Sets KVMLX_KERNELS=on, so a Mac runs the Metal dialect too (by default only the 
    mx.synchronize) / CALLS, after warm-up; torch times: CUDA events, median. Bytes count every
    input read once and the output written once; "roof" is those bytes at 4.19 TB/s (DEVICE.md).
 
-    PYTHONPATH=. python benchmarks/bench_mlx_kernels.py [--skip-verify] [--variants 16x2x256,8x4x128x2048]
-(--variants adds rows kvmlx-<method>@<dims per thread>x<unroll>x<threads>[x<target groups>] next to
-the defaults of kvmlx.kernels.attention: dpt_for, UNROLL, THREADS, TARGET_GROUPS.)
+    PYTHONPATH=. python benchmarks/bench_mlx_kernels.py [--skip-verify] [--variants fma,tc8x1,16x2x256]
+(--variants adds rows kvmlx-<method>@<variant> next to the defaults: "fma" runs the FMA split body
+where the tensor-core body (kvmlx.kernels.tensorcore, CUDA, 4-bit) would; "tcWxU" the tensor-core
+body at W warps and U tiles per step; "<dims per thread>x<unroll>x<threads>[x<target groups>]" the
+FMA body at those launch parameters instead of kvmlx.kernels.attention's defaults.)
 Writes benchmarks/results/mlx_kernels_<gpu>.json (and $OUT/ when OUT is set). A kernel that fails to
 compile is printed in full with its generated source written next to the JSON; the rest still runs.
 """
@@ -49,7 +51,7 @@ from kvmlx.attention import KERNELS as kattn_registry  # noqa: E402
 from kvmlx.attention import compressed_attention  # noqa: E402
 from kvmlx.kernels import attention as kattn  # noqa: E402
 from kvmlx.kernels import quantize as kquant  # noqa: E402
-from kvmlx.kernels import selfcheck  # noqa: E402
+from kvmlx.kernels import selfcheck, tensorcore  # noqa: E402
 from kvmlx.store import Fetched, TensorStore  # noqa: E402
 from kvspec import reference as R  # noqa: E402
 from kvspec.grammar import parse  # noqa: E402
@@ -85,7 +87,7 @@ def dump_sources(tag: str) -> None:
     try:
         s = parse(tag)
         q, k, v, scale = kattn._probe((s.k, s.v, 128, 4, 2, "bf16"))
-        fast, general, meta = kattn.split_launches(q, k, v, scale)
+        fast, general, meta = kattn.split_launches(q, k, v, scale, dialect)
         outs = {n: mx.zeros(shape, dt) for n, (shape, dt) in fast.outputs.items()}
         for i, launch in enumerate((fast, general, kattn.reduce_launch(outs, outs, meta))):
             path = OUT_DIR / f"mlx_kernel_source_{tag}_{i}.{'cu' if dialect == 'cuda' else 'metal'}"
@@ -114,7 +116,7 @@ if which == "quantize":
 else:
     q, k, v, scale = ka._probe((spec.k, spec.v, 128, 4, 2, "bf16"))
     mx.eval(q, k.floats, v.floats, *k.compressed.values(), *v.compressed.values())
-    fast, general, meta = ka.split_launches(q, k, v, scale)
+    fast, general, meta = ka.split_launches(q, k, v, scale, "cuda")
     if which == "reduce":
         zeros = {n: mx.zeros(shape, dt) for n, (shape, dt) in fast.outputs.items()}
         out = ka.reduce_launch(zeros, {n: mx.zeros(shape, dt) for n, (shape, dt) in general.outputs.items()}, meta).run("cuda")
@@ -283,12 +285,18 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
             elif method.startswith("kvmlx-"):
                 if kattn.decode_attention not in kattn_registry:
                     raise RuntimeError("decode kernels failed in isolation (see 'isolated')")
-                # "kvmlx-int4@8x4x128x2048": the split kernel at 8 dims per thread, unroll 4, 128 threads,
-                # aiming at 2048 groups, instead of kattn's defaults (dpt_for, UNROLL, THREADS, TARGET_GROUPS).
+                # "kvmlx-int4@8x4x128x2048": the FMA split body at 8 dims per thread, unroll 4, 128 threads,
+                # aiming at 2048 groups, instead of kattn's defaults (dpt_for, UNROLL, THREADS, TARGET_GROUPS);
+                # "@fma": the FMA body at its defaults; "@tc8x1": the tensor-core body at 8 warps, 1 tile per step.
                 spec_name, _, variant = method[6:].partition("@")
                 kf, vf = decode_fetched(spec_name, b, t, hkv, d), decode_fetched(spec_name, b, t, hkv, d)
                 defaults = (kattn.dpt_for, kattn.UNROLL, kattn.THREADS, kattn.TARGET_GROUPS)
-                if variant:
+                tc_defaults = (tensorcore.WARPS, tensorcore.TILES)
+                if variant.startswith("tc"):
+                    tensorcore.WARPS, tensorcore.TILES = map(int, variant[2:].split("x"))
+                elif variant:
+                    os.environ["KVMLX_TENSOR_CORES"] = "off"
+                if variant and variant[0].isdigit():
                     given = list(map(int, variant.split("x")))
                     dpt, unroll, threads, groups = given + [defaults[1], defaults[2], defaults[3]][len(given) - 1:]
                     kattn.dpt_for = lambda g, width, dpt=dpt: dpt
@@ -298,8 +306,14 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
                         raise RuntimeError(kattn.refusal(q, kf, vf, None))
                     dialect = selfcheck.current_dialect()
                     row["ms"] = mlx_time(lambda kf=kf, vf=vf, dialect=dialect: kattn.run_decode(dialect, q, kf, vf, scale))
+                    # The fast split launch alone (inputs prepared once): the kernel's own time where
+                    # the whole call is bound by MLX's per-op dispatch (~8 ops per call).
+                    fast = kattn.split_launches(q, kf, vf, scale, dialect)[0]
+                    row["split_ms"] = mlx_time(lambda fast=fast, dialect=dialect: fast.run(dialect)["pc"])
                 finally:
                     kattn.dpt_for, kattn.UNROLL, kattn.THREADS, kattn.TARGET_GROUPS = defaults
+                    tensorcore.WARPS, tensorcore.TILES = tc_defaults
+                    os.environ.pop("KVMLX_TENSOR_CORES", None)
                 row["bytes"] = nbytes(q, q, *(a for f in (kf, vf) for a in (*f.compressed.values(), f.floats)))
             elif torch_mod is not None:
                 row.update(triton_time(torch_mod, method[7:], b, t, hq, hkv, d))
@@ -315,6 +329,9 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
             row["tb_s"] = row["bytes"] / row["ms"] / 1e9
             row["roof_ms"] = row["bytes"] / (COPY_TBS * 1e9)
         rows.append(row)
+        if "split_ms" in row:
+            rows.append({**row, "method": f"{method}:split", "ms": row["split_ms"],
+                         "tb_s": row["bytes"] / row["split_ms"] / 1e9})
         mx.clear_cache()
     sdpa = next((r["ms"] for r in rows if r["method"] == "mlx-sdpa-bf16" and "ms" in r), None)
     for r in rows:
@@ -349,14 +366,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget-s", type=float, default=200, help="start no new timing shape after this many seconds")
     ap.add_argument("--isolate-timeout-s", type=float, default=60, help="limit for each kernel's isolated run")
-    ap.add_argument("--variants", default="", help="also time the kvmlx kernels at these dims per thread x unroll "
-                    "x threads per group x target groups, e.g. 16x2x256,8x4x128x2048 (a shorter form keeps the "
-                    "defaults of the rest)")
-    ap.add_argument("--skip-verify", action="store_true", help="time only (verification takes ~200 s on an H200)")
+    ap.add_argument("--variants", default="", help="also time the kvmlx kernels at these FMA-body dims per thread "
+                    "x unroll x threads per group x target groups, e.g. 16x2x256,8x4x128x2048 (a shorter form keeps "
+                    "the defaults of the rest), 'fma' (the FMA body at its defaults), or tensor-core warps x tiles "
+                    "per step, e.g. tc8x1")
+    ap.add_argument("--skip-verify", action="store_true", help="time only (verification takes ~250 s on an H200)")
+    ap.add_argument("--verify-specs", default=",".join(VERIFY_SPECS), help="specs to verify, comma-separated")
     args = ap.parse_args()
     budget = args.budget_s
     for variant in filter(None, args.variants.split(",")):
-        TIME_METHODS.extend(f"kvmlx-{m}@{variant}" for m in ("int8", "int4", "int2", "rank32"))
+        methods = ("int4",) if variant[0].isalpha() else ("int8", "int4", "int2", "rank32")  # tc / fma: 4-bit only
+        TIME_METHODS.extend(f"kvmlx-{m}@{variant}" for m in methods)
     os.environ.setdefault("KVMLX_KERNELS", "on")  # Metal runs only when switched on; this script is its check
     t_start = time.time()
     if selfcheck.refusal() is None or "default device" in (selfcheck.refusal() or ""):
@@ -387,7 +407,7 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for shape in [] if args.skip_verify else VERIFY_SHAPES:
-            for spec in VERIFY_SPECS:
+            for spec in args.verify_specs.split(","):
                 try:
                     r = verify_one(spec, shape, torch_mod)
                 except Exception as e:

@@ -16,6 +16,7 @@ kernels once they checked themselves (kvmlx.kernels.selfcheck) or by the referen
 from __future__ import annotations
 
 import math
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -25,7 +26,7 @@ from kvspec.tolerances import assert_close, spec_tolerance
 
 from .. import ops
 from ..store import Fetched, TensorStore
-from . import bodies
+from . import bodies, tensorcore
 from .launch import Launch
 from .selfcheck import SelfChecked
 
@@ -123,28 +124,47 @@ def _splits(rows: int, granule: int, bh: int, cap: int) -> tuple[int, int]:
     return -(-rows // chunk), chunk
 
 
-def split_launches(q: mx.array, k: Fetched, v: Fetched, scale: float) -> tuple[Launch, Launch, dict]:
+def tensor_cores(dialect: str | None, k: Fetched, v: Fetched, d: int, g: int) -> bool:
+    """Whether the fast splits run on matrix units (tensorcore.TC_SPLIT): CUDA dialect, a
+    configuration it takes, and KVMLX_TENSOR_CORES not "off"."""
+    if dialect != "cuda" or os.environ.get("KVMLX_TENSOR_CORES", "on").lower() in ("0", "off", "false", "no"):
+        return False
+    return tensorcore.refusal(k.spec, v.spec, d, g, _dtype_name(k.floats.dtype)) is None
+
+
+def _dtype_name(dtype) -> str:
+    return "fp16" if dtype == mx.float16 else "bf16"
+
+
+def split_launches(q: mx.array, k: Fetched, v: Fetched, scale: float,
+                   dialect: str | None = None) -> tuple[Launch, Launch, dict]:
     """The fast and general split launches of one decode call, plus what the reduce needs.
-    q [B, Hq, 1, D]; inputs must pass `refusal`. A launch with 0 splits is not run."""
+    q [B, Hq, 1, D]; inputs must pass `refusal`. A launch with 0 splits is not run. In the CUDA
+    dialect the fast splits of configurations tensorcore.refusal takes run TC_SPLIT."""
     b, hq, _, d = q.shape
     hkv = k.floats.shape[1]
     g = hq // hkv
     kw, vw = _width(k.spec, d), _width(v.spec, d)
     dpt = dpt_for(g, max(kw, vw))
     dtype = k.floats.dtype
-    qf = mx.contiguous(q.astype(mx.float32).reshape(b, hq, d) * (scale * LOG2E))
+    # The kernels scale q themselves (qmul) and read it through its strides, so plain keys need no
+    # op on q (the reshape drops the size-1 query axis: a view). Rotation and projection are linear.
+    qf = q.reshape(b, hq, d)
     qc = qf
     if isinstance(k.spec, Quant) and k.spec.rotation is not None:
-        qc = ops.rotate(qf, k.spec.rotation)
+        qc = ops.rotate(qf.astype(mx.float32), k.spec.rotation)
     elif isinstance(k.spec, LowRank):
-        qc = ops.project(qf.reshape(b, hkv, g, d), k.basis).reshape(b, hq, kw)
-    qc = mx.contiguous(qc)
+        qc = ops.project(qf.astype(mx.float32).reshape(b, hkv, g, d), k.basis).reshape(b, hq, kw)
     gen_lo = min(k.n, v.n)
     tpr = {gen: threads_per_row(d, dpt, kw, vw, bool(gen)) for gen in (0, 1)}
     granule = {gen: THREADS // tpr[gen] * UNROLL for gen in (0, 1)}
+    tc = tensor_cores(dialect, k, v, d, g)
+    if tc:
+        granule[0] = 16 * tensorcore.WARPS * tensorcore.tiles_for(d)
     s_fast, c_fast = _splits(gen_lo, granule[0], b * hkv, 1 << 16)
     s_gen, c_gen = _splits(k.tokens - gen_lo, granule[1], b * hkv, MAX_GENERAL)
-    params = mx.array([k.n, v.n, k.float_start, v.float_start, k.tokens, c_fast, c_gen, gen_lo, s_fast, s_gen, hkv, 0],
+    qmul = int(np.array(scale * LOG2E, np.float32).view(np.int32))
+    params = mx.array([k.n, v.n, k.float_start, v.float_start, k.tokens, c_fast, c_gen, gen_lo, s_fast, s_gen, hkv, qmul],
                       mx.int32)
     inputs = {"params": params, "qc": qc, "qf": qf, **_tensor_inputs(k, "k", dtype), **_tensor_inputs(v, "v", dtype)}
     kb, kgr, kch = _fmt(k.spec)
@@ -157,24 +177,35 @@ def split_launches(q: mx.array, k: Fetched, v: Fetched, scale: float) -> tuple[L
         template = [("T", dtype), ("D", d), ("G", g), ("DPT", dpt), ("TPR", tpr[gen]), ("NT", THREADS),
                     ("U", UNROLL), ("GEN", gen), ("KB", kb), ("KW", kw), ("KGR", kgr), ("KCH", kch), ("VB", vb),
                     ("VW", vw), ("VGR", vgr), ("VCH", vch)]
+        if tc and not gen:
+            nt = 32 * tensorcore.WARPS
+            mt = {"fp16": mx.float16, "bf16": mx.bfloat16}[tensorcore.mma_dtype(k.spec, v.spec, _dtype_name(dtype))]
+            tc_template = [("T", dtype), ("MT", mt), ("D", d), ("G", g), ("NW", tensorcore.WARPS),
+                           ("UT", tensorcore.tiles_for(d)), ("KB", kb), ("KCH", kch), ("KGR", kgr), ("VB", vb), ("VGR", vgr)]
+            launches.append(Launch("kvmlx_split_tc", tensorcore.TC_SPLIT, inputs, outputs, tc_template,
+                                   grid=(max(splits, 1) * nt, b * hkv, 1), threadgroup=(nt, 1, 1)))
+            continue
         launches.append(Launch("kvmlx_split", bodies.SPLIT, inputs, outputs, template,
                                grid=(max(splits, 1) * THREADS, b * hkv, 1), threadgroup=(THREADS, 1, 1)))
     plain = isinstance(v.spec, Quant) and v.spec.rotation is None
-    meta = {"splits": (s_fast, s_gen), "shape": (b, hq, d), "vw": vw, "g": g, "plain": plain}
+    meta = {"splits": (s_fast, s_gen), "shape": (b, hq, d), "vw": vw, "g": g, "plain": plain, "dtype": q.dtype}
     return launches[0], launches[1], meta
 
 
 def reduce_launch(fast: dict[str, mx.array], general: dict[str, mx.array], meta: dict) -> Launch:
     """Merge the splits' outputs (`Launch.run` dicts of the split launches; unused ones may be any
-    float32 arrays of 8+ elements) into out [B, Hq, D] (+ outc [B, Hq, VW] unless V is plain)."""
+    float32 arrays of 8+ elements) into out [B, Hq, 1, D] (in q's dtype when V is plain, else fp32
+    plus outc [B, Hq, VW])."""
     b, hq, d = meta["shape"]
     vw, plain = meta["vw"], meta["plain"]
     s_fast, s_gen = meta["splits"]
     params = mx.array([s_fast, s_gen, meta["g"], 0], mx.int32)
     inputs = {"params": params, "pm": fast["pm"], "pl": fast["pl"], "pc": fast["pc"],
               "gm": general["pm"], "gl": general["pl"], "gc": general["pc"], "gf": general["pf"]}
-    outputs = {"out": ((b, hq, d), mx.float32), "outc": ((1,) if plain else (b, hq, vw), mx.float32)}
-    return Launch("kvmlx_reduce", bodies.REDUCE, inputs, outputs, [("D", d), ("VW", vw), ("VPLAIN", int(plain))],
+    out_dtype = meta["dtype"] if plain else mx.float32
+    outputs = {"out": ((b, hq, 1, d), out_dtype), "outc": ((1,) if plain else (b, hq, vw), mx.float32)}
+    return Launch("kvmlx_reduce", bodies.REDUCE, inputs, outputs,
+                  [("D", d), ("VW", vw), ("VPLAIN", int(plain)), ("OT", out_dtype)],
                   grid=(d, b * hq, 1), threadgroup=(d, 1, 1))
 
 
@@ -183,20 +214,19 @@ _EMPTY = {name: mx.zeros((8,), mx.float32) for name in ("pm", "pl", "pc", "pf")}
 
 def run_decode(dialect: str, q: mx.array, k: Fetched, v: Fetched, scale: float) -> mx.array:
     """The kernels' output [B, Hq, 1, D] in q's dtype (inputs must pass `refusal`)."""
-    fast, general, meta = split_launches(q, k, v, scale)
+    fast, general, meta = split_launches(q, k, v, scale, dialect)
     s_fast, s_gen = meta["splits"]
     parts = [launch.run(dialect) if splits else _EMPTY for launch, splits in ((fast, s_fast), (general, s_gen))]
     out = reduce_launch(*parts, meta).run(dialect)
+    if meta["plain"]:
+        return out["out"]
     b, hq, d = meta["shape"]
-    res = out["out"]
-    if not meta["plain"]:
-        c = out["outc"]
-        if isinstance(v.spec, Quant):
-            c = ops.unrotate(c, v.spec.rotation)
-        else:
-            c = ops.reconstruct(c.reshape(b, hq // meta["g"], meta["g"], -1), v.basis).reshape(b, hq, d)
-        res = res + c
-    return res.reshape(b, hq, 1, d).astype(q.dtype)
+    c = out["outc"]
+    if isinstance(v.spec, Quant):
+        c = ops.unrotate(c, v.spec.rotation)
+    else:
+        c = ops.reconstruct(c.reshape(b, hq // meta["g"], meta["g"], -1), v.basis).reshape(b, hq, d)
+    return (out["out"] + c.reshape(b, hq, 1, d)).astype(q.dtype)
 
 
 # --- the dispatcher -------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ head, over key rows [start, stop) of the split.
   GEN 1 ("general" splits): rows from gen_lo on, each K (V) row compressed iff row < nk (nv), else
   read from the float tail kf (vf), whose row 0 is position kfs (vfs).
   inputs  params int32 [12] = (nk, nv, kfs, vfs, T, chunk_fast, chunk_gen, gen_lo, S_fast, S_gen,
-          Hkv, 0); qc fp32 [B, Hq, KW] (queries in K's stored space: rotated or projected, times
-          scale * log2 e); qf fp32 [B, Hq, D] (plain, same factor); kc uint32 codes [B, Hkv, n, *]
+          Hkv, bits of the fp32 qmul = scale * log2 e); qc [B, Hq, KW] fp32 or the query dtype
+          (queries in K's stored space: rotated, projected or as given; the kernel multiplies by
+          qmul; any strides, unit last); qf [B, Hq, D] (the queries as given); kc uint32 codes [B, Hkv, n, *]
           or float coefficients; ks, kb fp16 scales/biases; kf float tail [B, Hkv, Tf, D]; the same
           for V.
   outputs (per split s, head g) pm, pl fp32 [B * Hkv * S * G]: running max (log2 domain) and sum;
@@ -36,9 +37,10 @@ head, over key rows [start, stop) of the split.
 
 REDUCE: combine the splits of one (batch, query head) and normalize.
   inputs  params int32 [4] = (S_fast, S_gen, G, 0); pm, pl, pc (fast); gm, gl, gc, gf (general)
-  outputs out fp32 [B, Hq, D] (VPLAIN: p . V over all rows; else p . V over V's float rows) and
-          outc fp32 [B, Hq, VW] (VPLAIN 0: the compressed rows' p . V, still in V's stored space)
-  template D, VW, VPLAIN
+  outputs out OT [B, Hq, 1, D] (VPLAIN: p . V over all rows, in the query dtype; else p . V over
+          V's float rows, fp32) and outc fp32 [B, Hq, VW] (VPLAIN 0: the compressed rows' p . V,
+          still in V's stored space)
+  template D, VW, VPLAIN, OT
 """
 
 from __future__ import annotations
@@ -221,6 +223,7 @@ constexpr int NWARP = NT / 32;
 constexpr int FD = GEN ? DPT : 1;  // float-tail slices exist in general splits only
 const int nk = params[0], nv = params[1], kfs = params[2], vfs = params[3], tend = params[4];
 const int hkv = params[10];
+const float qmul = KV_AS_FLOAT((uint32_t)params[11]);
 const int S = GEN ? params[9] : params[8];
 const int j = kv_tid % TPR, slot = kv_tid / TPR;
 const int lane = kv_tid % 32, warp = kv_tid / 32;
@@ -228,7 +231,6 @@ const int b = kv_by / hkv, h = kv_by % hkv;
 const int chunk = GEN ? params[6] : params[5];
 const int start = (GEN ? params[7] : 0) + kv_bx * chunk;
 const int stop = KV_MIN(start + chunk, GEN ? tend : KV_MIN(nk, nv));
-const int64_t qrow = (int64_t)b * hkv * G + (int64_t)h * G;
 
 float qk[G][DPT];
 float qsum[G];
@@ -239,11 +241,15 @@ float accf[G][FD];
 for (int g = 0; g < G; ++g) {
   qsum[g] = 0.0f;
   for (int k = 0; k < DPT; ++k) {
-    qk[g][k] = (j * DPT < KW) ? qc[(qrow + g) * KW + j * DPT + k] : 0.0f;
+    qk[g][k] = (j * DPT < KW) ? static_cast<float>(qc[b * qc_strides[0] + (h * G + g) * qc_strides[1] + j * DPT + k]) * qmul : 0.0f;
     qsum[g] += qk[g][k];
     acc[g][k] = 0.0f;
   }
-  if (GEN) for (int k = 0; k < DPT; ++k) { qfl[g][k % FD] = qf[(qrow + g) * D + j * DPT + k]; accf[g][k % FD] = 0.0f; }
+  if (GEN)
+    for (int k = 0; k < DPT; ++k) {
+      qfl[g][k % FD] = static_cast<float>(qf[b * qf_strides[0] + (h * G + g) * qf_strides[1] + j * DPT + k]) * qmul;
+      accf[g][k % FD] = 0.0f;
+    }
   m[g] = -1.0e30f; l[g] = 0.0f; pb[g] = 0.0f;
 }
 """
@@ -419,9 +425,9 @@ for (int s = 0; s < sg; ++s) {
 }
 const float inv = 1.0f / ls;
 if (VPLAIN) {
-  out[(int64_t)bq * D + d] = (ac + af) * inv;
+  out[(int64_t)bq * D + d] = static_cast<OT>((ac + af) * inv);
 } else {
-  out[(int64_t)bq * D + d] = af * inv;
+  out[(int64_t)bq * D + d] = static_cast<OT>(af * inv);
   if (d < VW) outc[(int64_t)bq * VW + d] = ac * inv;
 }
 """

@@ -72,6 +72,57 @@ typedef half kv_half;
 #define KV_HALF_LO(w) __half2float(__ushort_as_half((unsigned short)((w) & 0xFFFFu)))
 #define KV_HALF_HI(w) __half2float(__ushort_as_half((unsigned short)((w) >> 16)))
 typedef __half kv_half;
+// Matrix units (kvmlx/kernels/tensorcore.py; no Metal form yet): D += A B on a warp's m16n8k16
+// fragments, fp32 accumulation, operands as registers of two fp16 / bf16 values (low half first).
+// code(r): two codes c (one per 16-bit lane, in the low bits) as exact operand values: OR-ing M's
+// float pattern makes M + c (c fits M's mantissa below its unit), one packed FMA takes M off. (Left
+// in, M's multiples swamp the fp32 accumulation: 1024 sum(q) beside q . c at fp16.)
+// split: x = high + low, each rounded to the operand type (two MMAs then carry ~16 bits of x, not 8:
+// one bf16 rounding of q or p s costs up to 2^-9 of a dequantized group's scale times its codes,
+// which outlier groups make large next to the values); returns the four parts' fp32 sum.
+#define KV_MMA_SPLIT \
+  static __device__ inline float split(uint32_t* r, float x0, float x1) { \
+    r[0] = pack(x0, x1); \
+    r[1] = pack(x0 - lo(r[0]), x1 - hi(r[0])); \
+    return lo(r[0]) + hi(r[0]) + lo(r[1]) + hi(r[1]); \
+  }
+template <typename X> struct kv_mma;
+template <> struct kv_mma<__nv_bfloat16> {
+  static __device__ inline uint32_t code(uint32_t r) {  // M = 128: c < 128 fits bf16's 7 mantissa bits
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(r | 0x43004300u), "r"(0x3F803F80u), "r"(0xC300C300u));
+    return d;
+  }
+  static __device__ inline uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  static __device__ inline float lo(uint32_t r) { return __uint_as_float(r << 16); }
+  static __device__ inline float hi(uint32_t r) { return __uint_as_float(r & 0xFFFF0000u); }
+  KV_MMA_SPLIT
+  static __device__ inline void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+template <> struct kv_mma<__half> {
+  static __device__ inline uint32_t code(uint32_t r) {  // M = 1024: c < 1024 fits fp16's 10 mantissa bits
+    uint32_t d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(r | 0x64006400u), "r"(0x3C003C00u), "r"(0xE400E400u));
+    return d;
+  }
+  static __device__ inline uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  static __device__ inline float lo(uint32_t r) { return __half2float(__ushort_as_half((unsigned short)(r & 0xFFFFu))); }
+  static __device__ inline float hi(uint32_t r) { return __half2float(__ushort_as_half((unsigned short)(r >> 16))); }
+  KV_MMA_SPLIT
+  static __device__ inline void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
 """,
 }
 

@@ -2,10 +2,11 @@
 
 `current_dialect()` is "metal" or "cuda" when MLX's default stream is a GPU of that kind and the
 kernels are switched on there, else None; `refusal()` says why no kernel runs. KVMLX_KERNELS picks:
-"off" (never), "on" (both dialects), unset (the CUDA dialect only). The CUDA dialect was verified on
-an H200 (MLX 0.32.4, 30 cases: codes bit-exact, outputs within kvspec tolerances in 29, zero
-fallbacks; 2026-11-29, after the deadlock described in tests/kvmlx/test_kernels.py was fixed). The Metal dialect has never
-been compiled or run (no Apple hardware), and a self-check cannot catch a kernel that never
+"off" (never), "on" (both dialects), unset (the CUDA dialect only). The CUDA dialect, with its
+tensor-core decode body (kvmlx.kernels.tensorcore), was verified on an H200 (MLX 0.32.4, 40 cases:
+10 specs x 4 shapes, quantized codes bit-exact, every output within kvspec tolerance, zero
+fallbacks; 2026-11-29, benchmarks/results/mlx_kernels_nvidia_h200.json). The Metal dialect has
+never been compiled or run (no Apple hardware), and a self-check cannot catch a kernel that never
 returns, so Metal waits for KVMLX_KERNELS=on.
 
 `SelfChecked` wraps one kernel: the first call for a configuration (key) runs the kernel and the

@@ -15,7 +15,7 @@ mx = pytest.importorskip("mlx.core", reason="mlx is not installed")
 from kvmlx import ops  # noqa: E402
 from kvmlx.attention import compressed_attention, reference_attention  # noqa: E402
 from kvmlx.kernels import attention as kattn  # noqa: E402
-from kvmlx.kernels import bodies, dialect, selfcheck  # noqa: E402
+from kvmlx.kernels import bodies, dialect, selfcheck, tensorcore  # noqa: E402
 from kvmlx.kernels import quantize as kquant  # noqa: E402
 from kvspec.grammar import parse  # noqa: E402
 
@@ -24,12 +24,13 @@ from . import nvrtc  # noqa: E402
 SPECS = ["int2", "int3", "int4", "int8", "int4-kchan", "int4-rot", "k8v4", "rank32", "rank32-q4"]
 
 
-def decode_launches(spec: str, d: int = 128, g: int = 4, dtype: str = "fp16"):
-    """The split (fast, general) and reduce launches of a probe decode step of `spec`."""
+def decode_launches(spec: str, d: int = 128, g: int = 4, dtype: str = "fp16", dialect: str | None = None):
+    """The split (fast, general) and reduce launches of a probe decode step of `spec` (dialect
+    "cuda": the fast split on matrix units where tensorcore takes the configuration)."""
     s = parse(spec)
     q, k, v, scale = kattn._probe((s.k, s.v, d, g, 2, dtype))
     assert kattn.refusal(q, k, v, None) is None
-    fast, general, meta = kattn.split_launches(q, k, v, scale)
+    fast, general, meta = kattn.split_launches(q, k, v, scale, dialect)
     outs = {n: mx.zeros(shape, dt) for n, (shape, dt) in fast.outputs.items()}
     return [fast, general, kattn.reduce_launch(outs, outs, meta)]
 
@@ -46,15 +47,15 @@ def _macro_arguments(source: str, macro: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("body", ["QUANTIZE", "SPLIT", "REDUCE"])
+@pytest.mark.parametrize("body", ["QUANTIZE", "SPLIT", "REDUCE", "TC_SPLIT"])
 def test_no_warp_collective_inside_a_comparing_macro(body):
     """KV_MAX/KV_MIN are macros that evaluate an argument twice, the second time only in the lanes
     whose compare went one way: a full-mask shuffle there deadlocks the warp (the H200 hang of
     2026-11-29 was `KV_MAX(mw, KV_SHFL_XOR(mw, o))`)."""
-    source = getattr(bodies, body)
+    source = getattr(tensorcore if body == "TC_SPLIT" else bodies, body)
     for macro in ("KV_MAX", "KV_MIN"):
         for args in _macro_arguments(source, macro):
-            assert "KV_SHFL" not in args, f"{body}: {macro}({args}) runs a shuffle in divergent lanes"
+            assert "KV_SHFL" not in args and "_sync" not in args, f"{body}: {macro}({args}) runs a warp collective"
 
 
 def test_the_macro_check_catches_the_old_hang():
@@ -105,6 +106,52 @@ def test_cuda_dialect_compiles_with_nvrtc(spec):
     for launch in launches:
         ok, log = nvrtc.compile_ptx(launch.translation_unit("cuda"))
         assert ok, f"{launch.name} {launch.template}: {log[:4000]}"
+
+
+TC_CASES = [("int4", 128, 4, "bf16"), ("int4", 64, 7, "fp16"), ("int2", 128, 4, "bf16"), ("int8", 64, 3, "bf16"),
+            ("k8v4", 128, 4, "fp16"), ("int4-kchan", 128, 4, "bf16"), ("int2-kchan", 64, 7, "bf16"),
+            ("int4-g32", 128, 4, "bf16"), ("int4-g128", 256, 4, "bf16"), ("int4-rot", 64, 3, "fp16")]
+
+
+@pytest.mark.parametrize("spec,d,g,dtype", TC_CASES)
+def test_cuda_fast_splits_of_4_2_8_bit_caches_run_on_matrix_units(spec, d, g, dtype):
+    fast, general, _ = decode_launches(spec, d, g, dtype, "cuda")[:3]
+    assert fast.name == "kvmlx_split_tc" and general.name == "kvmlx_split"
+    template = dict(fast.template)
+    s = parse(spec)
+    assert (template["KB"], template["VB"], template["KCH"]) == (s.k.bits, s.v.bits, int(s.k.axis == "channel"))
+    # 8-bit codes need fp16 operands (1024 + c exact); otherwise the cache's own dtype.
+    assert template["MT"] == (mx.float16 if 8 in (s.k.bits, s.v.bits) or dtype == "fp16" else mx.bfloat16)
+    # Each warp walks whole tiles of 16 rows: the fast chunk is a multiple of 16 x warps x tiles.
+    assert fast.inputs["params"].tolist()[5] % (16 * tensorcore.WARPS * tensorcore.tiles_for(d)) == 0
+
+
+@pytest.mark.parametrize("spec,d,g,why", [("int3", 128, 4, "3-bit"), ("rank32", 128, 4, "low-rank"),
+                                           ("int4", 128, 12, "query heads"), ("int4-vchan", 128, 4, "channel-axis values"),
+                                           ("int2-g32", 128, 4, "K groups of 32"), ("int4-g32", 64, 4, None)])
+def test_tensor_core_refusals_name_the_reason(spec, d, g, why):
+    s = parse(spec)
+    got = tensorcore.refusal(s.k, s.v, d, g, "bf16")
+    assert got is None if why is None else why in got
+
+
+@pytest.mark.parametrize("switch", ["off", None])
+def test_tensor_cores_only_in_the_cuda_dialect_unless_switched_off(monkeypatch, switch):
+    if switch is None:
+        monkeypatch.delenv("KVMLX_TENSOR_CORES", raising=False)
+    else:
+        monkeypatch.setenv("KVMLX_TENSOR_CORES", switch)
+    assert decode_launches("int4", 128, 4, "bf16", "metal")[0].name == "kvmlx_split"
+    want = "kvmlx_split" if switch == "off" else "kvmlx_split_tc"
+    assert decode_launches("int4", 128, 4, "bf16", "cuda")[0].name == want
+
+
+@pytest.mark.skipif(nvrtc.available() is not None, reason=str(nvrtc.available()))
+@pytest.mark.parametrize("spec,d,g,dtype", TC_CASES)
+def test_tensor_core_split_compiles_with_nvrtc(spec, d, g, dtype):
+    fast = decode_launches(spec, d, g, dtype, "cuda")[0]
+    ok, log = nvrtc.compile_ptx(fast.translation_unit("cuda"))
+    assert ok, f"{fast.template}: {log[:4000]}"
 
 
 def test_kernels_can_be_switched_off(monkeypatch):
