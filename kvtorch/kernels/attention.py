@@ -194,7 +194,8 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     query with K and V fully compressed is taken as decode at the last position (the protocol's
     split n_quantized(end) = n), which needs the lean launch only. ptx:
     dequantize 4-bit token-axis tiles with packed 16-bit inline PTX (CUDA only; ignored under the
-    interpreter)."""
+    interpreter, and for bf16 caches: there it would round the fp16 scale and bias to bf16, which
+    costs 2^-9 of a group's bias, ~40x the other values' size in a group with an outlier channel)."""
     b, hq, tq, d = q.shape
     block = block or default_block(k.spec, v.spec, d)
     block_n = block[0]
@@ -248,7 +249,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
             K_BITS=km["BITS"], K_GROUP=km["GROUP"], K_CHANNEL=km["CHANNEL"], K_XFORM=km["XFORM"], DK=km["DP"],
             DK_REAL=km["DREAL"], V_BITS=vm["BITS"], V_GROUP=vm["GROUP"], V_CHANNEL=vm["CHANNEL"], DV=vm["DP"],
             DV_REAL=vm["DREAL"], DOT=dot, MM_F32=interpreting() and dot == tl.bfloat16, GENERAL=general,
-            PTX=ptx and not interpreting(),
+            PTX=ptx and not interpreting() and dot == tl.float16,
             num_warps=warps, num_stages=stages,
         )
     _reduce_kernel[(b * hkv, tq)](
