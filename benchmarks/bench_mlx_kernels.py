@@ -306,10 +306,16 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
                         raise RuntimeError(kattn.refusal(q, kf, vf, None))
                     dialect = selfcheck.current_dialect()
                     row["ms"] = mlx_time(lambda kf=kf, vf=vf, dialect=dialect: kattn.run_decode(dialect, q, kf, vf, scale))
-                    # The fast split launch alone (inputs prepared once): the kernel's own time where
-                    # the whole call is bound by MLX's per-op dispatch (~8 ops per call).
-                    fast = kattn.split_launches(q, kf, vf, scale, dialect)[0]
-                    row["split_ms"] = mlx_time(lambda fast=fast, dialect=dialect: fast.run(dialect)["pc"])
+                    # Each launch alone (inputs prepared once), to attribute the whole call: the fast
+                    # split (the bytes), the general split (the float tail) and the reduce.
+                    fast, general, meta = kattn.split_launches(q, kf, vf, scale, dialect)
+                    has_general = meta["splits"][1] > 0  # a float tail (decode_fetched keeps the newest token)
+                    reduce = kattn.reduce_launch(fast.run(dialect), general.run(dialect) if has_general else kattn._EMPTY,
+                                                 meta)
+                    launches = [("split", fast), ("reduce", reduce)] + [("general", general)] * has_general
+                    for part, launch in launches:
+                        row[f"{part}_ms"] = mlx_time(lambda launch=launch, dialect=dialect:
+                                                     list(launch.run(dialect).values())[0])
                 finally:
                     kattn.dpt_for, kattn.UNROLL, kattn.THREADS, kattn.TARGET_GROUPS = defaults
                     tensorcore.WARPS, tensorcore.TILES = tc_defaults
@@ -329,9 +335,10 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
             row["tb_s"] = row["bytes"] / row["ms"] / 1e9
             row["roof_ms"] = row["bytes"] / (COPY_TBS * 1e9)
         rows.append(row)
-        if "split_ms" in row:
-            rows.append({**row, "method": f"{method}:split", "ms": row["split_ms"],
-                         "tb_s": row["bytes"] / row["split_ms"] / 1e9})
+        for part in ("split", "general", "reduce"):
+            if f"{part}_ms" in row:
+                rows.append({**row, "method": f"{method}:{part}", "ms": row[f"{part}_ms"],
+                             "tb_s": row["bytes"] / row[f"{part}_ms"] / 1e9})
         mx.clear_cache()
     sdpa = next((r["ms"] for r in rows if r["method"] == "mlx-sdpa-bf16" and "ms" in r), None)
     for r in rows:
@@ -444,14 +451,14 @@ def main() -> None:
 
 
 def print_table(rows) -> None:
-    log(f"\n{'model':14s} {'shape':>10s} {'method':18s} {'ms':>8s} {'TB/s':>6s} {'x sdpa':>7s} {'roof ms':>8s}")
+    log(f"\n{'model':14s} {'shape':>10s} {'method':24s} {'ms':>8s} {'TB/s':>6s} {'x sdpa':>7s} {'roof ms':>8s}")
     for r in rows:
         shape = f"{r['batch']}x{r['context'] // 1024}k"
         if "ms" in r:
-            log(f"{r['model']:14s} {shape:>10s} {r['method']:18s} {r['ms']:8.3f} {r['tb_s']:6.2f} "
+            log(f"{r['model']:14s} {shape:>10s} {r['method']:24s} {r['ms']:8.3f} {r['tb_s']:6.2f} "
                 f"{r.get('speedup_vs_mlx_sdpa', float('nan')):7.2f} {r['roof_ms']:8.3f}")
         else:
-            log(f"{r['model']:14s} {shape:>10s} {r['method']:18s} {r.get('error', 'skipped')[:60]}")
+            log(f"{r['model']:14s} {shape:>10s} {r['method']:24s} {r.get('error', 'skipped')[:60]}")
 
 
 def targets(rows) -> None:
