@@ -1,9 +1,9 @@
-"""Decode attention on matrix units: the fast splits of 4-bit caches as m16n8k16 MMAs (CUDA dialect).
+"""Decode attention on matrix units: the fast splits of 2/4/8-bit caches as m16n8k16 MMAs (CUDA dialect).
 
 The FMA body (bodies.SPLIT) spends ~380 instructions per thread per row at head dim 128, G 4: every
 query head's dot product runs on the CUDA cores. This body (TC_SPLIT) gives the products to the
-tensor cores and keeps only the unpacking (~1 instruction per code) and the softmax on the CUDA
-cores. It takes the same inputs and writes the same pm / pl / pc as a fast (GEN 0) split, so the
+tensor cores and keeps only the unpacking (about 1.5 instructions per code) and the softmax on the
+CUDA cores. It takes the same inputs and writes the same pm / pl / pc as a fast (GEN 0) split, so the
 general splits and the reduce are unchanged. CUDA only: it uses mma.sync (kvmlx.kernels.dialect's
 CUDA header, kv_mma); Metal keeps the FMA body (its simdgroup_matrix form is not written).
 
