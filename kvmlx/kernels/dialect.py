@@ -80,6 +80,8 @@ typedef __half kv_half;
 // split: x = high + low, each rounded to the operand type (two MMAs then carry ~16 bits of x, not 8:
 // one bf16 rounding of q or p s costs up to 2^-9 of a dequantized group's scale times its codes,
 // which outlier groups make large next to the values); returns the four parts' fp32 sum.
+// KV_EMULATED_SIMT: compiled for the CPU by the tests' warp emulator (tests/kvmlx/simt.py), which
+// defines kv_emu_fma2 and kv_emu_mma in place of the PTX.
 #define KV_MMA_SPLIT \
   static __device__ inline float split(uint32_t* r, float x0, float x1) { \
     r[0] = pack(x0, x1); \
@@ -89,9 +91,13 @@ typedef __half kv_half;
 template <typename X> struct kv_mma;
 template <> struct kv_mma<__nv_bfloat16> {
   static __device__ inline uint32_t code(uint32_t r) {  // M = 128: c < 128 fits bf16's 7 mantissa bits
+#ifdef KV_EMULATED_SIMT
+    return kv_emu_fma2<__nv_bfloat16>(r | 0x43004300u, 0x3F803F80u, 0xC300C300u);
+#else
     uint32_t d;
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(r | 0x43004300u), "r"(0x3F803F80u), "r"(0xC300C300u));
     return d;
+#endif
   }
   static __device__ inline uint32_t pack(float lo, float hi) {
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -101,15 +107,23 @@ template <> struct kv_mma<__nv_bfloat16> {
   static __device__ inline float hi(uint32_t r) { return __uint_as_float(r & 0xFFFF0000u); }
   KV_MMA_SPLIT
   static __device__ inline void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+#ifdef KV_EMULATED_SIMT
+    kv_emu_mma<__nv_bfloat16>(c, a0, a1, a2, a3, b0, b1);
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
   }
 };
 template <> struct kv_mma<__half> {
   static __device__ inline uint32_t code(uint32_t r) {  // M = 1024: c < 1024 fits fp16's 10 mantissa bits
+#ifdef KV_EMULATED_SIMT
+    return kv_emu_fma2<__half>(r | 0x64006400u, 0x3C003C00u, 0xE400E400u);
+#else
     uint32_t d;
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(r | 0x64006400u), "r"(0x3C003C00u), "r"(0xE400E400u));
     return d;
+#endif
   }
   static __device__ inline uint32_t pack(float lo, float hi) {
     const __half2 v = __floats2half2_rn(lo, hi);
@@ -119,8 +133,12 @@ template <> struct kv_mma<__half> {
   static __device__ inline float hi(uint32_t r) { return __half2float(__ushort_as_half((unsigned short)(r >> 16))); }
   KV_MMA_SPLIT
   static __device__ inline void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+#ifdef KV_EMULATED_SIMT
+    kv_emu_mma<__half>(c, a0, a1, a2, a3, b0, b1);
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
   }
 };
 """,

@@ -1,6 +1,7 @@
 """kvmlx.kernels on CPU: template rendering in both dialects, the translation units MLX would build
 (compiled with NVRTC where configured, tests/kvmlx/nvrtc.py), and the dispatcher's self-check and
-fallback logic. The kernels themselves run only on a GPU (benchmarks/bench_mlx_kernels.py)."""
+fallback logic. The kernels' results are checked on the CPU by tests/kvmlx/test_kernels_emulated.py
+(a warp emulator) and on a GPU by benchmarks/bench_mlx_kernels.py."""
 
 from __future__ import annotations
 

@@ -1,0 +1,135 @@
+"""Run a kvmlx CUDA-dialect launch on the CPU: the translation unit MLX would compile (launch.py),
+built with g++ against simt_runtime.h (one std::thread per GPU thread, warp collectives and
+mma.sync emulated), so CI checks what the kernels compute, not only that NVRTC accepts them.
+
+`run(launch)` returns what `Launch.run("cuda")` would: output name -> mx.array. Inputs are passed
+as contiguous copies with their own strides (the kernels read through strides, so values, not
+layouts, are what is tested). Slow (seconds per launch): small probes only. A kernel that stops
+making warp-level progress for TIMEOUT_S seconds ends the run with a message (a divergent
+collective hangs a GPU too).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from kvmlx.kernels.launch import CUDA_TYPES, Launch, _uses
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("KVMLX_SIMT_CACHE", Path(tempfile.gettempdir()) / "kvmlx-simt"))
+TIMEOUT_S = 60.0
+NDIM = 10  # Shape / Strides slots, as MLX's MAX_NDIM
+
+_STUBS = {
+    "mlx/backend/cuda/device/utils.cuh": '#include "simt_runtime.h"\nnamespace mlx::core::cu {\n'
+                                         f"using Shape = std::array<int32_t, {NDIM}>;\n"
+                                         f"using Strides = std::array<int64_t, {NDIM}>;\n}}\n",
+    "cooperative_groups.h": "",
+}
+_NP = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16, mx.uint32: np.uint32,
+       mx.int32: np.int32}
+
+
+def available() -> str | None:
+    """None when g++ (C++20) is there, else why the emulated kernels cannot run."""
+    return None if shutil.which("g++") else "g++ is not installed: the CUDA kernels cannot be emulated"
+
+
+def _launcher(launch: Launch, source: str) -> str:
+    """extern "C" kv_launch(buffers, shapes, strides, ndims, grid, block) calling the kernel."""
+    args, i = [], 0
+    for name, arr in launch.inputs.items():
+        args.append(f"(const {CUDA_TYPES[arr.dtype]}*)p[{i}]")
+        if arr.ndim:
+            if _uses(source, name, "shape"):
+                args.append(f"kv_shape(sh + {NDIM} * {i})")
+            if _uses(source, name, "strides"):
+                args.append(f"kv_strides(st + {NDIM} * {i})")
+            if _uses(source, name, "ndim"):
+                args.append(f"nd[{i}]")
+        i += 1
+    for _, dtype in launch.outputs.values():
+        args.append(f"({CUDA_TYPES[dtype]}*)p[{i}]")
+        i += 1
+    return f"""
+static mlx::core::cu::Shape kv_shape(const int32_t* s) {{ mlx::core::cu::Shape r{{}}; for (int i = 0; i < {NDIM}; ++i) r[i] = s[i]; return r; }}
+static mlx::core::cu::Strides kv_strides(const int64_t* s) {{ mlx::core::cu::Strides r{{}}; for (int i = 0; i < {NDIM}; ++i) r[i] = s[i]; return r; }}
+extern "C" int kv_launch(void** p, const int32_t* sh, const int64_t* st, const int* nd, const unsigned* grid,
+                         const unsigned* block, double timeout_s) {{
+  return kv_simt::launch({{grid[0], grid[1], grid[2]}}, {{block[0], block[1], block[2]}}, [&]() {{
+    mlx::core::cu::custom_kernel_{launch.name}({", ".join(args)});
+  }}, timeout_s);
+}}
+"""
+
+
+@cache
+def _library(unit: str) -> ctypes.CDLL:
+    """The shared object of one translation unit (built once per source; cached on disk by hash)."""
+    key = hashlib.sha256(unit.encode()).hexdigest()[:20]
+    so = CACHE / f"{key}.so"
+    if not so.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        inc = CACHE / "include"
+        for rel, text in _STUBS.items():
+            (inc / rel).parent.mkdir(parents=True, exist_ok=True)
+            (inc / rel).write_text(text)
+        src = CACHE / f"{key}.cpp"
+        src.write_text(unit)
+        tmp = so.with_suffix(f".{os.getpid()}.tmp")
+        cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", f"-I{inc}", f"-I{HERE}",
+               str(src), "-o", str(tmp)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"g++ failed on {src}:\n{r.stderr[-4000:]}")
+        tmp.replace(so)
+    lib = ctypes.CDLL(str(so))
+    lib.kv_launch.restype = ctypes.c_int
+    return lib
+
+
+def _host(a: mx.array) -> np.ndarray:
+    """A contiguous host copy with the kernel's element type (bf16 as its uint16 bits)."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.ascontiguousarray(np.array(a))
+
+
+def run(launch: Launch) -> dict[str, mx.array]:
+    """The outputs of `launch` computed by the emulated CUDA kernel."""
+    unit = launch.translation_unit("cuda") + _launcher(launch, launch.body)
+    lib = _library(unit)
+    hosts = [_host(a) for a in launch.inputs.values()]
+    outs = [np.zeros(shape, _NP[dtype]) for shape, dtype in launch.outputs.values()]
+    n = len(hosts) + len(outs)
+    ptrs = (ctypes.c_void_p * n)(*[h.ctypes.data for h in hosts + outs])
+    shapes = np.zeros((n, NDIM), np.int32)
+    strides = np.zeros((n, NDIM), np.int64)
+    ndims = np.zeros(n, np.int32)
+    for i, h in enumerate(hosts):
+        shapes[i, : h.ndim] = h.shape
+        strides[i, : h.ndim] = [s // h.itemsize for s in h.strides]
+        ndims[i] = h.ndim
+    # MLX's grid is in threads: blocks = ceil(grid / threadgroup), block = min(threadgroup, grid) per axis.
+    block = [min(t, g) for t, g in zip(launch.threadgroup, launch.grid)]
+    grid = [-(-g // t) for g, t in zip(launch.grid, launch.threadgroup)]
+    rc = lib.kv_launch(ptrs, shapes.ctypes.data_as(ctypes.c_void_p), strides.ctypes.data_as(ctypes.c_void_p),
+                       ndims.ctypes.data_as(ctypes.c_void_p), (ctypes.c_uint * 3)(*grid),
+                       (ctypes.c_uint * 3)(*block), ctypes.c_double(TIMEOUT_S))
+    if rc:
+        raise RuntimeError(f"{launch.name}: emulated launch returned {rc}")
+    result = {}
+    for (name, (_, dtype)), o in zip(launch.outputs.items(), outs):
+        arr = mx.array(o)
+        result[name] = arr.view(mx.bfloat16) if dtype == mx.bfloat16 else arr
+    return result
