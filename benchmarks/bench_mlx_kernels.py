@@ -20,9 +20,10 @@ Sets KVMLX_KERNELS=on, so a Mac runs the Metal dialect too (by default only the 
 
     PYTHONPATH=. python benchmarks/bench_mlx_kernels.py [--skip-verify] [--variants fma,tc8x1,16x2x256]
 (--variants adds rows kvmlx-<method>@<variant> next to the defaults: "fma" runs the FMA split body
-where the tensor-core body (kvmlx.kernels.tensorcore, CUDA, 4-bit) would; "tcWxU" the tensor-core
-body at W warps and U tiles per step; "<dims per thread>x<unroll>x<threads>[x<target groups>]" the
-FMA body at those launch parameters instead of kvmlx.kernels.attention's defaults.)
+where the tensor-core body (kvmlx.kernels.tensorcore, CUDA, 2/4/8-bit) would; "tcWxU" the
+tensor-core body at W warps and U tiles per step ("tcWxUp": the next step's tiles prefetched);
+"<dims per thread>x<unroll>x<threads>[x<target groups>]" the FMA body at those launch parameters
+instead of kvmlx.kernels.attention's defaults.)
 Writes benchmarks/results/mlx_kernels_<gpu>.json (and $OUT/ when OUT is set). A kernel that fails to
 compile is printed in full with its generated source written next to the JSON; the rest still runs.
 """
@@ -291,9 +292,10 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
                 spec_name, _, variant = method[6:].partition("@")
                 kf, vf = decode_fetched(spec_name, b, t, hkv, d), decode_fetched(spec_name, b, t, hkv, d)
                 defaults = (kattn.dpt_for, kattn.UNROLL, kattn.THREADS, kattn.TARGET_GROUPS)
-                tc_defaults = (tensorcore.WARPS, tensorcore.TILES)
-                if variant.startswith("tc"):
-                    tensorcore.WARPS, tensorcore.TILES = map(int, variant[2:].split("x"))
+                tc_defaults = (tensorcore.WARPS, tensorcore.TILES, tensorcore.PREFETCH)
+                if variant.startswith("tc"):  # tcWxU, or tcWxUp: with the next step's tiles prefetched
+                    tensorcore.WARPS, tensorcore.TILES = map(int, variant[2:].rstrip("p").split("x"))
+                    tensorcore.PREFETCH = variant.endswith("p")
                 elif variant:
                     os.environ["KVMLX_TENSOR_CORES"] = "off"
                 if variant and variant[0].isdigit():
@@ -318,7 +320,7 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
                                                      list(launch.run(dialect).values())[0])
                 finally:
                     kattn.dpt_for, kattn.UNROLL, kattn.THREADS, kattn.TARGET_GROUPS = defaults
-                    tensorcore.WARPS, tensorcore.TILES = tc_defaults
+                    tensorcore.WARPS, tensorcore.TILES, tensorcore.PREFETCH = tc_defaults
                     os.environ.pop("KVMLX_TENSOR_CORES", None)
                 row["bytes"] = nbytes(q, q, *(a for f in (kf, vf) for a in (*f.compressed.values(), f.floats)))
             elif torch_mod is not None:

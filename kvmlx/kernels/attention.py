@@ -181,7 +181,7 @@ def split_launches(q: mx.array, k: Fetched, v: Fetched, scale: float,
             nt = 32 * tensorcore.WARPS
             mt = {"fp16": mx.float16, "bf16": mx.bfloat16}[tensorcore.mma_dtype(k.spec, v.spec, _dtype_name(dtype))]
             tc_template = [("T", dtype), ("MT", mt), ("D", d), ("G", g), ("NW", tensorcore.WARPS),
-                           ("UT", tensorcore.tiles_for(d)), ("KB", kb), ("KCH", kch), ("KGR", kgr), ("VB", vb), ("VGR", vgr)]
+                           ("UT", tensorcore.tiles_for(d)), ("PF", int(tensorcore.PREFETCH)), ("KB", kb), ("KCH", kch), ("KGR", kgr), ("VB", vb), ("VGR", vgr)]
             launches.append(Launch("kvmlx_split_tc", tensorcore.TC_SPLIT, inputs, outputs, tc_template,
                                    grid=(max(splits, 1) * nt, b * hkv, 1), threadgroup=(nt, 1, 1)))
             continue

@@ -27,12 +27,13 @@ Layout (one warp; lane = 4 gq + tq; a 16-row tile is two 8-row n-tiles):
   rounding of p s would cost 2^-9 of s c, which an outlier in a group makes large next to the value
   s c + b, so the H200 self-checks failed with one operand; with two they pass.
 - Each warp walks its own contiguous quarter of the split in tiles of 16 rows (UT tiles per step,
-  loads of all UT tiles issued first), with its own online softmax (rescaling skipped while no
+  loads of all UT tiles issued first; with PF, issued one step ahead), with its own online softmax (rescaling skipped while no
   lane's maximum grows); the warps are merged through threadgroup memory as in bodies.SPLIT.
 
 inputs / outputs: as bodies.SPLIT with GEN 0 (qf, kf, vf unused).
 template T (the float tail's dtype), MT (MMA operand type: `mma_dtype`), D, G, NW (warps), UT
-(tiles per step), KB, KCH, KGR, VB, VGR (bits, channel flag and group as kvspec.spec.Quant).
+(tiles per step), PF (prefetch), KB, KCH, KGR, VB, VGR (bits, channel flag and group as
+kvspec.spec.Quant).
 """
 
 from __future__ import annotations
@@ -109,56 +110,75 @@ float vbias[NVG];
 for (int mt = 0; mt < NMT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
 for (int ga = 0; ga < NVG; ++ga) vbias[ga] = 0.0f;
 
-// Every lane of a warp runs the same iterations (the bound is warp-uniform): shuffles and MMAs need all 32.
-for (int r0 = wstart; r0 < wstop; r0 += 16 * UT) {
-  // ---- fetch UT tiles: K codes of rows 8 nu + gq, then scales and V codes of rows {2tq, 2tq+1, 8+2tq, 9+2tq}
-  uint32_t kw[UT][2][NKB * KWPT];
-  float ksc[UT][4][KNG], kbi[UT][4][KNG];
-  uint32_t vw[UT][4][NVG * VWPT];
-  float vsc[UT][4][NVG], vbi[UT][4][NVG];
-  #pragma unroll
-  for (int u = 0; u < UT; ++u) {
-    for (int nu = 0; nu < 2; ++nu) {
-      const int row = KV_MIN(r0 + 16 * u + 8 * nu + gq, wstop - 1);
-      const int64_t rb = kcb + (int64_t)row * kc_strides[2];
-      for (int be = 0; be < NKB; ++be) {
-        const int w0 = be * (KDB * KB / 32) + tq * KWPT;
-        if (KWPT % 4 == 0) {
-          for (int i = 0; i < KWPT; i += 4) {
-            const uint4 x = KV_LOAD4(kc + rb + w0 + i);
-            kw[u][nu][be * KWPT + i] = x.x; kw[u][nu][be * KWPT + i + 1] = x.y;
-            kw[u][nu][be * KWPT + i + 2] = x.z; kw[u][nu][be * KWPT + i + 3] = x.w;
-          }
-        } else if (KWPT == 2) {
-          const uint2 x = KV_LOAD2(kc + rb + w0);
-          kw[u][nu][be * KWPT] = x.x; kw[u][nu][be * KWPT + 1] = x.y;
-        } else {
-          kw[u][nu][be * KWPT] = kc[rb + w0];
+// One tile's fetch: K codes of rows 8 nu + gq, then scales and V codes of rows {2tq, 2tq+1, 8+2tq,
+// 9+2tq}; rows past the warp's range read its last row (masked later), so the loads carry no branch.
+struct Tile {
+  uint32_t kw[2][NKB * KWPT];
+  float ksc[4][KNG], kbi[4][KNG];
+  uint32_t vw[4][NVG * VWPT];
+  float vsc[4][NVG], vbi[4][NVG];
+};
+auto fetch = [&](Tile& tl, int t0) {
+  for (int nu = 0; nu < 2; ++nu) {
+    const int row = KV_MIN(t0 + 8 * nu + gq, wstop - 1);
+    const int64_t rb = kcb + (int64_t)row * kc_strides[2];
+    for (int be = 0; be < NKB; ++be) {
+      const int w0 = be * (KDB * KB / 32) + tq * KWPT;
+      if (KWPT % 4 == 0) {
+        for (int i = 0; i < KWPT; i += 4) {
+          const uint4 x = KV_LOAD4(kc + rb + w0 + i);
+          tl.kw[nu][be * KWPT + i] = x.x; tl.kw[nu][be * KWPT + i + 1] = x.y;
+          tl.kw[nu][be * KWPT + i + 2] = x.z; tl.kw[nu][be * KWPT + i + 3] = x.w;
         }
+      } else if (KWPT == 2) {
+        const uint2 x = KV_LOAD2(kc + rb + w0);
+        tl.kw[nu][be * KWPT] = x.x; tl.kw[nu][be * KWPT + 1] = x.y;
+      } else {
+        tl.kw[nu][be * KWPT] = kc[rb + w0];
       }
     }
-    for (int i = 0; i < 4; ++i) {
-      const int row = KV_MIN(r0 + 16 * u + 8 * (i / 2) + 2 * tq + i % 2, wstop - 1);
-      if (!KCH) {
-        const int64_t so = ksb + (int64_t)row * ks_strides[2];
-        for (int be = 0; be < KNG; ++be) { ksc[u][i][be] = static_cast<float>(ks[so + be]); kbi[u][i][be] = static_cast<float>(kb[so + be]); }
+  }
+  for (int i = 0; i < 4; ++i) {
+    const int row = KV_MIN(t0 + 8 * (i / 2) + 2 * tq + i % 2, wstop - 1);
+    if (!KCH) {
+      const int64_t so = ksb + (int64_t)row * ks_strides[2];
+      for (int be = 0; be < KNG; ++be) { tl.ksc[i][be] = static_cast<float>(ks[so + be]); tl.kbi[i][be] = static_cast<float>(kb[so + be]); }
+    }
+    const int64_t rb = vcb + (int64_t)row * vc_strides[2];
+    for (int ga = 0; ga < NVG; ++ga) {
+      const int w0 = ga * (VGR * VB / 32) + vw0;
+      if (VWPT == 4) {
+        const uint4 x = KV_LOAD4(vc + rb + w0);
+        tl.vw[i][ga * VWPT] = x.x; tl.vw[i][ga * VWPT + 1 % VWPT] = x.y;
+        tl.vw[i][ga * VWPT + 2 % VWPT] = x.z; tl.vw[i][ga * VWPT + 3 % VWPT] = x.w;
+      } else if (VWPT == 2) {
+        const uint2 x = KV_LOAD2(vc + rb + w0);
+        tl.vw[i][ga * VWPT] = x.x; tl.vw[i][ga * VWPT + 1 % VWPT] = x.y;
+      } else {
+        tl.vw[i][ga * VWPT] = vc[rb + w0];
       }
-      const int64_t rb = vcb + (int64_t)row * vc_strides[2];
-      for (int ga = 0; ga < NVG; ++ga) {
-        const int w0 = ga * (VGR * VB / 32) + vw0;
-        if (VWPT == 4) {
-          const uint4 x = KV_LOAD4(vc + rb + w0);
-          vw[u][i][ga * VWPT] = x.x; vw[u][i][ga * VWPT + 1 % VWPT] = x.y;
-          vw[u][i][ga * VWPT + 2 % VWPT] = x.z; vw[u][i][ga * VWPT + 3 % VWPT] = x.w;
-        } else if (VWPT == 2) {
-          const uint2 x = KV_LOAD2(vc + rb + w0);
-          vw[u][i][ga * VWPT] = x.x; vw[u][i][ga * VWPT + 1 % VWPT] = x.y;
-        } else {
-          vw[u][i][ga * VWPT] = vc[rb + w0];
-        }
-      }
-      const int64_t so = vsb + (int64_t)row * vs_strides[2];
-      for (int ga = 0; ga < NVG; ++ga) { vsc[u][i][ga] = static_cast<float>(vs[so + ga]); vbi[u][i][ga] = static_cast<float>(vb[so + ga]); }
+    }
+    const int64_t so = vsb + (int64_t)row * vs_strides[2];
+    for (int ga = 0; ga < NVG; ++ga) { tl.vsc[i][ga] = static_cast<float>(vs[so + ga]); tl.vbi[i][ga] = static_cast<float>(vb[so + ga]); }
+  }
+};
+
+// Every lane of a warp runs the same iterations (the bound is warp-uniform): shuffles and MMAs need all 32.
+// PF: the next step's tiles are fetched before this step's are used, so their loads overlap its math.
+Tile ahead[UT];
+if (PF) {
+  #pragma unroll
+  for (int u = 0; u < UT; ++u) fetch(ahead[u], wstart + 16 * u);
+}
+for (int r0 = wstart; r0 < wstop; r0 += 16 * UT) {
+  Tile tiles[UT];
+  #pragma unroll
+  for (int u = 0; u < UT; ++u) {
+    if (PF) {
+      tiles[u] = ahead[u];
+      fetch(ahead[u], r0 + 16 * (UT + u));
+    } else {
+      fetch(tiles[u], r0 + 16 * u);
     }
   }
   #pragma unroll
@@ -192,7 +212,7 @@ for (int r0 = wstart; r0 < wstop; r0 += 16 * UT) {
       for (int be = 0; be < NKB; ++be) {
         cs[nu][be][0] = cs[nu][be][1] = cs[nu][be][2] = cs[nu][be][3] = 0.0f;
         for (int om = 0; om < KWPT; ++om) {
-          const uint32_t w = kw[u][nu][be * KWPT + om];
+          const uint32_t w = tiles[u].kw[nu][be * KWPT + om];
           for (int j = 0; j < KHALF / 2; ++j) {
             const int st = be * KSPB + om * (KHALF / 2) + j;
             const uint32_t k0 = MM::code((w >> (2 * j * KB)) & KMASK), k1 = MM::code((w >> ((2 * j + 1) * KB)) & KMASK);
@@ -211,7 +231,7 @@ for (int r0 = wstart; r0 < wstop; r0 += 16 * UT) {
       } else {
         s = 0.0f;
         for (int be = 0; be < NKB; ++be)
-          s += ksc[u][i][be] * cs[nu][be][c] + kbi[u][i][be] * qs[be];
+          s += tiles[u].ksc[i][be] * cs[nu][be][c] + tiles[u].kbi[i][be] * qs[be];
       }
       p[i] = t0 + 8 * nu + 2 * tq + c < wstop ? s : -1.0e30f;
       mx = KV_MAX(mx, p[i]);
@@ -236,13 +256,13 @@ for (int r0 = wstart; r0 < wstop; r0 += 16 * UT) {
     // ---- values: per group, (P s)^T as this thread's B fragment, V^T from byte-interleaved row pairs
     for (int ga = 0; ga < NVG; ++ga) {
       uint32_t b0[2], b1[2];
-      MM::split(b0, p[0] * vsc[u][0][ga], p[1] * vsc[u][1][ga]);
-      MM::split(b1, p[2] * vsc[u][2][ga], p[3] * vsc[u][3][ga]);
-      vbias[ga] += p[0] * vbi[u][0][ga] + p[1] * vbi[u][1][ga] + p[2] * vbi[u][2][ga] + p[3] * vbi[u][3][ga];
+      MM::split(b0, p[0] * tiles[u].vsc[0][ga], p[1] * tiles[u].vsc[1][ga]);
+      MM::split(b1, p[2] * tiles[u].vsc[2][ga], p[3] * tiles[u].vsc[3][ga]);
+      vbias[ga] += p[0] * tiles[u].vbi[0][ga] + p[1] * tiles[u].vbi[1][ga] + p[2] * tiles[u].vbi[2][ga] + p[3] * tiles[u].vbi[3][ga];
       for (int bp = 0; bp < VBY / 2; ++bp) {
         const int wi = ga * VWPT + (VBY >= 4 ? bp / 2 : 0);
         const uint32_t sel = 0x5410u + 0x1111u * (uint32_t)(VBY >= 4 ? 2 * (bp % 2) : voff);
-        const uint32_t x = __byte_perm(vw[u][0][wi], vw[u][1][wi], sel), y = __byte_perm(vw[u][2][wi], vw[u][3][wi], sel);
+        const uint32_t x = __byte_perm(tiles[u].vw[0][wi], tiles[u].vw[1][wi], sel), y = __byte_perm(tiles[u].vw[2][wi], tiles[u].vw[3][wi], sel);
         for (int i = 0; i < VMPB; ++i) {
           const uint32_t a0 = MM::code((x >> (2 * i * VB)) & VMASK), a1 = MM::code((x >> ((2 * i + 1) * VB)) & VMASK);
           const uint32_t a2 = MM::code((y >> (2 * i * VB)) & VMASK), a3 = MM::code((y >> ((2 * i + 1) * VB)) & VMASK);
@@ -300,6 +320,7 @@ for (int e = kv_tid; e < G * D; e += NTH) {
 # 4 warps x 2 tiles 0.277 ms for the split alone, 4 x 1 0.287, 2 x 2 0.268: within the run-to-run spread.
 WARPS = 4  # warps per threadgroup, each over its own quarter of the split
 TILES = 2  # 16-row tiles whose loads one step issues together
+PREFETCH = False  # fetch the next step's tiles during this step's math (correct on the emulator; not yet timed)
 
 
 def tiles_for(d: int) -> int:

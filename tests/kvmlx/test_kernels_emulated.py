@@ -19,7 +19,7 @@ mx = pytest.importorskip("mlx.core", reason="mlx is not installed")
 from kvmlx import ops  # noqa: E402
 from kvmlx.kernels import attention as kattn  # noqa: E402
 from kvmlx.kernels import quantize as kquant  # noqa: E402
-from kvmlx.kernels import selfcheck  # noqa: E402
+from kvmlx.kernels import selfcheck, tensorcore  # noqa: E402
 from kvmlx.kernels.launch import Launch  # noqa: E402
 from kvmlx.store import TensorStore  # noqa: E402
 from kvspec.grammar import parse  # noqa: E402
@@ -95,6 +95,21 @@ def test_decode_kernels_match_the_reference(emulated, monkeypatch, spec, d, g, d
     want = kattn._reference(key, q, k, v, scale)
     assert got.dtype == q.dtype and got.shape == q.shape
     why = kattn._compare(key, got, want)
+    assert why is None, f"seed {seed}: {why}"
+
+
+@pytest.mark.parametrize("spec,d,g,dtype", [("int4", 128, 4, "bf16"), ("int4-kchan-res16", 64, 7, "fp16"),
+                                           ("k8v4", 128, 3, "bf16")])
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_prefetching_tensor_core_body_matches_the_reference(emulated, monkeypatch, spec, d, g, dtype, tiles):
+    """tensorcore.PREFETCH (off by default until timed): the next step's tiles load during this step."""
+    monkeypatch.setattr(tensorcore, "PREFETCH", True)
+    monkeypatch.setattr(tensorcore, "TILES", tiles)
+    seed = int(np.random.default_rng().integers(2**31))
+    key, q, k, v, scale = decode_inputs(spec, d, g, dtype, seed)
+    fast = kattn.split_launches(q, k, v, scale, "cuda")[0]
+    assert fast.name == "kvmlx_split_tc" and dict(fast.template)["PF"] == 1
+    why = kattn._compare(key, kattn.run_decode("cuda", q, k, v, scale), kattn._reference(key, q, k, v, scale))
     assert why is None, f"seed {seed}: {why}"
 
 
