@@ -33,7 +33,7 @@ Layout (one warp; lane = 4 gq + tq; a 16-row tile is two 8-row n-tiles):
 inputs / outputs: as bodies.SPLIT with GEN 0 (qf, kf, vf unused).
 template T (the float tail's dtype), MT (MMA operand type: `mma_dtype`), D, G, NW (warps), UT
 (tiles per step), PF (prefetch), KB, KCH, KGR, VB, VGR (bits, channel flag and group as
-kvspec.spec.Quant).
+kvspec.spec.Quant), FUSED (the fast part of a fused launch: see bodies.SPLIT).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ constexpr int VWPT = VBY >= 4 ? VBY / 4 : 1;  // words loaded per thread per gro
 constexpr int VMPB = 8 / VB;         // m-tiles per byte pair
 constexpr int NMT = D / 16;          // m-tiles of the value product
 constexpr int NTH = NW * 32;
-const int nk = params[0], nv = params[1], chunk = params[5], S = params[8], hkv = params[10];
+const int nk = params[0], nv = params[1], chunk = params[5], hkv = params[10];
+const int S = FUSED ? params[8] + params[9] : params[8];  // output slots per (batch, KV head); fast first
 const float qmul = KV_AS_FLOAT((uint32_t)params[11]);
 const int lane = kv_tid % 32, warp = kv_tid / 32;
 const int gq = lane / 4, tq = lane % 4;

@@ -113,6 +113,19 @@ def test_prefetching_tensor_core_body_matches_the_reference(emulated, monkeypatc
     assert why is None, f"seed {seed}: {why}"
 
 
+@pytest.mark.parametrize("spec,d,g,dtype", [("int4-res16", 128, 4, "bf16"), ("int4-kchan-res16", 64, 7, "fp16"),
+                                           ("k8v4-res8", 128, 3, "bf16")])
+def test_fused_fast_and_general_splits_match_the_reference(emulated, monkeypatch, spec, d, g, dtype):
+    """attention.FUSE_GENERAL (off by default until timed): one launch runs both kinds of split."""
+    monkeypatch.setattr(kattn, "FUSE_GENERAL", True)
+    seed = int(np.random.default_rng().integers(2**31))
+    key, q, k, v, scale = decode_inputs(spec, d, g, dtype, seed)
+    fast, general, meta = kattn.split_launches(q, k, v, scale, "cuda")
+    assert kattn.fused_launch(fast, general, meta) is not None and all(meta["splits"])
+    why = kattn._compare(key, kattn.run_decode("cuda", q, k, v, scale), kattn._reference(key, q, k, v, scale))
+    assert why is None, f"seed {seed}: {why}"
+
+
 def test_the_tensor_core_body_is_what_ran(monkeypatch):
     """The cases above exercise TC_SPLIT where it applies (not only the FMA body)."""
     monkeypatch.delenv("KVMLX_TENSOR_CORES", raising=False)
