@@ -155,17 +155,29 @@ INDEX = {
 }
 
 _PLACEHOLDER = re.compile(r"\{\{[A-Z_]+\}\}")
+_COMMENT = re.compile(r"[ \t]*//[^\n]*")
+
+
+def strip_comments(text: str) -> str:
+    """`text` without // comments, indentation and blank lines (the kernel texts hold no string
+    literals). MLX rebuilds each custom kernel's source and hashes it on every call, so what it is
+    sent is kept short."""
+    return "\n".join(line.strip() for line in _COMMENT.sub("", text).splitlines() if line.strip()) + "\n"
+
+
+_HEADERS_STRIPPED = {name: strip_comments(text) for name, text in HEADERS.items()}
 
 
 def render(body: str, dialect: str) -> tuple[str, str]:
-    """(header, source) of a kernel body in `dialect`; raises on a placeholder left unreplaced."""
+    """(header, source) of a kernel body in `dialect`, comments stripped; raises on a placeholder
+    left unreplaced."""
     if dialect not in DIALECTS:
         raise ValueError(f"dialect must be one of {DIALECTS}, got {dialect!r}")
     source = body.replace("{{INDEX}}", INDEX[dialect])
     left = _PLACEHOLDER.findall(source)
     if left:
         raise ValueError(f"unreplaced placeholders in the {dialect} body: {sorted(set(left))}")
-    return HEADERS[dialect], source
+    return _HEADERS_STRIPPED[dialect], strip_comments(source)
 
 
 def build(name: str, body: str, inputs: list[str], outputs: list[str], dialect: str):

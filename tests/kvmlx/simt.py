@@ -23,6 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from kvmlx.kernels import dialect as dialects
 from kvmlx.kernels.launch import CUDA_TYPES, Launch, _uses
 
 HERE = Path(__file__).resolve().parent
@@ -107,7 +108,7 @@ def _host(a: mx.array) -> np.ndarray:
 
 def run(launch: Launch) -> dict[str, mx.array]:
     """The outputs of `launch` computed by the emulated CUDA kernel."""
-    unit = launch.translation_unit("cuda") + _launcher(launch, launch.body)
+    unit = launch.translation_unit("cuda") + _launcher(launch, dialects.render(launch.body, "cuda")[1])
     lib = _library(unit)
     hosts = [_host(a) for a in launch.inputs.values()]
     outs = [np.zeros(shape, _NP[dtype]) for shape, dtype in launch.outputs.values()]

@@ -72,6 +72,8 @@ def test_bodies_render_without_placeholders(which):
         assert ("threadIdx" in source) == (which == "cuda")
         assert ("thread_position_in_threadgroup" in source) == (which == "metal")
         assert "KV_SHFL_XOR" in header and "KV_DIV_RN" in header
+        # MLX rebuilds and hashes the source on every call: comments and indentation are not sent.
+        assert "//" not in source + header and not any(line.startswith(" ") for line in source.splitlines())
     # The template's K/V expansion ("@" -> K / V, "$" -> k / v) leaves no generic names behind.
     assert "@" not in bodies.SPLIT and "$" not in bodies.SPLIT
 
