@@ -184,8 +184,8 @@ def split_launches(q: mx.array, k: Fetched, v: Fetched, scale: float,
             nt = 32 * tensorcore.WARPS
             mt = {"fp16": mx.float16, "bf16": mx.bfloat16}[tensorcore.mma_dtype(k.spec, v.spec, _dtype_name(dtype))]
             tc_template = [("T", dtype), ("MT", mt), ("D", d), ("G", g), ("NW", tensorcore.WARPS),
-                           ("UT", tensorcore.tiles_for(d)), ("PF", int(tensorcore.PREFETCH)), ("KB", kb), ("KCH", kch), ("KGR", kgr), ("VB", vb), ("VGR", vgr),
-                           ("FUSED", 0)]
+                           ("UT", tensorcore.tiles_for(d)), ("PF", int(tensorcore.PREFETCH)), ("KB", kb),
+                           ("KCH", kch), ("KGR", kgr), ("VB", vb), ("VGR", vgr), ("FUSED", 0)]
             launches.append(Launch("kvmlx_split_tc", tensorcore.TC_SPLIT, inputs, outputs, tc_template,
                                    grid=(max(splits, 1) * nt, b * hkv, 1), threadgroup=(nt, 1, 1)))
             continue
@@ -200,8 +200,8 @@ def split_launches(q: mx.array, k: Fetched, v: Fetched, scale: float,
 def fused_launch(fast: Launch, general: Launch, meta: dict) -> Launch | None:
     """The tensor-core fast splits and the general splits as one launch (CUDA dialect: one dispatch
     fewer per call): blocks [0, S_fast) run TC_SPLIT, the rest bodies.SPLIT with GEN 1, into outputs
-    of S_fast + S_gen slots. None where it does not apply (FUSE_GENERAL off, an FMA fast split, a
-    kind with no splits, different group sizes). Sets meta["fused"] for reduce_launch."""
+    of S_fast + S_gen slots (reduce_launch reads them with meta["fused"] set). None where it does
+    not apply (FUSE_GENERAL off, an FMA fast split, a kind with no splits, different group sizes)."""
     s_fast, s_gen = meta["splits"]
     if not (FUSE_GENERAL and fast.name == "kvmlx_split_tc" and s_fast and s_gen
             and fast.threadgroup == general.threadgroup):
@@ -213,7 +213,6 @@ def fused_launch(fast: Launch, general: Launch, meta: dict) -> Launch | None:
     template = {**dict(general.template), **dict(fast.template), "FUSED": 1}
     body = ("{{INDEX}}\nif (kv_bx < params[8]) {\n" + tensorcore.TC_SPLIT.replace("{{INDEX}}", "", 1)
             + "\n} else {\n" + bodies.SPLIT.replace("{{INDEX}}", "", 1) + "\n}\n")
-    meta["fused"] = True
     nt = fast.threadgroup[0]
     return Launch("kvmlx_split_fused", body, fast.inputs, outputs, list(template.items()),
                   grid=((s_fast + s_gen) * nt, fast.grid[1], 1), threadgroup=fast.threadgroup)
@@ -246,6 +245,7 @@ def run_decode(dialect: str, q: mx.array, k: Fetched, v: Fetched, scale: float) 
     fused = fused_launch(fast, general, meta)
     if fused is not None:
         parts = [fused.run(dialect)] * 2
+        meta = {**meta, "fused": True}
     else:
         parts = [launch.run(dialect) if splits else _EMPTY for launch, splits in ((fast, s_fast), (general, s_gen))]
     out = reduce_launch(*parts, meta).run(dialect)

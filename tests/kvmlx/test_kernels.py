@@ -177,7 +177,7 @@ def test_fused_launch_applies_only_with_both_kinds_of_split(monkeypatch):
             q, k, v, scale = kattn._probe((s.k, s.v, 128, 4, 2, "bf16"))  # a float tail of 5
         fast, general, meta = kattn.split_launches(q, k, v, scale, "cuda")
         fused = kattn.fused_launch(fast, general, meta)
-        assert (fused is not None) == want and meta["fused"] == want, spec
+        assert (fused is not None) == want, spec
         if fused is not None:
             t = dict(fused.template)
             assert t["FUSED"] == 1 and t["GEN"] == 1 and "MT" in t and fused.grid[0] == sum(meta["splits"]) * 128
