@@ -182,7 +182,7 @@ def split_launches(q: mx.array, k: Fetched, v: Fetched, scale: float,
                     ("VW", vw), ("VGR", vgr), ("VCH", vch), ("FUSED", 0)]
         if tc and not gen:
             nt = 32 * tensorcore.WARPS
-            mt = {"fp16": mx.float16, "bf16": mx.bfloat16}[tensorcore.mma_dtype(k.spec, v.spec, _dtype_name(dtype))]
+            mt = ops.float_dtype(tensorcore.mma_dtype(k.spec, v.spec, _dtype_name(dtype)))
             tc_template = [("T", dtype), ("MT", mt), ("D", d), ("G", g), ("NW", tensorcore.WARPS),
                            ("UT", tensorcore.tiles_for(d)), ("PF", int(tensorcore.PREFETCH)), ("KB", kb),
                            ("KCH", kch), ("KGR", kgr), ("VB", vb), ("VGR", vgr), ("FUSED", 0)]
@@ -312,6 +312,5 @@ def decode_attention(q: mx.array, k: Fetched, v: Fetched, scale: float, window: 
     """kvmlx.attention.KERNELS entry: None where `refusal` says no, else the (checked) kernels' output."""
     if refusal(q, k, v, window) is not None:
         return None
-    dtype = "fp16" if k.floats.dtype == mx.float16 else "bf16"
-    key = (k.spec, v.spec, q.shape[-1], q.shape[1] // k.floats.shape[1], k.floats.shape[1], dtype)
+    key = (k.spec, v.spec, q.shape[-1], q.shape[1] // k.floats.shape[1], k.floats.shape[1], _dtype_name(k.floats.dtype))
     return CHECKED(key, q, k, v, scale)

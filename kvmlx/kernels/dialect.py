@@ -40,6 +40,30 @@ inline uint32_t kv_word(uint32_t w) { return w; }
 template <typename X> inline uint32_t kv_word(X) { return 0u; }
 """
 
+def _mma_ops(cxx: str, ptx: str, magic: int, one: int, neg_magic: int) -> str:
+    """kv_mma<cxx>'s code() and mma() (CUDA header below): PTX on the GPU, the tests' warp emulator
+    under KV_EMULATED_SIMT. magic / one / neg_magic: the 16-bit patterns of M, 1 and -M in `ptx`
+    (bf16: M = 128, so codes below 128 fit its 7 mantissa bits; fp16: M = 1024, below 1024)."""
+    m, o, n = (f"0x{x:04X}{x:04X}u" for x in (magic, one, neg_magic))
+    return f"""  static __device__ inline uint32_t code(uint32_t r) {{  // c < M's mantissa unit: M + c exact, then - M
+#ifdef KV_EMULATED_SIMT
+    return kv_emu_fma2<{cxx}>(r | {m}, {o}, {n});
+#else
+    uint32_t d;
+    asm("fma.rn.{ptx}x2 %0, %1, %2, %3;" : "=r"(d) : "r"(r | {m}), "r"({o}), "r"({n}));
+    return d;
+#endif
+  }}
+  static __device__ inline void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {{
+#ifdef KV_EMULATED_SIMT
+    kv_emu_mma<{cxx}>(c, a0, a1, a2, a3, b0, b1);
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.{ptx}.{ptx}.f32 {{%0,%1,%2,%3}}, {{%4,%5,%6,%7}}, {{%8,%9}}, {{%0,%1,%2,%3}};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+  }}"""
+
+
 HEADERS = {
     "metal": _COMMON + """
 #define KV_SHARED threadgroup
@@ -90,15 +114,7 @@ typedef __half kv_half;
   }
 template <typename X> struct kv_mma;
 template <> struct kv_mma<__nv_bfloat16> {
-  static __device__ inline uint32_t code(uint32_t r) {  // M = 128: c < 128 fits bf16's 7 mantissa bits
-#ifdef KV_EMULATED_SIMT
-    return kv_emu_fma2<__nv_bfloat16>(r | 0x43004300u, 0x3F803F80u, 0xC300C300u);
-#else
-    uint32_t d;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(r | 0x43004300u), "r"(0x3F803F80u), "r"(0xC300C300u));
-    return d;
-#endif
-  }
+""" + _mma_ops("__nv_bfloat16", "bf16", 0x4300, 0x3F80, 0xC300) + """
   static __device__ inline uint32_t pack(float lo, float hi) {
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&v);
@@ -106,25 +122,9 @@ template <> struct kv_mma<__nv_bfloat16> {
   static __device__ inline float lo(uint32_t r) { return __uint_as_float(r << 16); }
   static __device__ inline float hi(uint32_t r) { return __uint_as_float(r & 0xFFFF0000u); }
   KV_MMA_SPLIT
-  static __device__ inline void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-#ifdef KV_EMULATED_SIMT
-    kv_emu_mma<__nv_bfloat16>(c, a0, a1, a2, a3, b0, b1);
-#else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-  }
 };
 template <> struct kv_mma<__half> {
-  static __device__ inline uint32_t code(uint32_t r) {  // M = 1024: c < 1024 fits fp16's 10 mantissa bits
-#ifdef KV_EMULATED_SIMT
-    return kv_emu_fma2<__half>(r | 0x64006400u, 0x3C003C00u, 0xE400E400u);
-#else
-    uint32_t d;
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(r | 0x64006400u), "r"(0x3C003C00u), "r"(0xE400E400u));
-    return d;
-#endif
-  }
+""" + _mma_ops("__half", "f16", 0x6400, 0x3C00, 0xE400) + """
   static __device__ inline uint32_t pack(float lo, float hi) {
     const __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&v);
@@ -132,14 +132,6 @@ template <> struct kv_mma<__half> {
   static __device__ inline float lo(uint32_t r) { return __half2float(__ushort_as_half((unsigned short)(r & 0xFFFFu))); }
   static __device__ inline float hi(uint32_t r) { return __half2float(__ushort_as_half((unsigned short)(r >> 16))); }
   KV_MMA_SPLIT
-  static __device__ inline void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-#ifdef KV_EMULATED_SIMT
-    kv_emu_mma<__half>(c, a0, a1, a2, a3, b0, b1);
-#else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-  }
 };
 """,
 }
