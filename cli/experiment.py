@@ -196,6 +196,7 @@ def report(setup: Setup, rows: list[dict[str, Any]], devices: tuple[str, ...] = 
         "context": setup.context,
         "stride": setup.stride,
         "chunk": setup.chunk,
+        **({"placement": r.placement} if getattr(r, "placement", None) else {}),
         "protocol": PROTOCOL,
         **extra,
         "results": rows,

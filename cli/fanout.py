@@ -47,6 +47,10 @@ def _worker(rank: int, job: Job) -> None:
     from . import experiment
 
     out = Path(job.out_dir) / f"worker{rank}.jsonl"
+    if job.devices[rank].startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(job.devices[rank])  # so nothing of this worker's lands on cuda:0
     runner = experiment.backends.runner(job.backend, job.model, device=job.devices[rank])
     setup = experiment.make_setup(runner, job.data, job.max_tokens, job.context, job.stride, job.chunk, job.lastword, job.seed)
     bases = basis_store.load(Path(job.bases_path), runner.fingerprint) if job.bases_path else None

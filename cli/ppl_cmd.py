@@ -64,9 +64,16 @@ def num(x: float, sign: str = "") -> str:
     return f"{x:{sign},.{digits}f}"
 
 
+def where(report: dict[str, Any]) -> str:
+    """The device, or the layers per device of a sharded model ("cuda:0 x15 + cuda:1 x15 layers")."""
+    if "placement" not in report:
+        return report["device"]
+    return " + ".join(f"{d} x{n}" for d, n in report["placement"].items()) + " layers"
+
+
 def print_table(report: dict[str, Any], lastword: bool) -> None:
     table = Table(title=f"{report['model']} on {report['data']}: {report['results'][0]['tokens']:,} scored tokens, "
-                  f"context {report['context']}, {report['backend']} on {report['device']}")
+                  f"context {report['context']}, {report['backend']} on {where(report)}")
     for col in ("spec", "bits/el", "KV MB", "PPL (95% CI)", "ΔPPL vs fp16", "tok/s", "peak MB"):
         table.add_column(col, justify="left" if col == "spec" else "right", no_wrap=True)
     if lastword:

@@ -7,6 +7,7 @@ Decoding is greedy. Batch size 1.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -184,12 +185,28 @@ class Runner:
             for which, attr in (("k", "keys"), ("v", "values"))
         }
 
+    @property
+    def placement(self) -> dict[str, int] | None:
+        """Decoder layers per device for a model sharded by a device map ({"cuda:0": 15, ...}); None otherwise."""
+        device_map = getattr(self.model, "hf_device_map", None) or {}
+        counts: dict[str, int] = {}
+        for module, device in device_map.items():
+            if re.search(r"\.layers\.\d+$", module):
+                name = f"cuda:{device}" if isinstance(device, int) else str(device)
+                counts[name] = counts.get(name, 0) + 1
+        return counts or None
+
+    def _gpus(self) -> list[torch.device]:
+        """The CUDA devices holding parameters (several under a device map)."""
+        if not torch.cuda.is_available():
+            return []
+        return sorted({p.device for p in self.model.parameters() if p.device.type == "cuda"}, key=str)
+
     def reset_peak_memory(self) -> None:
-        if torch.cuda.is_available() and self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
+        for gpu in self._gpus():
+            torch.cuda.reset_peak_memory_stats(gpu)
 
     def peak_memory(self) -> int | None:
-        """Peak bytes allocated on the GPU since `reset_peak_memory`; None on CPU."""
-        if torch.cuda.is_available() and self.device.startswith("cuda"):
-            return int(torch.cuda.max_memory_allocated())
-        return None
+        """Peak bytes allocated since `reset_peak_memory`, summed over the model's GPUs; None on CPU."""
+        gpus = self._gpus()
+        return sum(int(torch.cuda.max_memory_allocated(g)) for g in gpus) if gpus else None

@@ -29,7 +29,7 @@ from kvspec.reference.rotation import norm_factor
 from kvspec.spec import LowRank, Quant
 
 from .. import ops
-from .support import interpreting, padded, rotation_signs, tensor_refusal, triton_refusal
+from .support import interpreting, on_device, padded, rotation_signs, tensor_refusal, triton_refusal
 
 LOG2E = 1.4426950408889634
 # (keys per block, warps, stages) of the GENERAL launch: its region is short (the float tail) and its
@@ -265,7 +265,8 @@ def attention(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, windo
     """The dispatcher: Triton kernels where `refusal` is None, `attention_reference` otherwise
     (which also refuses windows, softcaps and masks: kvtorch.attention handles those)."""
     if refusal(q, k, v, window=window, softcap=softcap, mask=mask) is None:
-        return attend(q, q_pos, k, v, scale=scale)
+        with on_device(q):
+            return attend(q, q_pos, k, v, scale=scale)
     if window is not None or softcap is not None or mask is not None:
         raise ValueError("window, softcap and mask are handled by kvtorch.attention.attention_reference")
     return attention_reference(q, q_pos, k, v, scale=scale)
@@ -276,4 +277,5 @@ def attention_kernel(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float
     """For kvtorch.attention.register_kernel: the kernels' output, or None where they refuse."""
     if refusal(q, k, v, window=window, softcap=softcap, mask=mask) is not None:
         return None
-    return attend(q, q_pos, k, v, scale=scale)
+    with on_device(q):
+        return attend(q, q_pos, k, v, scale=scale)

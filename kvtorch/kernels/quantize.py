@@ -28,7 +28,7 @@ from kvspec.reference.rotation import norm_factor
 from kvspec.spec import LowRank, Quant, TensorSpec
 
 from .. import ops
-from .support import rotation_signs, tensor_refusal, triton_refusal
+from .support import on_device, rotation_signs, tensor_refusal, triton_refusal
 
 
 def stored_arrays(x: torch.Tensor, t: TensorSpec, float_dtype: str) -> dict[str, torch.Tensor]:
@@ -92,5 +92,6 @@ def quantize_rows(
         signs = rotation_signs(d, t.rotation, x.device)
         rot_norm = float(norm_factor(d))
     basis32 = basis.float().contiguous() if isinstance(t, LowRank) else None
-    quantize_rows_triton(x, t, ops.float_dtype(float_dtype), out, signs, rot_norm, basis32)
+    with on_device(x):
+        quantize_rows_triton(x, t, ops.float_dtype(float_dtype), out, signs, rot_norm, basis32)
     return out

@@ -7,6 +7,7 @@ to the module's plain-torch reference.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -36,6 +37,12 @@ def triton_refusal(device: torch.device) -> str | None:
     if device.type == "cpu" and interpreting():
         return None
     return f"no Triton kernels on {device.type} (CUDA, or CPU under TRITON_INTERPRET=1)"
+
+
+def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make x's GPU the current one for a launch: Triton launches on the current device, not the
+    tensors', so a layer on cuda:1 (an accelerate device map) would otherwise run on cuda:0."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def is_pow2(n: int) -> bool:
@@ -82,6 +89,7 @@ def tensor_refusal(t: TensorSpec, head_dim: int) -> str | None:
 
 
 @functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=64)
 def rotation_signs(dim: int, seed: int, device: torch.device) -> torch.Tensor:
     """kvspec's Hadamard signs [D] (fp32) on `device`, made once per (dim, seed, device)."""
     return torch.from_numpy(hadamard_signs(dim, seed)).to(device)
