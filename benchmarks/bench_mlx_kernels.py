@@ -22,7 +22,6 @@ Sets KVMLX_KERNELS=on, so a Mac runs the Metal dialect too (by default only the 
 (--variants adds rows kvmlx-<method>@<variant> next to the defaults: "fma" runs the FMA split body
 where the tensor-core body (kvmlx.kernels.tensorcore, CUDA, 2/4/8-bit) would; "tcWxU" the
 tensor-core body at W warps and U tiles per step ("tcWxUp": the next step's tiles prefetched);
-"fused" (or "<variant>+fused") runs the fast and general splits as one launch;
 "<dims per thread>x<unroll>x<threads>[x<target groups>]" the FMA body at those launch parameters
 instead of kvmlx.kernels.attention's defaults.)
 Writes benchmarks/results/mlx_kernels_<gpu>.json (and $OUT/ when OUT is set). A kernel that fails to
@@ -293,9 +292,7 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
                 spec_name, _, variant = method[6:].partition("@")
                 kf, vf = decode_fetched(spec_name, b, t, hkv, d), decode_fetched(spec_name, b, t, hkv, d)
                 defaults = (kattn.dpt_for, kattn.UNROLL, kattn.THREADS, kattn.TARGET_GROUPS)
-                tc_defaults = (tensorcore.WARPS, tensorcore.TILES, tensorcore.PREFETCH, kattn.FUSE_GENERAL)
-                kattn.FUSE_GENERAL = "fused" in variant.split("+")  # "+fused": one launch for both splits
-                variant = variant.split("+")[0] if variant != "fused" else ""
+                tc_defaults = (tensorcore.WARPS, tensorcore.TILES, tensorcore.PREFETCH)
                 if variant.startswith("tc"):  # tcWxU, or tcWxUp: with the next step's tiles prefetched
                     tensorcore.WARPS, tensorcore.TILES = map(int, variant[2:].rstrip("p").split("x"))
                     tensorcore.PREFETCH = variant.endswith("p")
@@ -323,7 +320,7 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
                                                      list(launch.run(dialect).values())[0])
                 finally:
                     kattn.dpt_for, kattn.UNROLL, kattn.THREADS, kattn.TARGET_GROUPS = defaults
-                    tensorcore.WARPS, tensorcore.TILES, tensorcore.PREFETCH, kattn.FUSE_GENERAL = tc_defaults
+                    tensorcore.WARPS, tensorcore.TILES, tensorcore.PREFETCH = tc_defaults
                     os.environ.pop("KVMLX_TENSOR_CORES", None)
                 row["bytes"] = nbytes(q, q, *(a for f in (kf, vf) for a in (*f.compressed.values(), f.floats)))
             elif torch_mod is not None:
@@ -387,7 +384,7 @@ def main() -> None:
     args = ap.parse_args()
     budget = args.budget_s
     for variant in filter(None, args.variants.split(",")):
-        methods = ("int4",) if variant[0].isalpha() else ("int8", "int4", "int2", "rank32")  # tc / fma / fused: int4
+        methods = ("int4",) if variant[0].isalpha() else ("int8", "int4", "int2", "rank32")  # tc / fma: 4-bit only
         TIME_METHODS.extend(f"kvmlx-{m}@{variant}" for m in methods)
     os.environ.setdefault("KVMLX_KERNELS", "on")  # Metal runs only when switched on; this script is its check
     t_start = time.time()

@@ -40,9 +40,6 @@ UNROLL = 4  # rows per thread whose loads are in flight together (see bodies.SPL
 DPT_SMALL_G, DPT_NARROW, DPT_LARGE_G = 16, 8, 4  # see dpt_for
 TARGET_GROUPS = 528  # threadgroups to aim at (4 per multiprocessor of an H200)
 MAX_GENERAL = 16
-# One launch for the tensor-core fast splits and the general splits (`fused_launch`): correct on the
-# CPU warp emulator (tests/kvmlx/test_kernels_emulated.py), not yet timed on a GPU, so off.
-FUSE_GENERAL = False
 
 
 def _fmt(t) -> tuple[int, int, int]:
@@ -179,43 +176,21 @@ def split_launches(q: mx.array, k: Fetched, v: Fetched, scale: float,
                    "pf": ((n_out * d if gen else 1,), mx.float32)}
         template = [("T", dtype), ("D", d), ("G", g), ("DPT", dpt), ("TPR", tpr[gen]), ("NT", THREADS),
                     ("U", UNROLL), ("GEN", gen), ("KB", kb), ("KW", kw), ("KGR", kgr), ("KCH", kch), ("VB", vb),
-                    ("VW", vw), ("VGR", vgr), ("VCH", vch), ("FUSED", 0)]
+                    ("VW", vw), ("VGR", vgr), ("VCH", vch)]
         if tc and not gen:
             nt = 32 * tensorcore.WARPS
             mt = ops.float_dtype(tensorcore.mma_dtype(k.spec, v.spec, _dtype_name(dtype)))
             tc_template = [("T", dtype), ("MT", mt), ("D", d), ("G", g), ("NW", tensorcore.WARPS),
-                           ("UT", tensorcore.tiles_for(d)), ("PF", int(tensorcore.PREFETCH)), ("KB", kb),
-                           ("KCH", kch), ("KGR", kgr), ("VB", vb), ("VGR", vgr), ("FUSED", 0)]
+                           ("UT", tensorcore.tiles_for(d)), ("PF", int(tensorcore.prefetch_for(d))), ("KB", kb),
+                           ("KCH", kch), ("KGR", kgr), ("VB", vb), ("VGR", vgr)]
             launches.append(Launch("kvmlx_split_tc", tensorcore.TC_SPLIT, inputs, outputs, tc_template,
                                    grid=(max(splits, 1) * nt, b * hkv, 1), threadgroup=(nt, 1, 1)))
             continue
         launches.append(Launch("kvmlx_split", bodies.SPLIT, inputs, outputs, template,
                                grid=(max(splits, 1) * THREADS, b * hkv, 1), threadgroup=(THREADS, 1, 1)))
     plain = isinstance(v.spec, Quant) and v.spec.rotation is None
-    meta = {"splits": (s_fast, s_gen), "shape": (b, hq, d), "vw": vw, "g": g, "plain": plain, "dtype": q.dtype,
-            "fused": False}
+    meta = {"splits": (s_fast, s_gen), "shape": (b, hq, d), "vw": vw, "g": g, "plain": plain, "dtype": q.dtype}
     return launches[0], launches[1], meta
-
-
-def fused_launch(fast: Launch, general: Launch, meta: dict) -> Launch | None:
-    """The tensor-core fast splits and the general splits as one launch (CUDA dialect: one dispatch
-    fewer per call): blocks [0, S_fast) run TC_SPLIT, the rest bodies.SPLIT with GEN 1, into outputs
-    of S_fast + S_gen slots (reduce_launch reads them with meta["fused"] set). None where it does
-    not apply (FUSE_GENERAL off, an FMA fast split, a kind with no splits, different group sizes)."""
-    s_fast, s_gen = meta["splits"]
-    if not (FUSE_GENERAL and fast.name == "kvmlx_split_tc" and s_fast and s_gen
-            and fast.threadgroup == general.threadgroup):
-        return None
-    b, hq, d = meta["shape"]
-    n_out = b * (hq // meta["g"]) * (s_fast + s_gen) * meta["g"]
-    outputs = {"pm": ((n_out,), mx.float32), "pl": ((n_out,), mx.float32), "pc": ((n_out * meta["vw"],), mx.float32),
-               "pf": ((n_out * d,), mx.float32)}
-    template = {**dict(general.template), **dict(fast.template), "FUSED": 1}
-    body = ("{{INDEX}}\nif (kv_bx < params[8]) {\n" + tensorcore.TC_SPLIT.replace("{{INDEX}}", "", 1)
-            + "\n} else {\n" + bodies.SPLIT.replace("{{INDEX}}", "", 1) + "\n}\n")
-    nt = fast.threadgroup[0]
-    return Launch("kvmlx_split_fused", body, fast.inputs, outputs, list(template.items()),
-                  grid=((s_fast + s_gen) * nt, fast.grid[1], 1), threadgroup=fast.threadgroup)
 
 
 def reduce_launch(fast: dict[str, mx.array], general: dict[str, mx.array], meta: dict) -> Launch:
@@ -225,7 +200,7 @@ def reduce_launch(fast: dict[str, mx.array], general: dict[str, mx.array], meta:
     b, hq, d = meta["shape"]
     vw, plain = meta["vw"], meta["plain"]
     s_fast, s_gen = meta["splits"]
-    params = mx.array([s_fast, s_gen, meta["g"], int(meta["fused"])], mx.int32)
+    params = mx.array([s_fast, s_gen, meta["g"]], mx.int32)
     inputs = {"params": params, "pm": fast["pm"], "pl": fast["pl"], "pc": fast["pc"],
               "gm": general["pm"], "gl": general["pl"], "gc": general["pc"], "gf": general["pf"]}
     out_dtype = meta["dtype"] if plain else mx.float32
@@ -242,12 +217,7 @@ def run_decode(dialect: str, q: mx.array, k: Fetched, v: Fetched, scale: float) 
     """The kernels' output [B, Hq, 1, D] in q's dtype (inputs must pass `refusal`)."""
     fast, general, meta = split_launches(q, k, v, scale, dialect)
     s_fast, s_gen = meta["splits"]
-    fused = fused_launch(fast, general, meta)
-    if fused is not None:
-        parts = [fused.run(dialect)] * 2
-        meta = {**meta, "fused": True}
-    else:
-        parts = [launch.run(dialect) if splits else _EMPTY for launch, splits in ((fast, s_fast), (general, s_gen))]
+    parts = [launch.run(dialect) if splits else _EMPTY for launch, splits in ((fast, s_fast), (general, s_gen))]
     out = reduce_launch(*parts, meta).run(dialect)
     if meta["plain"]:
         return out["out"]

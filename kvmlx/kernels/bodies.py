@@ -25,8 +25,7 @@ head, over key rows [start, stop) of the split.
           pc fp32 [B * Hkv * S * G * VW]: unnormalized p . V (V's stored space); GEN 1 adds
           pf fp32 [B * Hkv * S * G * D]: p . V over V's float rows.
   template T, D, G, DPT, TPR, NT, U, GEN, KB, KW, KGR, KCH, VB, VW, VGR, VCH (bits 16 = float
-  coefficients of width KW / VW; group and channel flags as kvspec.spec.Quant), FUSED (1: the
-  general part of a fused launch, whose outputs hold S_fast + S_gen slots, fast ones first)
+  coefficients of width KW / VW; group and channel flags as kvspec.spec.Quant)
   Layout: a row is read by TPR threads (D / DPT, or the stored width / DPT in fast splits: rank-r
   rows need r / DPT), each owning DPT consecutive dims, so a SIMD group reads 32 / TPR consecutive
   rows' packed words at once. Each loop step first issues the loads of U rows per thread (packed
@@ -37,8 +36,7 @@ head, over key rows [start, stop) of the split.
   shuffles, then threadgroup memory.
 
 REDUCE: combine the splits of one (batch, query head) and normalize.
-  inputs  params int32 [4] = (S_fast, S_gen, G, fused); pm, pl, pc (fast); gm, gl, gc, gf (general;
-          fused: the same arrays as the fast ones, S_fast + S_gen slots per (batch, KV head))
+  inputs  params int32 [3] = (S_fast, S_gen, G); pm, pl, pc (fast); gm, gl, gc, gf (general)
   outputs out OT [B, Hq, 1, D] (VPLAIN: p . V over all rows, in the query dtype; else p . V over
           V's float rows, fp32) and outc fp32 [B, Hq, VW] (VPLAIN 0: the compressed rows' p . V,
           still in V's stored space)
@@ -226,15 +224,12 @@ constexpr int FD = GEN ? DPT : 1;  // float-tail slices exist in general splits 
 const int nk = params[0], nv = params[1], kfs = params[2], vfs = params[3], tend = params[4];
 const int hkv = params[10];
 const float qmul = KV_AS_FLOAT((uint32_t)params[11]);
-// S: slots per (batch, KV head) in this launch's outputs; a fused launch (FUSED: fast blocks, then
-// general ones, kvmlx.kernels.attention.fused_launch) holds both kinds. sx: this block's split.
-const int S = FUSED ? params[8] + params[9] : (GEN ? params[9] : params[8]);
-const int sx = kv_bx - (FUSED && GEN ? params[8] : 0);
+const int S = GEN ? params[9] : params[8];
 const int j = kv_tid % TPR, slot = kv_tid / TPR;
 const int lane = kv_tid % 32, warp = kv_tid / 32;
 const int b = kv_by / hkv, h = kv_by % hkv;
 const int chunk = GEN ? params[6] : params[5];
-const int start = (GEN ? params[7] : 0) + sx * chunk;
+const int start = (GEN ? params[7] : 0) + kv_bx * chunk;
 const int stop = KV_MIN(start + chunk, GEN ? tend : KV_MIN(nk, nv));
 
 float qk[G][DPT];
@@ -408,23 +403,21 @@ if (GEN) {
 REDUCE = """
 {{INDEX}}
 const int sf = params[0], sg = params[1], G = params[2];
-// Slots per (batch, KV head) of the fast and general arrays, and where the general ones start.
-const int fstride = params[3] ? sf + sg : sf, gstride = params[3] ? sf + sg : sg, goff = params[3] ? sf : 0;
 const int d = kv_tid;
 const int bq = kv_by;
 const int bh = bq / G, g = bq % G;
 float mx = -1.0e30f;
-for (int s = 0; s < sf; ++s) mx = KV_MAX(mx, pm[((int64_t)bh * fstride + s) * G + g]);
-for (int s = 0; s < sg; ++s) mx = KV_MAX(mx, gm[((int64_t)bh * gstride + goff + s) * G + g]);
+for (int s = 0; s < sf; ++s) mx = KV_MAX(mx, pm[((int64_t)bh * sf + s) * G + g]);
+for (int s = 0; s < sg; ++s) mx = KV_MAX(mx, gm[((int64_t)bh * sg + s) * G + g]);
 float ls = 0.0f, ac = 0.0f, af = 0.0f;
 for (int s = 0; s < sf; ++s) {
-  const int64_t i = ((int64_t)bh * fstride + s) * G + g;
+  const int64_t i = ((int64_t)bh * sf + s) * G + g;
   const float f = KV_EXP2(pm[i] - mx);
   ls += f * pl[i];
   if (d < VW) ac += f * pc[i * VW + d];
 }
 for (int s = 0; s < sg; ++s) {
-  const int64_t i = ((int64_t)bh * gstride + goff + s) * G + g;
+  const int64_t i = ((int64_t)bh * sg + s) * G + g;
   const float f = KV_EXP2(gm[i] - mx);
   ls += f * gl[i];
   if (d < VW) ac += f * gc[i * VW + d];

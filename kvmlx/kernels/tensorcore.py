@@ -33,7 +33,7 @@ Layout (one warp; lane = 4 gq + tq; a 16-row tile is two 8-row n-tiles):
 inputs / outputs: as bodies.SPLIT with GEN 0 (qf, kf, vf unused).
 template T (the float tail's dtype), MT (MMA operand type: `mma_dtype`), D, G, NW (warps), UT
 (tiles per step), PF (prefetch), KB, KCH, KGR, VB, VGR (bits, channel flag and group as
-kvspec.spec.Quant), FUSED (the fast part of a fused launch: see bodies.SPLIT).
+kvspec.spec.Quant).
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ constexpr int VWPT = VBY >= 4 ? VBY / 4 : 1;  // words loaded per thread per gro
 constexpr int VMPB = 8 / VB;         // m-tiles per byte pair
 constexpr int NMT = D / 16;          // m-tiles of the value product
 constexpr int NTH = NW * 32;
-const int nk = params[0], nv = params[1], chunk = params[5], hkv = params[10];
-const int S = FUSED ? params[8] + params[9] : params[8];  // output slots per (batch, KV head); fast first
+const int nk = params[0], nv = params[1], chunk = params[5], S = params[8], hkv = params[10];
 const float qmul = KV_AS_FLOAT((uint32_t)params[11]);
 const int lane = kv_tid % 32, warp = kv_tid / 32;
 const int gq = lane / 4, tq = lane % 4;
@@ -317,16 +316,24 @@ for (int e = kv_tid; e < G * D; e += NTH) {
 }
 """
 
-# Launch shape (H200, int4 at batch 8 x 32k, Mistral heads; benchmarks/results/mlx_kernels_nvidia_h200.json):
-# 4 warps x 2 tiles 0.277 ms for the split alone, 4 x 1 0.287, 2 x 2 0.268: within the run-to-run spread.
+# Launch shape (H200, int4 at batch 8 x 32k, Mistral heads, split alone; same run, 2026-11-29 evening,
+# benchmarks/results/mlx_kernels_nvidia_h200-tc-prefetch.json): 4 warps x 1 tile with the next step's
+# tile prefetched 0.233 ms, 4 x 2 without 0.264, 4 x 2 prefetched 0.327 (248 registers at 1 tile with
+# prefetch: 2 tiles spill). SmolLM2 heads 0.089 vs 0.107; Qwen heads 0.085 vs 0.065 (its spread between
+# runs is ~20%). The kernel is latency-bound, so overlapping one tile's loads with the math pays.
 WARPS = 4  # warps per threadgroup, each over its own quarter of the split
-TILES = 2  # 16-row tiles whose loads one step issues together
-PREFETCH = False  # fetch the next step's tiles during this step's math (correct on the emulator; not yet timed)
+TILES = 1  # 16-row tiles whose loads one step issues together
+PREFETCH = True  # fetch the next step's tiles during this step's math
 
 
 def tiles_for(d: int) -> int:
     """Tiles per step: TILES, but 1 for rows of 256 (two tiles' fetch registers spill there)."""
     return TILES if d <= 128 else 1
+
+
+def prefetch_for(d: int) -> bool:
+    """Prefetch: PREFETCH for rows up to 128 (rows of 256 spill even without it)."""
+    return PREFETCH and d <= 128
 
 
 def mma_dtype(kspec: Quant, vspec: Quant, dtype: str) -> str:

@@ -157,46 +157,6 @@ def test_tensor_core_split_compiles_with_nvrtc(spec, d, g, dtype):
     assert ok, f"{fast.template}: {log[:4000]}"
 
 
-def _no_float_tail(spec: str):
-    """A decode step whose every row is compressed (residual 0, token axis): no general split."""
-    from kvmlx.store import TensorStore
-
-    s = parse(spec)
-    x = mx.array(np.random.default_rng(0).standard_normal((1, 2, 200, 128)).astype(np.float32))
-    k, v = (TensorStore(t, 0, "bf16").append(x) for t in (s.k, s.v))
-    return mx.zeros((1, 8, 1, 128), mx.bfloat16), k, v, 128 ** -0.5
-
-
-def test_fused_launch_applies_only_with_both_kinds_of_split(monkeypatch):
-    monkeypatch.setattr(kattn, "FUSE_GENERAL", True)
-    for spec, want in (("int4", True), ("int3", False), ("no tail", False)):  # int3: the FMA fast body
-        if spec == "no tail":
-            q, k, v, scale = _no_float_tail("int4")
-        else:
-            s = parse(spec)
-            q, k, v, scale = kattn._probe((s.k, s.v, 128, 4, 2, "bf16"))  # a float tail of 5
-        fast, general, meta = kattn.split_launches(q, k, v, scale, "cuda")
-        fused = kattn.fused_launch(fast, general, meta)
-        assert (fused is not None) == want, spec
-        if fused is not None:
-            t = dict(fused.template)
-            assert t["FUSED"] == 1 and t["GEN"] == 1 and "MT" in t and fused.grid[0] == sum(meta["splits"]) * 128
-    monkeypatch.setattr(kattn, "FUSE_GENERAL", False)
-    s = parse("int4-res16")
-    q, k, v, scale = kattn._probe((s.k, s.v, 128, 4, 2, "bf16"))
-    assert kattn.fused_launch(*kattn.split_launches(q, k, v, scale, "cuda")) is None
-
-
-@pytest.mark.skipif(nvrtc.available() is not None, reason=str(nvrtc.available()))
-def test_fused_launch_compiles_with_nvrtc(monkeypatch):
-    monkeypatch.setattr(kattn, "FUSE_GENERAL", True)
-    s = parse("int4-kchan-res16")
-    q, k, v, scale = kattn._probe((s.k, s.v, 128, 4, 2, "bf16"))
-    fused = kattn.fused_launch(*kattn.split_launches(q, k, v, scale, "cuda"))
-    ok, log = nvrtc.compile_ptx(fused.translation_unit("cuda"))
-    assert ok, log[:4000]
-
-
 def test_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("KVMLX_KERNELS", "off")
     assert selfcheck.current_dialect() is None

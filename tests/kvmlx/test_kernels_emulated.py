@@ -100,28 +100,16 @@ def test_decode_kernels_match_the_reference(emulated, monkeypatch, spec, d, g, d
 
 @pytest.mark.parametrize("spec,d,g,dtype", [("int4", 128, 4, "bf16"), ("int4-kchan-res16", 64, 7, "fp16"),
                                            ("k8v4", 128, 3, "bf16")])
-@pytest.mark.parametrize("tiles", [1, 2])
-def test_prefetching_tensor_core_body_matches_the_reference(emulated, monkeypatch, spec, d, g, dtype, tiles):
-    """tensorcore.PREFETCH (off by default until timed): the next step's tiles load during this step."""
-    monkeypatch.setattr(tensorcore, "PREFETCH", True)
-    monkeypatch.setattr(tensorcore, "TILES", tiles)
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_two_tile_tensor_core_body_matches_the_reference(emulated, monkeypatch, spec, d, g, dtype, prefetch):
+    """The launch shapes other than the default (1 tile per step, prefetched; DECODE above runs it):
+    2 tiles per step, with and without tensorcore.PREFETCH."""
+    monkeypatch.setattr(tensorcore, "PREFETCH", prefetch)
+    monkeypatch.setattr(tensorcore, "TILES", 2)
     seed = int(np.random.default_rng().integers(2**31))
     key, q, k, v, scale = decode_inputs(spec, d, g, dtype, seed)
     fast = kattn.split_launches(q, k, v, scale, "cuda")[0]
-    assert fast.name == "kvmlx_split_tc" and dict(fast.template)["PF"] == 1
-    why = kattn._compare(key, kattn.run_decode("cuda", q, k, v, scale), kattn._reference(key, q, k, v, scale))
-    assert why is None, f"seed {seed}: {why}"
-
-
-@pytest.mark.parametrize("spec,d,g,dtype", [("int4-res16", 128, 4, "bf16"), ("int4-kchan-res16", 64, 7, "fp16"),
-                                           ("k8v4-res8", 128, 3, "bf16")])
-def test_fused_fast_and_general_splits_match_the_reference(emulated, monkeypatch, spec, d, g, dtype):
-    """attention.FUSE_GENERAL (off by default until timed): one launch runs both kinds of split."""
-    monkeypatch.setattr(kattn, "FUSE_GENERAL", True)
-    seed = int(np.random.default_rng().integers(2**31))
-    key, q, k, v, scale = decode_inputs(spec, d, g, dtype, seed)
-    fast, general, meta = kattn.split_launches(q, k, v, scale, "cuda")
-    assert kattn.fused_launch(fast, general, meta) is not None and all(meta["splits"])
+    assert fast.name == "kvmlx_split_tc" and dict(fast.template)["PF"] == int(prefetch) and dict(fast.template)["UT"] == 2
     why = kattn._compare(key, kattn.run_decode("cuda", q, k, v, scale), kattn._reference(key, q, k, v, scale))
     assert why is None, f"seed {seed}: {why}"
 

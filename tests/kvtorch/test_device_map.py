@@ -63,7 +63,7 @@ def test_gpu_model_split_over_two_gpus_matches_one_gpu(spec):
     """Layer 0 on cuda:0, layer 1 on cuda:1: the Triton kernels launch on their layer's GPU (Triton
     launches on the current device, so without kvtorch.kernels.support.on_device layer 1 would run on
     cuda:0) and the logits equal the one-GPU model's."""
-    ids = torch.arange(3, 300)[None].to("cuda:0")
+    ids = (torch.arange(3, 300) % 256)[None].to("cuda:0")  # byte ids: the tiny vocabulary has 258
     logits = {}
     for name, model in (("one", tiny_model("llama", seed=3, dtype=torch.float32).to("cuda:0")),
                         ("split", accelerate.dispatch_model(
