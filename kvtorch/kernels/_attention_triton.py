@@ -104,7 +104,7 @@ def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr,
     elif PTX and BITS == 4:
         WP4: tl.constexpr = DP // 8
         words = load_words(c_ptr, offs, ok, sc_n, WP4, DREAL // 8).to(tl.int32, bitcast=True)
-        x = dequant4_words(words, _per_word(gs.to(DOT), BN, WP4), _per_word(gb.to(DOT), BN, WP4), DOT)
+        x = dequant4_words(words, _per_word(gs, BN, WP4), _per_word(gb, BN, WP4))
     else:
         # Token axis: a group spans whole words; each word's scale and bias are spread over its
         # codes in registers.
@@ -170,11 +170,15 @@ def _split_kernel(
         qk = tl.dot(q, basis, input_precision="tf32")  # rounded to the dot dtype next anyway
     else:
         qk = q
+    qf = q
+    # fp16 operands hold |x| <= 65504: a query whose entries could overflow there is scaled by a power
+    # of two (exact), and its scores multiplied back by q_mul after each dot. Usually q_mul = 1.
+    q_max = tl.maximum(tl.max(tl.abs(qk)), tl.max(tl.abs(qf)))
+    q_shift = tl.maximum(tl.ceil(tl.log2(q_max + 1.0e-30)) - 14.0, 0.0)
+    q_mul = tl.exp2(q_shift)
+    qk, qf = qk * tl.exp2(-q_shift), qf * tl.exp2(-q_shift)
     if not MM_F32:
-        qk = qk.to(DOT)
-        qf = q.to(DOT)
-    else:
-        qf = q
+        qk, qf = qk.to(DOT), qf.to(DOT)
 
     # Positions and splits as int32: offsets inside one head's rows fit, and 32-bit index math is cheaper.
     pos = tl.load(pos_ptr + t, mask=row_ok, other=0).to(tl.int32)
@@ -218,7 +222,7 @@ def _split_kernel(
             kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, kok, gs, gb, K_BITS, K_GROUP,
                        K_CHANNEL, DK, DK_REAL, BN, DOT, MM_F32, PTX)
             kf = _float_tile(kf_ptr, skf_n, k_fstart, offs, ok & (offs >= sk_min), D)
-            s = tl.where(use_kc, _mm(qk, tl.trans(kt), DOT, MM_F32), _mm(qf, tl.trans(kf), DOT, MM_F32))
+            s = tl.where(use_kc, _mm(qk, tl.trans(kt), DOT, MM_F32), _mm(qf, tl.trans(kf), DOT, MM_F32)) * q_mul
             s = tl.where(ok[None, :] & (offs[None, :] <= pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -255,7 +259,7 @@ def _split_kernel(
                                        DV, DV_REAL)
             kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, ok, ks_c, kb_c, K_BITS, K_GROUP, K_CHANNEL, DK,
                        DK_REAL, BN, DOT, MM_F32, PTX)
-            s = tl.where(ok[None, :], _mm(qk, tl.trans(kt), DOT, MM_F32), float("-inf"))
+            s = tl.where(ok[None, :], _mm(qk, tl.trans(kt), DOT, MM_F32) * q_mul, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])

@@ -142,24 +142,19 @@ def _dequant4_ptx(magic: int, neg: int, one: int, fma: str) -> str:
     return " ".join(lines + ["}"])
 
 
-DEQUANT4_BF16 = tl.constexpr(_dequant4_ptx(0x43004300, 0xC300C300, 0x3F803F80, "fma.rn.bf16x2"))
 DEQUANT4_F16 = tl.constexpr(_dequant4_ptx(0x64006400, 0xE400E400, 0x3C003C00, "fma.rn.f16x2"))
 
 
 @triton.jit
-def dequant4_words(words, s, b, DOT: tl.constexpr):
-    """4-bit words [BN, WP] (int32) with per-word scale and bias [BN, WP] (DOT dtype) -> values
-    [BN, WP * 8] in DOT (fp16 or bf16), by packed 16-bit arithmetic in inline PTX (CUDA only).
+def dequant4_words(words, s, b):
+    """4-bit words [BN, WP] (int32) with per-word fp16 scale and bias [BN, WP] -> fp16 values
+    [BN, WP * 8], by packed 16-bit arithmetic in inline PTX (CUDA only).
 
-    The codes become magic + code in 16-bit lanes (exact: codes < 128 in bf16, < 1024 in fp16), and
-    code * scale + bias is one fused multiply-add rounded once to DOT.
+    The codes become 1024 + code in fp16 lanes (exact), and code * scale + bias is one fused
+    multiply-add rounded once to fp16.
     """
-    if DOT == tl.bfloat16:
-        o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-            DEQUANT4_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, b], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
-    else:
-        o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-            DEQUANT4_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, b], dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+    o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+        DEQUANT4_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, b], dtype=(tl.float16,) * 8, is_pure=True, pack=2)
     # out k holds code k of each word; joins put them in stream order 8w + k (k = 4e0 + 2e1 + e2).
     x = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
     return tl.reshape(x, (words.shape[0], words.shape[1] * 8))

@@ -186,6 +186,14 @@ def default_block(kspec, vspec, d: int) -> tuple[int, int, int]:
     return 64, 4, 3
 
 
+def fp16_operands(kspec, vspec) -> bool:
+    """Whether bf16 caches' dots take fp16 operands: where K and V are both quantized, every value
+    they hold is within fp16's range (kvspec refuses others), and fp16 keeps 3 more mantissa bits of
+    q, of each dequantized value and of p than bf16 does; dequantization takes fp16 scales and
+    biases as stored (4-bit tiles: the packed PTX path). Low-rank coefficients have no such bound."""
+    return isinstance(kspec, Quant) and isinstance(vspec, Quant)
+
+
 def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: int | None = None,
            block: tuple[int, int, int] | None = None, ptx: bool = True) -> torch.Tensor:
     """The Triton path of `attention` (inputs must pass `refusal`). splits: key splits of the
@@ -193,9 +201,8 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     of the lean launch (default: `default_block`). A single
     query with K and V fully compressed is taken as decode at the last position (the protocol's
     split n_quantized(end) = n), which needs the lean launch only. ptx:
-    dequantize 4-bit token-axis tiles with packed 16-bit inline PTX (CUDA only; ignored under the
-    interpreter, and for bf16 caches: there it would round the fp16 scale and bias to bf16, which
-    costs 2^-9 of a group's bias, ~40x the other values' size in a group with an outlier channel)."""
+    dequantize 4-bit token-axis tiles with packed fp16 inline PTX (CUDA only; ignored under the
+    interpreter, and where the dots take bf16 operands: see `fp16_operands`)."""
     b, hq, tq, d = q.shape
     block = block or default_block(k.spec, v.spec, d)
     block_n = block[0]
@@ -230,7 +237,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
 
     from ._attention_triton import _reduce_kernel, _split_kernel
 
-    dot = tl.float16 if k.floats.dtype == torch.float16 else tl.bfloat16
+    dot = tl.float16 if k.floats.dtype == torch.float16 or fp16_operands(k.spec, v.spec) else tl.bfloat16
     qpos = q_pos.to(q.device)
     launches = ((False, s_fast, 0, c_fast, 0, block),
                 (True, s_gen, g0, c_gen, s_fast, GENERAL_BLOCK))
