@@ -1,8 +1,10 @@
-"""Run a kvmlx CUDA-dialect launch on the CPU: the translation unit MLX would compile (launch.py),
-built with g++ against simt_runtime.h (one std::thread per GPU thread, warp collectives and
-mma.sync emulated), so CI checks what the kernels compute, not only that NVRTC accepts them.
+"""Run a kvmlx launch on the CPU: the translation unit MLX would compile (launch.py), built with
+g++ against simt_runtime.h (one std::thread per GPU thread, warp collectives and mma.sync
+emulated), so CI checks what the kernels compute, not only that NVRTC accepts them. The Metal
+dialect's unit builds the same way over metal_shim.h (Metal's names mapped onto the emulator): no
+Metal compiler runs here, so that checks its arithmetic and indexing, not that Metal accepts it.
 
-`run(launch)` returns what `Launch.run("cuda")` would: output name -> mx.array. Inputs are passed
+`run(launch, dialect)` returns what `Launch.run(dialect)` would: output name -> mx.array. Inputs are passed
 as contiguous copies with their own strides (the kernels read through strides, so values, not
 layouts, are what is tested). Slow (seconds per launch): small probes only. A kernel that stops
 making warp-level progress for TIMEOUT_S seconds ends the run with a message (a divergent
@@ -24,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvmlx.kernels import dialect as dialects
-from kvmlx.kernels.launch import CUDA_TYPES, Launch, _uses
+from kvmlx.kernels.launch import CUDA_TYPES, METAL_TYPES, Launch, _uses
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("KVMLX_SIMT_CACHE", Path(tempfile.gettempdir()) / "kvmlx-simt"))
@@ -74,6 +76,44 @@ extern "C" int kv_launch(void** p, const int32_t* sh, const int64_t* st, const i
 """
 
 
+def _metal_launcher(launch: Launch, source: str) -> str:
+    """The same entry point for the Metal unit: template arguments spelled out, inputs of rank 0 by
+    reference, strides and shapes as pointers, thread positions from the emulator's indices."""
+    targs = ", ".join(("true" if v else "false") if isinstance(v, bool) else str(v) if isinstance(v, int)
+                      else METAL_TYPES[v] for _, v in launch.template)
+    args, i = [], 0
+    for name, arr in launch.inputs.items():
+        kind = METAL_TYPES[arr.dtype]
+        args.append(f"({kind}*)p[{i}]" if arr.ndim else f"*({kind}*)p[{i}]")
+        if arr.ndim:
+            args += [arg for what, arg in (("shape", f"sh + {NDIM} * {i}"), ("strides", f"st + {NDIM} * {i}"),
+                                           ("ndim", f"nd[{i}]")) if _uses(source, name, what)]
+        i += 1
+    for _, dtype in launch.outputs.values():
+        args.append(f"({METAL_TYPES[dtype]}*)p[{i}]")
+        i += 1
+    for attr, index in (("thread_position_in_threadgroup", "threadIdx"), ("threadgroup_position_in_grid", "blockIdx")):
+        if attr in source:
+            args.append(f"uint3{{{index}.x, {index}.y, {index}.z}}")
+    name = f"custom_kernel_{launch.name}" + (f"<{targs}>" if targs else "")
+    return f"""
+extern "C" int kv_launch(void** p, const int32_t* sh, const int64_t* st, const int* nd, const unsigned* grid,
+                         const unsigned* block, double timeout_s) {{
+  return kv_simt::launch({{grid[0], grid[1], grid[2]}}, {{block[0], block[1], block[2]}}, [&]() {{
+    {name}({", ".join(args)});
+  }}, timeout_s);
+}}
+"""
+
+
+def translation_unit(launch: Launch, dialect: str) -> str:
+    """What g++ builds for `launch` in `dialect`: MLX's unit plus the emulator's entry point."""
+    source = dialects.render(launch.body, dialect)[1]
+    if dialect == "metal":
+        return '#include "metal_shim.h"\n' + launch.translation_unit("metal") + _metal_launcher(launch, source)
+    return launch.translation_unit("cuda") + _launcher(launch, source)
+
+
 @cache
 def _library(unit: str) -> ctypes.CDLL:
     """The shared object of one translation unit (built once per source; cached on disk by hash)."""
@@ -106,10 +146,11 @@ def _host(a: mx.array) -> np.ndarray:
     return np.ascontiguousarray(np.array(a))
 
 
-def run(launch: Launch) -> dict[str, mx.array]:
-    """The outputs of `launch` computed by the emulated CUDA kernel."""
-    unit = launch.translation_unit("cuda") + _launcher(launch, dialects.render(launch.body, "cuda")[1])
-    lib = _library(unit)
+def run(launch: Launch, dialect: str = "cuda") -> dict[str, mx.array]:
+    """The outputs of `launch` computed by the emulated kernel of `dialect`."""
+    if dialect == "metal" and any(g % t for g, t in zip(launch.grid, launch.threadgroup)):
+        raise ValueError("Metal dispatches non-uniform threadgroups for such a grid; the emulator runs whole blocks only")
+    lib = _library(translation_unit(launch, dialect))
     hosts = [_host(a) for a in launch.inputs.values()]
     outs = [np.zeros(shape, _NP[dtype]) for shape, dtype in launch.outputs.values()]
     n = len(hosts) + len(outs)

@@ -1,8 +1,10 @@
-"""The CUDA-dialect kernels run on the CPU (tests/kvmlx/simt.py emulates the warp, mma.sync
-included) against kvspec: quantize bit-exact with the MLX ops path (kvspec's numerics), decode
-attention within kvspec's tolerances of the MLX ops reference, both split bodies (tensor cores and
-FMA). Inputs: fresh seeds, odd lengths, a constant stretch, an outlier channel, several splits and
-tiles per warp. What this cannot show: timing, and the real tensor cores' accumulation order."""
+"""The kernels run on the CPU (tests/kvmlx/simt.py emulates the warp, mma.sync included) against
+kvspec: quantize bit-exact with the MLX ops path (kvspec's numerics), decode attention within
+kvspec's tolerances of the MLX ops reference, both split bodies (tensor cores and FMA). The CUDA
+dialect throughout; the Metal dialect's units too (over tests/kvmlx/metal_shim.h), which no Metal
+compiler or Apple GPU has run. Inputs: fresh seeds, odd lengths, a constant stretch, an outlier
+channel, several splits and tiles per warp. What this cannot show: timing, the real tensor cores'
+accumulation order, and whether Metal's compiler accepts the Metal units."""
 
 from __future__ import annotations
 
@@ -32,19 +34,20 @@ pytestmark = pytest.mark.skipif(simt.available() is not None, reason=str(simt.av
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """Launch.run executes the CUDA translation unit on the CPU emulator, whatever the dialect asked."""
-    monkeypatch.setattr(Launch, "run", lambda self, dialect: simt.run(self))
+    """Launch.run executes the dialect's translation unit on the CPU emulator."""
+    monkeypatch.setattr(Launch, "run", lambda self, dialect: simt.run(self, dialect))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("axis", ["token", "channel"])
-def test_quantize_kernel_is_bit_exact(emulated, bits, axis):
+@pytest.mark.parametrize("dialect", ["cuda", "metal"])
+def test_quantize_kernel_is_bit_exact(emulated, bits, axis, dialect):
     rng = np.random.default_rng(bits * 10 + len(axis))
     x = rng.standard_normal((2, 2, 64, 96)).astype(np.float32)
     x[0, 0, 5:40] = 0.625  # constant groups on both axes
     x[1, 1, :, 7] *= 40.0  # an outlier channel
     for xm in (mx.array(x), mx.array(x).astype(mx.bfloat16)):
-        got = kquant.quantize_launch(xm, bits, 32, axis).run("cuda")
+        got = kquant.quantize_launch(xm, bits, 32, axis).run(dialect)
         want = ops.quantize(xm.astype(mx.float32), bits, 32, axis)
         for name, w in zip(("codes", "scales", "biases"), want):
             assert selfcheck.bits_equal(got[name], w) is None, f"{name}: {selfcheck.bits_equal(got[name], w)}"
@@ -96,6 +99,43 @@ def test_decode_kernels_match_the_reference(emulated, monkeypatch, spec, d, g, d
     assert got.dtype == q.dtype and got.shape == q.shape
     why = kattn._compare(key, got, want)
     assert why is None, f"seed {seed}: {why}"
+
+
+METAL_DECODE = [  # a spread of DECODE: bit widths, both axes, rotation, rank, D 64/128/256, G 1-12
+    ("int4", 128, 4, "bf16"), ("int4", 256, 4, "bf16"), ("int8", 64, 7, "bf16"), ("k4v2", 128, 8, "bf16"),
+    ("int2-kchan", 64, 7, "fp16"), ("int4-rot", 64, 3, "fp16"), ("int3", 128, 4, "bf16"),
+    ("rank32-q4", 64, 7, "fp16"), ("int4-res8", 64, 12, "bf16"), ("int4-g128", 128, 1, "bf16"),
+]
+
+
+@pytest.mark.parametrize("spec,d,g,dtype", METAL_DECODE)
+def test_metal_dialect_decode_matches_the_reference(emulated, spec, d, g, dtype):
+    """The Metal units (FMA split body, general split, reduce: Metal has no tensor-core body) compute
+    what the CUDA ones do: within kvspec's tolerance of the MLX ops reference."""
+    seed = int(np.random.default_rng().integers(2**31))
+    key, q, k, v, scale = decode_inputs(spec, d, g, dtype, seed)
+    assert kattn.split_launches(q, k, v, scale, "metal")[0].name == "kvmlx_split"
+    why = kattn._compare(key, kattn.run_decode("metal", q, k, v, scale), kattn._reference(key, q, k, v, scale))
+    assert why is None, f"seed {seed}: {why}"
+
+
+def test_metal_threadgroup_memory_is_declared_at_kernel_scope():
+    """Metal accepts threadgroup variables only in a kernel's outermost scope (CUDA takes __shared__
+    anywhere), which the emulator cannot tell: every KV_SHARED of a body sits at brace depth 0."""
+    from kvmlx.kernels import bodies
+
+    found = 0
+    for name, body in vars(bodies).items():
+        if not (isinstance(body, str) and "{{INDEX}}" in body):
+            continue
+        depth = 0
+        for line in body.splitlines():
+            code = line.split("//")[0]
+            if "KV_SHARED" in code:
+                assert depth == 0, f"bodies.{name}: {code.strip()} is inside a block"
+                found += 1
+            depth += code.count("{") - code.count("}")
+    assert found >= 3
 
 
 @pytest.mark.parametrize("spec,d,g,dtype", [("int4", 128, 4, "bf16"), ("int4-kchan-res16", 64, 7, "fp16"),
