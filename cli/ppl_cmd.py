@@ -14,6 +14,7 @@ import kvspec
 from kvspec.budget import bits_per_element, matched_rank
 from kvspec.models import DEFAULT_MODEL
 
+from . import backend as backends
 from . import experiment
 from .experiment import PROTOCOL, err
 
@@ -44,6 +45,10 @@ def ppl(
     """Perplexity (with bootstrap 95% intervals) through compressed KV caches, against the fp16 cache."""
     if device_map not in (None, "auto"):
         raise typer.BadParameter(f"{device_map!r} is not supported; use --device-map auto", param_hint="--device-map")
+    if device_map and backends.resolve(backend) != "torch":
+        raise typer.BadParameter("shards a model over GPUs with accelerate, which only the torch backend uses; "
+                                 "MLX runs a model on one device (drop --device-map, or pass --backend torch)",
+                                 param_hint="--device-map")
     given = [s for v in kv or [] for s in v.split(",") if s.strip()]
     experiment.check_early(given, data, context, stride)
     runner = experiment.load_runner(backend, model, "auto" if device_map else device)

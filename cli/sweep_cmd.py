@@ -14,6 +14,7 @@ from kvspec.budget import bits_per_element, matched_rank
 from kvspec.models import DEFAULT_MODEL
 from kvspec.spec import BASES, GROUP_SIZES, QUANT_BITS
 
+from . import backend as backends
 from . import bases as basis_store
 from . import experiment, fanout, plots
 
@@ -62,6 +63,9 @@ def sweep(
     out: Path = typer.Option(None, "--out", help="Output prefix (default benchmarks/results/sweep-<model>-<data>)."),
 ) -> None:
     """Matched-budget sweep: writes <out>.json, <out>.md and <out>.png."""
+    if gpus and backends.resolve(backend) != "torch":
+        raise typer.BadParameter("fans out over CUDA GPUs, which only the torch backend uses; "
+                                 "pass --backend torch, or --workers N for MLX worker processes", param_hint="--gpus")
     devices = fanout_devices(gpus, workers, device)
     experiment.check_early(list(extra or []), data, context, stride)
     runner = experiment.load_runner(backend, model, "cpu" if devices else device)

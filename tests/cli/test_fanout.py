@@ -83,3 +83,13 @@ def test_two_cpu_workers_match_one_process(tmp_path):
     np.testing.assert_allclose([r["ppl"] for r in b["results"]], [r["ppl"] for r in a["results"]], rtol=1e-9)
     assert (tmp_path / "two-0.5b.png").stat().st_size > 0 and "| 8.5 |" in (tmp_path / "two-0.5b.md").read_text()
     assert b["device"] == "cpu" and b["hardware"]
+
+
+@pytest.mark.parametrize("args,option", [(["ppl", "--backend", "mlx", "--device-map", "auto"], "--device-map"),
+                                         (["sweep", "--backend", "mlx", "--gpus", "2"], "--gpus")])
+def test_multi_gpu_options_name_the_torch_backend(args, option):
+    """Sharding and GPU fan-out exist for the torch backend only: asking them of MLX is refused before
+    any model loads, naming the option and the way out."""
+    result = CliRunner().invoke(app, args, terminal_width=200)
+    assert result.exit_code == 2
+    assert option in result.output and "--backend torch" in result.output
