@@ -78,6 +78,24 @@ def test_bodies_render_without_placeholders(which):
     assert "@" not in bodies.SPLIT and "$" not in bodies.SPLIT
 
 
+# What Metal's language lacks or spells otherwise: CUDA's double-underscore built-ins (__shfl_xor_sync,
+# __syncthreads, __half...), double precision, the C++ standard library, lambdas, printf. The CPU
+# emulator defines CUDA's names for both dialects, so only this check keeps them out of Metal units.
+NOT_METAL = re.compile(r"\b__\w+|\bdouble\b|\bstd::|\[[&=]\]\s*\(|\bprintf\b")
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_metal_units_use_only_metal_names(spec):
+    launches = decode_launches(spec, dialect="metal") + [kquant.quantize_launch(mx.zeros((1, 2, 64, 64)), 4, 64, "token")]
+    for launch in launches:
+        unit = launch.translation_unit("metal")
+        assert not NOT_METAL.findall(unit), f"{launch.name}: {sorted(set(NOT_METAL.findall(unit)))}"
+
+
+def test_the_metal_name_check_catches_a_cuda_builtin():
+    assert NOT_METAL.findall("float v = __shfl_xor_sync(0xffffffffu, x, 1); __syncthreads();")
+
+
 def test_render_refuses_leftover_placeholders():
     with pytest.raises(ValueError, match="MISSING"):
         dialect.render("{{INDEX}} x = {{MISSING}};", "cuda")
