@@ -233,19 +233,23 @@ def mlx_time(fn, reps: int = 15, calls: int = 10) -> float:
 
 
 def decode_fetched(method: str, b: int, t: int, hkv: int, d: int):
-    """Random stored arrays of one decode step (newest token in the float tail), contiguous."""
-    floats = mx.random.normal((b, hkv, 1, d)).astype(mx.bfloat16)
+    """Random stored arrays of one decode step, contiguous, in the state kvmlx.store hands attention
+    after appending the newest token with no residual window: all t tokens compressed (the newest
+    too: its query's split is n_quantized(t) = t) and an empty float tail, so no general split runs
+    (as in kvtorch's decode, which bench_decode_attention times). Until 2026-11-29 evening the newest
+    token sat in a float tail here, which added a general split that real decode never launches."""
+    floats = mx.zeros((b, hkv, 0, d), mx.bfloat16)
     if method == "rank32":
         basis = mx.linalg.qr(mx.random.normal((hkv, d, d)), stream=mx.cpu)[0][..., :32]
-        comp = {"coeffs": mx.random.normal((b, hkv, t - 1, 32)).astype(mx.bfloat16)}
+        comp = {"coeffs": mx.random.normal((b, hkv, t, 32)).astype(mx.bfloat16)}
         spec = LowRank(rank=32, basis="random")
     else:
         bits = int(method[3:])
-        comp = {"codes": mx.random.randint(0, 2**30, (b, hkv, t - 1, d * bits // 32)).astype(mx.uint32),
-                "scales": (mx.random.uniform(shape=(b, hkv, t - 1, d // 64)) * 0.5 / (2**bits - 1) + 1e-3).astype(mx.float16),
-                "biases": (mx.random.uniform(shape=(b, hkv, t - 1, d // 64)) - 0.75).astype(mx.float16)}
+        comp = {"codes": mx.random.randint(0, 2**30, (b, hkv, t, d * bits // 32)).astype(mx.uint32),
+                "scales": (mx.random.uniform(shape=(b, hkv, t, d // 64)) * 0.5 / (2**bits - 1) + 1e-3).astype(mx.float16),
+                "biases": (mx.random.uniform(shape=(b, hkv, t, d // 64)) - 0.75).astype(mx.float16)}
         spec, basis = Quant(bits=bits), None
-    f = Fetched(spec, d, t - 1, comp, basis, t - 1, floats, t - 1, t, np.array([t - 1]))
+    f = Fetched(spec, d, t, comp, basis, t, floats, t - 1, t, np.array([t]))
     mx.eval(f.floats, *comp.values(), *([basis] if basis is not None else []))
     return f
 
@@ -311,7 +315,7 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
                     # Each launch alone (inputs prepared once), to attribute the whole call: the fast
                     # split (the bytes), the general split (the float tail) and the reduce.
                     fast, general, meta = kattn.split_launches(q, kf, vf, scale, dialect)
-                    has_general = meta["splits"][1] > 0  # a float tail (decode_fetched keeps the newest token)
+                    has_general = meta["splits"][1] > 0  # a float tail: none in decode_fetched's state
                     reduce = kattn.reduce_launch(fast.run(dialect), general.run(dialect) if has_general else kattn._EMPTY,
                                                  meta)
                     launches = [("split", fast), ("reduce", reduce)] + [("general", general)] * has_general
