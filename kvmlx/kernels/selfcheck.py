@@ -5,8 +5,9 @@ kernels are switched on there, else None; `refusal()` says why no kernel runs. K
 "off" (never), "on" (both dialects), unset (the CUDA dialect only). The CUDA dialect, with its
 tensor-core decode body (kvmlx.kernels.tensorcore), was verified on an H200 (MLX 0.32.4, 40 cases:
 10 specs x 4 shapes, quantized codes bit-exact, every output within kvspec tolerance, zero
-fallbacks; 2026-11-29, benchmarks/results/mlx_kernels_nvidia_h200.json). The Metal dialect has
-never been compiled or run (no Apple hardware), and a self-check cannot catch a kernel that never
+fallbacks; 2026-11-29, benchmarks/results/mlx_kernels_nvidia_h200-verify.json). The Metal dialect has
+never been compiled by a Metal compiler or run on an Apple GPU (its units run in CI on a CPU emulation
+of Metal's names, tests/kvmlx/metal_shim.h), and a self-check cannot catch a kernel that never
 returns, so Metal waits for KVMLX_KERNELS=on.
 
 `SelfChecked` wraps one kernel: the first call for a configuration (key) runs the kernel and the
