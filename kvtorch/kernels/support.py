@@ -89,7 +89,6 @@ def tensor_refusal(t: TensorSpec, head_dim: int) -> str | None:
 
 
 @functools.lru_cache(maxsize=32)
-@functools.lru_cache(maxsize=64)
 def rotation_signs(dim: int, seed: int, device: torch.device) -> torch.Tensor:
     """kvspec's Hadamard signs [D] (fp32) on `device`, made once per (dim, seed, device)."""
     return torch.from_numpy(hadamard_signs(dim, seed)).to(device)
