@@ -38,9 +38,9 @@ GENERAL_BLOCK = (16, 4, 2)
 MAX_SPLITS = 16
 
 
-def _sms() -> int:
-    """Multiprocessors of the current CUDA device (4 under the interpreter)."""
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if torch.cuda.is_available() else 4
+def _sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (4 elsewhere: the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _quantizer(t) -> Quant | None:
@@ -159,12 +159,12 @@ def _operands(part, device):
     return c, s, bias, aux, norm, meta
 
 
-def _splits(lo: int, hi: int, block: int, programs: int, want: int | None) -> tuple[int, int]:
+def _splits(lo: int, hi: int, block: int, programs: int, want: int | None, sms: int) -> tuple[int, int]:
     """(splits, chunk) covering keys [lo, hi) in chunks of whole blocks: `want` splits, or enough that
-    the `programs` programs of one split, times the splits, fill about 4 per multiprocessor (one wave
-    at this kernel's occupancy) with at most MAX_SPLITS (the reduce unrolls over them)."""
+    the `programs` programs of one split, times the splits, fill about 4 per multiprocessor (of `sms`;
+    one wave at this kernel's occupancy) with at most MAX_SPLITS (the reduce unrolls over them)."""
     blocks = max(1, -(-(hi - lo) // block))
-    splits = want if want is not None else min(MAX_SPLITS, max(1, 4 * _sms() // programs))
+    splits = want if want is not None else min(MAX_SPLITS, max(1, 4 * sms // programs))
     splits = max(1, min(splits, blocks))
     chunk = -(-blocks // splits) * block
     return max(1, -(-(hi - lo) // chunk)), chunk
@@ -217,8 +217,9 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     # first float position on may need the float form (the kernels refine both per query block).
     n_fast = min(k.n, v.n)
     g0 = min(k.float_start, v.float_start)
-    s_fast, c_fast = _splits(0, n_fast, block_n, b * hkv * nqb, splits)
-    s_gen, c_gen = _splits(g0, end, GENERAL_BLOCK[0], b * hkv * nqb, splits)
+    sms = _sms(q.device)
+    s_fast, c_fast = _splits(0, n_fast, block_n, b * hkv * nqb, splits, sms)
+    s_gen, c_gen = _splits(g0, end, GENERAL_BLOCK[0], b * hkv * nqb, splits, sms)
     if tq == 1 and k.n == end and v.n == end:
         # Decode with nothing left in float (no residual window): the one query sits at end - 1, so its
         # splits are n_quantized(end) = n and the lean launch covers every key; the GENERAL launch
@@ -241,29 +242,32 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     qpos = q_pos.to(q.device)
     launches = ((False, s_fast, 0, c_fast, 0, block),
                 (True, s_gen, g0, c_gen, s_fast, GENERAL_BLOCK))
-    for general, s_n, lo, chunk, slot0, (bn, warps, stages) in launches:
-        if s_n == 0:
-            continue
-        _split_kernel[(s_n, b * hkv, nqb)](
-            q, q.stride(0), q.stride(1), q.stride(2), qpos, k.split, v.split,
-            kc, *kc.stride()[:2], kc.stride(2), ks, kb, *ks.stride()[:3],
-            kf, *kf.stride()[:3], k.float_start,
-            vc, *vc.stride()[:2], vc.stride(2), vs, vb, *vs.stride()[:3],
-            vf, *vf.stride()[:3], v.float_start,
-            kaux, knorm, pm, pl, pc, pf, flag,
-            hkv, g, tq, end, lo, chunk, slot0, slots, nqb, scale * LOG2E,
-            D=d, LOG_D=int(math.log2(d)), GP=gp, BQ=bq, ROWS=max(16, bq * gp), BN=bn,
-            K_BITS=km["BITS"], K_GROUP=km["GROUP"], K_CHANNEL=km["CHANNEL"], K_XFORM=km["XFORM"], DK=km["DP"],
-            DK_REAL=km["DREAL"], V_BITS=vm["BITS"], V_GROUP=vm["GROUP"], V_CHANNEL=vm["CHANNEL"], DV=vm["DP"],
-            DV_REAL=vm["DREAL"], DOT=dot, MM_F32=interpreting() and dot == tl.bfloat16, GENERAL=general,
-            PTX=ptx and not interpreting() and dot == tl.float16,
-            num_warps=warps, num_stages=stages,
+    # Triton launches on the current device, not the tensors': a layer on cuda:1 (an accelerate device
+    # map) would otherwise run on cuda:0.
+    with on_device(q):
+        for general, s_n, lo, chunk, slot0, (bn, warps, stages) in launches:
+            if s_n == 0:
+                continue
+            _split_kernel[(s_n, b * hkv, nqb)](
+                q, q.stride(0), q.stride(1), q.stride(2), qpos, k.split, v.split,
+                kc, *kc.stride()[:2], kc.stride(2), ks, kb, *ks.stride()[:3],
+                kf, *kf.stride()[:3], k.float_start,
+                vc, *vc.stride()[:2], vc.stride(2), vs, vb, *vs.stride()[:3],
+                vf, *vf.stride()[:3], v.float_start,
+                kaux, knorm, pm, pl, pc, pf, flag,
+                hkv, g, tq, end, lo, chunk, slot0, slots, nqb, scale * LOG2E,
+                D=d, LOG_D=int(math.log2(d)), GP=gp, BQ=bq, ROWS=max(16, bq * gp), BN=bn,
+                K_BITS=km["BITS"], K_GROUP=km["GROUP"], K_CHANNEL=km["CHANNEL"], K_XFORM=km["XFORM"], DK=km["DP"],
+                DK_REAL=km["DREAL"], V_BITS=vm["BITS"], V_GROUP=vm["GROUP"], V_CHANNEL=vm["CHANNEL"], DV=vm["DP"],
+                DV_REAL=vm["DREAL"], DOT=dot, MM_F32=interpreting() and dot == tl.bfloat16, GENERAL=general,
+                PTX=ptx and not interpreting() and dot == tl.float16,
+                num_warps=warps, num_stages=stages,
+            )
+        _reduce_kernel[(b * hkv, tq)](
+            pm, pl, pc, pf, flag, out, *out.stride()[:3], vaux, vnorm, hkv, g, tq, slots, nqb,
+            D=d, LOG_D=int(math.log2(d)), GP=gp, BQ=bq, RR=max(16, gp), DV=vm["DP"], DV_REAL=vm["DREAL"],
+            V_XFORM=vm["XFORM"], SP=1 << (slots - 1).bit_length(), num_warps=4,
         )
-    _reduce_kernel[(b * hkv, tq)](
-        pm, pl, pc, pf, flag, out, *out.stride()[:3], vaux, vnorm, hkv, g, tq, slots, nqb,
-        D=d, LOG_D=int(math.log2(d)), GP=gp, BQ=bq, RR=max(16, gp), DV=vm["DP"], DV_REAL=vm["DREAL"],
-        V_XFORM=vm["XFORM"], SP=1 << (slots - 1).bit_length(), num_warps=4,
-    )
     return out
 
 
@@ -272,8 +276,7 @@ def attention(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, windo
     """The dispatcher: Triton kernels where `refusal` is None, `attention_reference` otherwise
     (which also refuses windows, softcaps and masks: kvtorch.attention handles those)."""
     if refusal(q, k, v, window=window, softcap=softcap, mask=mask) is None:
-        with on_device(q):
-            return attend(q, q_pos, k, v, scale=scale)
+        return attend(q, q_pos, k, v, scale=scale)
     if window is not None or softcap is not None or mask is not None:
         raise ValueError("window, softcap and mask are handled by kvtorch.attention.attention_reference")
     return attention_reference(q, q_pos, k, v, scale=scale)
@@ -284,5 +287,4 @@ def attention_kernel(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float
     """For kvtorch.attention.register_kernel: the kernels' output, or None where they refuse."""
     if refusal(q, k, v, window=window, softcap=softcap, mask=mask) is not None:
         return None
-    with on_device(q):
-        return attend(q, q_pos, k, v, scale=scale)
+    return attend(q, q_pos, k, v, scale=scale)

@@ -40,8 +40,7 @@ def triton_refusal(device: torch.device) -> str | None:
 
 
 def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Make x's GPU the current one for a launch: Triton launches on the current device, not the
-    tensors', so a layer on cuda:1 (an accelerate device map) would otherwise run on cuda:0."""
+    """Make x's GPU the current one for a launch (Triton launches on the current device); no-op off CUDA."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
