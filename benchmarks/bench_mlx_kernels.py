@@ -22,7 +22,6 @@ Sets KVMLX_KERNELS=on, so a Mac runs the Metal dialect too (by default only the 
 (--variants adds rows kvmlx-<method>@<variant> next to the defaults: "fma" runs the FMA split body
 where the tensor-core body (kvmlx.kernels.tensorcore, CUDA, 2/4/8-bit) would; "tcWxU" the
 tensor-core body at W warps and U tiles per step ("tcWxUp": the next step's tiles prefetched);
-"lr" the tensor-core split with the last-block reduce (one launch per call);
 "<dims per thread>x<unroll>x<threads>[x<target groups>]" the FMA body at those launch parameters
 instead of kvmlx.kernels.attention's defaults.)
 Writes benchmarks/results/mlx_kernels_<gpu>.json (and $OUT/ when OUT is set). A kernel that fails to
@@ -297,10 +296,8 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
                 spec_name, _, variant = method[6:].partition("@")
                 kf, vf = decode_fetched(spec_name, b, t, hkv, d), decode_fetched(spec_name, b, t, hkv, d)
                 defaults = (kattn.dpt_for, kattn.UNROLL, kattn.THREADS, kattn.TARGET_GROUPS)
-                tc_defaults = (tensorcore.WARPS, tensorcore.TILES, tensorcore.PREFETCH, kattn.LAST_BLOCK_REDUCE)
-                if variant == "lr":  # the tensor-core split normalizes the output itself: one launch
-                    kattn.LAST_BLOCK_REDUCE = True
-                elif variant.startswith("tc"):  # tcWxU, or tcWxUp: with the next step's tiles prefetched
+                tc_defaults = (tensorcore.WARPS, tensorcore.TILES, tensorcore.PREFETCH)
+                if variant.startswith("tc"):  # tcWxU, or tcWxUp: with the next step's tiles prefetched
                     tensorcore.WARPS, tensorcore.TILES = map(int, variant[2:].rstrip("p").split("x"))
                     tensorcore.PREFETCH = variant.endswith("p")
                 elif variant:
@@ -319,16 +316,15 @@ def time_shape(model, b, t, hq, hkv, d, torch_mod) -> list[dict]:
                     # split (the bytes), the general split (the float tail) and the reduce.
                     fast, general, meta = kattn.split_launches(q, kf, vf, scale, dialect)
                     has_general = meta["splits"][1] > 0  # a float tail: none in decode_fetched's state
-                    launches = [("split", fast)] + [("general", general)] * has_general
-                    if "out" not in fast.outputs:  # else the split reduced its own splits (LAST_BLOCK_REDUCE)
-                        launches.append(("reduce", kattn.reduce_launch(
-                            fast.run(dialect), general.run(dialect) if has_general else kattn._EMPTY, meta)))
+                    reduce = kattn.reduce_launch(fast.run(dialect), general.run(dialect) if has_general else kattn._EMPTY,
+                                                 meta)
+                    launches = [("split", fast), ("reduce", reduce)] + [("general", general)] * has_general
                     for part, launch in launches:
                         row[f"{part}_ms"] = mlx_time(lambda launch=launch, dialect=dialect:
                                                      list(launch.run(dialect).values())[0])
                 finally:
                     kattn.dpt_for, kattn.UNROLL, kattn.THREADS, kattn.TARGET_GROUPS = defaults
-                    tensorcore.WARPS, tensorcore.TILES, tensorcore.PREFETCH, kattn.LAST_BLOCK_REDUCE = tc_defaults
+                    tensorcore.WARPS, tensorcore.TILES, tensorcore.PREFETCH = tc_defaults
                     os.environ.pop("KVMLX_TENSOR_CORES", None)
                 row["bytes"] = nbytes(q, q, *(a for f in (kf, vf) for a in (*f.compressed.values(), f.floats)))
             elif torch_mod is not None:

@@ -40,12 +40,6 @@ UNROLL = 4  # rows per thread whose loads are in flight together (see bodies.SPL
 DPT_SMALL_G, DPT_NARROW, DPT_LARGE_G = 16, 8, 4  # see dpt_for
 TARGET_GROUPS = 528  # threadgroups to aim at (4 per multiprocessor of an H200)
 MAX_GENERAL = 16
-# The last tensor-core block of each (batch, KV head) normalizes the output itself (tensorcore.
-# LAST_REDUCE: one launch per decode call where no general split runs): correct on the CPU warp
-# emulator, not yet timed on a GPU, so off (`bench_mlx_kernels.py --variants lr` times it). Before it
-# becomes the default, `_probe` (whose float tail keeps it out) must also check a tail-free step.
-LAST_BLOCK_REDUCE = False
-_TICKETS: dict[int, mx.array] = {}
 
 
 def _fmt(t) -> tuple[int, int, int]:
@@ -189,13 +183,7 @@ def split_launches(q: mx.array, k: Fetched, v: Fetched, scale: float,
             tc_template = [("T", dtype), ("MT", mt), ("D", d), ("G", g), ("NW", tensorcore.WARPS),
                            ("UT", tensorcore.tiles_for(d)), ("PF", int(tensorcore.prefetch_for(d))), ("KB", kb),
                            ("KCH", kch), ("KGR", kgr), ("VB", vb), ("VGR", vgr)]
-            body, tc_inputs = tensorcore.TC_SPLIT, inputs
-            if last_block_reduce(s_gen, v.spec):
-                body += tensorcore.LAST_REDUCE
-                tc_inputs = {**inputs, "ticket": _tickets(b * hkv)}
-                outputs = {**outputs, "out": ((b, hq, 1, d), q.dtype)}
-                tc_template.append(("OT", q.dtype))
-            launches.append(Launch("kvmlx_split_tc", body, tc_inputs, outputs, tc_template,
+            launches.append(Launch("kvmlx_split_tc", tensorcore.TC_SPLIT, inputs, outputs, tc_template,
                                    grid=(max(splits, 1) * nt, b * hkv, 1), threadgroup=(nt, 1, 1)))
             continue
         launches.append(Launch("kvmlx_split", bodies.SPLIT, inputs, outputs, template,
@@ -203,19 +191,6 @@ def split_launches(q: mx.array, k: Fetched, v: Fetched, scale: float,
     plain = isinstance(v.spec, Quant) and v.spec.rotation is None
     meta = {"splits": (s_fast, s_gen), "shape": (b, hq, d), "vw": vw, "g": g, "plain": plain, "dtype": q.dtype}
     return launches[0], launches[1], meta
-
-
-def last_block_reduce(s_gen: int, vspec) -> bool:
-    """Whether the tensor-core split also normalizes (LAST_BLOCK_REDUCE, no general split, plain V)."""
-    return LAST_BLOCK_REDUCE and s_gen == 0 and isinstance(vspec, Quant) and vspec.rotation is None
-
-
-def _tickets(n: int) -> mx.array:
-    """n int32 zeros kept across calls: each last block resets its ticket, so they stay zeros."""
-    if n not in _TICKETS:
-        _TICKETS[n] = mx.zeros((n,), mx.int32)
-        mx.eval(_TICKETS[n])
-    return _TICKETS[n]
 
 
 def reduce_launch(fast: dict[str, mx.array], general: dict[str, mx.array], meta: dict) -> Launch:
@@ -243,8 +218,6 @@ def run_decode(dialect: str, q: mx.array, k: Fetched, v: Fetched, scale: float) 
     fast, general, meta = split_launches(q, k, v, scale, dialect)
     s_fast, s_gen = meta["splits"]
     parts = [launch.run(dialect) if splits else _EMPTY for launch, splits in ((fast, s_fast), (general, s_gen))]
-    if "out" in parts[0]:  # the tensor-core split reduced its own splits (LAST_BLOCK_REDUCE)
-        return parts[0]["out"]
     out = reduce_launch(*parts, meta).run(dialect)
     if meta["plain"]:
         return out["out"]

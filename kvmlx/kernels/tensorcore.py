@@ -33,7 +33,7 @@ Layout (one warp; lane = 4 gq + tq; a 16-row tile is two 8-row n-tiles):
 inputs / outputs: as bodies.SPLIT with GEN 0 (qf, kf, vf unused).
 template T (the float tail's dtype), MT (MMA operand type: `mma_dtype`), D, G, NW (warps), UT
 (tiles per step), PF (prefetch), KB, KCH, KGR, VB, VGR (bits, channel flag and group as
-kvspec.spec.Quant); with LAST_REDUCE appended, OT.
+kvspec.spec.Quant).
 """
 
 from __future__ import annotations
@@ -313,41 +313,6 @@ for (int e = kv_tid; e < G * D; e += NTH) {
   }
   pc[(slot_base + g) * D + d] = as;
   if (d == 0) { pm[slot_base + g] = mx; pl[slot_base + g] = ls; }
-}
-"""
-
-# Appended to TC_SPLIT where `attention` asks for a last-block reduce (CUDA only: Metal has no
-# device-scope fence for this): inputs add ticket int32 [B * Hkv] (zeros between calls), outputs add
-# out OT [B, Hq, 1, D], the normalized attention, and template OT, so no reduce launch follows.
-LAST_REDUCE = """
-// The block that finishes its (batch, KV head) last merges the S splits into out [B, Hq, 1, D]
-// (OT), as bodies.REDUCE would, so no reduce launch follows. Its ticket (an int per (batch, KV head),
-// zero between calls) counts finished blocks: each block publishes its slot (fence), takes a ticket,
-// and the last resets it; its reads of the other blocks' slots bypass L1 (__ldcg).
-KV_SHARED int kv_last;
-__threadfence();
-KV_BARRIER();
-if (kv_tid == 0) {
-  int* tk = const_cast<int*>(ticket) + kv_by;
-  kv_last = atomicAdd(tk, 1) == S - 1;
-  if (kv_last) *tk = 0;
-}
-KV_BARRIER();
-if (kv_last) {
-  __threadfence();
-  for (int e = kv_tid; e < G * D; e += NTH) {
-    const int g = e / D, d = e % D;
-    const int64_t first = (int64_t)kv_by * S * G + g;
-    float mx = -1.0e30f;
-    for (int s = 0; s < S; ++s) mx = KV_MAX(mx, __ldcg(pm + first + s * G));
-    float ls = 0.0f, ac = 0.0f;
-    for (int s = 0; s < S; ++s) {
-      const float f = KV_EXP2(__ldcg(pm + first + s * G) - mx);
-      ls += f * __ldcg(pl + first + s * G);
-      ac += f * __ldcg(pc + (first + s * G) * D + d);
-    }
-    out[((int64_t)kv_by * G + g) * D + d] = static_cast<OT>(ac * (1.0f / ls));
-  }
 }
 """
 

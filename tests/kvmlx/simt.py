@@ -31,7 +31,6 @@ from kvmlx.kernels.launch import CUDA_TYPES, METAL_TYPES, Launch, _uses
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("KVMLX_SIMT_CACHE", Path(tempfile.gettempdir()) / "kvmlx-simt"))
 TIMEOUT_S = 60.0
-LAST_INPUTS: dict[str, np.ndarray] = {}  # the host copies of the last run's inputs, as the kernel left them
 NDIM = 10  # Shape / Strides slots, as MLX's MAX_NDIM
 
 _STUBS = {
@@ -171,8 +170,6 @@ def run(launch: Launch, dialect: str = "cuda") -> dict[str, mx.array]:
                        (ctypes.c_uint * 3)(*block), ctypes.c_double(TIMEOUT_S))
     if rc:
         raise RuntimeError(f"{launch.name}: emulated launch returned {rc}")
-    LAST_INPUTS.clear()
-    LAST_INPUTS.update(zip(launch.inputs, hosts))
     result = {}
     for (name, (_, dtype)), o in zip(launch.outputs.items(), outs):
         arr = mx.array(o)

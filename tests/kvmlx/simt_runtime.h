@@ -137,11 +137,6 @@ inline int __any_sync(unsigned, int p) {
   return any != 0;
 }
 inline void __syncthreads() { kv_simt::block->bar.arrive_and_wait(); }
-// Device-scope atomics and fences; blocks run one after another here, so any order a GPU could take
-// between blocks is not exercised (only that the last block sees every other block's writes).
-inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-template <typename X> X __ldcg(const X* p) { return *p; }
 
 // fma.rn.{bf16,f16}x2 d, a, b, c: per 16-bit lane, a * b + c rounded once to X.
 template <typename X> uint32_t kv_emu_fma2(uint32_t a, uint32_t b, uint32_t c) {

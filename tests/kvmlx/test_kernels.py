@@ -175,22 +175,6 @@ def test_tensor_core_split_compiles_with_nvrtc(spec, d, g, dtype):
     assert ok, f"{fast.template}: {log[:4000]}"
 
 
-@pytest.mark.skipif(nvrtc.available() is not None, reason=str(nvrtc.available()))
-@pytest.mark.parametrize("spec,dtype", [("int4", "bf16"), ("int8", "fp16")])
-def test_last_block_reduce_compiles_with_nvrtc(monkeypatch, spec, dtype):
-    from kvmlx.store import TensorStore
-
-    monkeypatch.setattr(kattn, "LAST_BLOCK_REDUCE", True)
-    s = parse(spec)
-    x = mx.array(np.random.default_rng(0).standard_normal((1, 2, 200, 128)).astype(np.float32))
-    k, v = (TensorStore(t, 0, dtype).append(x) for t in (s.k, s.v))  # residual 0: no float tail
-    q = mx.zeros((1, 8, 1, 128), ops.float_dtype(dtype))
-    fast = kattn.split_launches(q, k, v, 128 ** -0.5, "cuda")[0]
-    assert "out" in fast.outputs
-    ok, log = nvrtc.compile_ptx(fast.translation_unit("cuda"))
-    assert ok, log[:4000]
-
-
 def test_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("KVMLX_KERNELS", "off")
     assert selfcheck.current_dialect() is None

@@ -154,30 +154,6 @@ def test_two_tile_tensor_core_body_matches_the_reference(emulated, monkeypatch, 
     assert why is None, f"seed {seed}: {why}"
 
 
-@pytest.mark.parametrize("spec,d,g,dtype", [("int4", 128, 4, "bf16"), ("int8", 64, 7, "fp16"), ("int2", 256, 4, "bf16"),
-                                           ("k4v2", 128, 8, "bf16"), ("int4-g32", 64, 3, "fp16")])
-def test_last_block_reduce_matches_the_reference(emulated, monkeypatch, spec, d, g, dtype):
-    """attention.LAST_BLOCK_REDUCE (off until timed): the last tensor-core block of each (batch, KV
-    head) merges its 6 splits into the output, and leaves its ticket at zero for the next call."""
-    monkeypatch.setattr(kattn, "LAST_BLOCK_REDUCE", True)
-    seed = int(np.random.default_rng().integers(2**31))
-    key, q, k, v, scale = decode_inputs(spec, d, g, dtype, seed)
-    fast, _, meta = kattn.split_launches(q, k, v, scale, "cuda")
-    assert "out" in fast.outputs and meta["splits"][0] > 1 and meta["splits"][1] == 0
-    got = kattn.run_decode("cuda", q, k, v, scale)
-    assert got.dtype == q.dtype and got.shape == q.shape
-    assert not simt.LAST_INPUTS["ticket"].any(), "a ticket was not reset"
-    why = kattn._compare(key, got, kattn._reference(key, q, k, v, scale))
-    assert why is None, f"seed {seed}: {why}"
-
-
-def test_last_block_reduce_only_without_a_general_split_and_with_plain_values(monkeypatch):
-    monkeypatch.setattr(kattn, "LAST_BLOCK_REDUCE", True)
-    for spec, want in (("int4", True), ("int4-res8", False), ("int4-rot", False)):
-        key, q, k, v, scale = decode_inputs(spec, 64, 3, "fp16", seed=0)
-        assert ("out" in kattn.split_launches(q, k, v, scale, "cuda")[0].outputs) == want, spec
-
-
 def test_the_tensor_core_body_is_what_ran(monkeypatch):
     """The cases above exercise TC_SPLIT where it applies (not only the FMA body)."""
     monkeypatch.delenv("KVMLX_TENSOR_CORES", raising=False)
