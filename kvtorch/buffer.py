@@ -3,18 +3,23 @@
 Caches serve inference: what is stored is detached from autograd.
 
 Holds the live tokens [start, end) of a tensor along axis -2 ([B, H, tokens, X] for tails, codes,
-coefficients, and [B, H, groups, D] for channel-axis scales). Storage grows geometrically; a grow
+coefficients, and [B, H, groups, D] for channel-axis scales). Storage grows geometrically (GROWTH); a grow
 also moves the live tokens to the front, so a buffer whose front keeps leaving (a residual window, a
 sliding window) reuses memory instead of creeping forward.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
-MIN_CAPACITY = 16
+# Capacity after a grow: GROWTH times the tokens live then, and at least SPARE tokens more. Appends
+# stay amortized O(1) (a token is copied at most 1 / (GROWTH - 1) times) while spare storage stays
+# within 25% of a long cache; SPARE keeps short windows (residual tails) from moving every few steps.
+GROWTH = 1.25
+SPARE = 64
 
 
 class TokenBuffer:
@@ -53,7 +58,9 @@ class TokenBuffer:
 
     def _grow(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, extra: int) -> None:
         live = len(self)
-        cap = max(2 * (live + extra), MIN_CAPACITY)
+        need = live + extra
+        # Zero tokens asked of an empty buffer: a zero-capacity array that only records the layout.
+        cap = max(math.ceil(GROWTH * need), need + SPARE) if need else 0
         # A normal tensor even under inference mode, so a cache filled there can grow outside it.
         with torch.inference_mode(False):
             new = torch.empty((*shape[:-2], cap, shape[-1]), dtype=dtype, device=device)

@@ -93,18 +93,29 @@ class TensorStore:
         checked: `check(x)` already ran."""
         if not checked:
             self.check(x)
-        self.tail.append(ops.round_to(x, self.float_dtype))
-        floats, float_start = self.tail.view(), self.start
-        self.tokens += x.shape[-2]
+        chunk = ops.round_to(x, self.float_dtype).detach()
+        m, held, float_start = x.shape[-2], len(self.tail), self.start
+        self.tokens += m
         n1 = n_quantized(self.spec, self.residual, self.tokens)
+        # Tokens leaving the front of (tail + chunk): to the compressed part, or out of a float window.
+        drop = max(n1 - self.n, 0 if self.keep is None else held + m - self.keep)
+        stay = held + m - drop
+        if m <= stay:
+            # The whole chunk stays in float (decoding with a residual window): append in place.
+            self.tail.append(chunk)
+            floats = self.tail.view()
+        else:
+            # Most of a prefill chunk leaves at once: its floats live only for this call, so the tail's
+            # storage never grows to a chunk's length (it would stay that large for the cache's life).
+            floats = chunk if held == 0 else torch.cat([self.tail.view(), chunk], dim=-2)
         if n1 > self.n:
             self._compress(floats[..., : n1 - self.n, :])
-            self.tail.drop_front(n1 - self.n)
-            self.start = self.n = n1
-        if self.keep is not None and len(self.tail) > self.keep:
-            extra = len(self.tail) - self.keep
-            self.tail.drop_front(extra)
-            self.start += extra
+        if m <= stay:
+            self.tail.drop_front(drop)
+        else:
+            self.tail.drop_front(held)
+            self.tail.append(floats[..., held + m - stay :, :])  # with stay 0: records the layout only
+        self.n, self.start = n1, self.start + drop
         return floats, float_start
 
     def _compress(self, x: torch.Tensor) -> None:
@@ -282,11 +293,10 @@ class LayerStore:
         fk, fk0 = self.k.append(k, checked=True)
         fv, fv0 = self.v.append(v, checked=True)
         q_pos = torch.arange(t0, self.tokens, device=k.device)
-        return Chunk(
-            q_pos,
-            self.k.part(fk, fk0, split_positions(self.k.spec, self.residual, q_pos)),
-            self.v.part(fv, fv0, split_positions(self.v.spec, self.residual, q_pos)),
-        )
+        k_split = split_positions(self.k.spec, self.residual, q_pos)
+        # Same spec, same splits: one set of ops fewer per layer and step.
+        v_split = k_split if self.v.spec == self.k.spec else split_positions(self.v.spec, self.residual, q_pos)
+        return Chunk(q_pos, self.k.part(fk, fk0, k_split), self.v.part(fv, fv0, v_split))
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.k.map_batch(fn)

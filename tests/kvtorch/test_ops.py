@@ -108,3 +108,22 @@ def test_check_finite_names_place_and_index(bad):
         ops.check_finite(x, "layer 7 keys")
     assert bool(ops.nonfinite_flag(x))
     ops.check_finite(torch.full((2, 2), 65504.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_nonfinite_flag_bounds_every_dtype_at_the_fp16_range(dtype):
+    """65504 passes; the next value the dtype holds past it, NaN and +-Inf do not (bf16's next is 65536)."""
+    top = torch.tensor(65504.0, dtype=dtype)
+    above = torch.nextafter(top, torch.tensor(float("inf"), dtype=dtype)) if dtype.itemsize >= 4 else top
+    if dtype == torch.bfloat16:
+        top, above = torch.tensor(65280.0, dtype=dtype), torch.tensor(65536.0, dtype=dtype)
+    rng = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    x = torch.randn(2, 3, 7, 16, generator=rng).to(dtype)
+    x[0, 1, 2, 3] = -top
+    assert not bool(ops.nonfinite_flag(x))
+    for bad in (above, -above, float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[1, 2, 6, 15] = bad
+        if dtype == torch.float16 and bad in (above, -above):
+            continue  # fp16's next value past 65504 is Inf, covered below
+        assert bool(ops.nonfinite_flag(y)), (dtype, bad)

@@ -3,6 +3,8 @@ sliding windows trim; growth is geometric; saved states restore; bad input is re
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -14,7 +16,7 @@ from kvspec.layout import compressed_shapes, n_quantized  # noqa: E402
 from kvspec.reference.quant import NonFiniteError  # noqa: E402
 from kvspec.tolerances import assert_close, tolerance  # noqa: E402
 from kvtorch import ops  # noqa: E402
-from kvtorch.buffer import TokenBuffer  # noqa: E402
+from kvtorch.buffer import GROWTH, SPARE, TokenBuffer  # noqa: E402
 from kvtorch.store import CHECK_EVERY, LayerStore, TensorStore, split_positions  # noqa: E402
 
 from .helpers import SPECS, bases_for, chunking, reference_arrays  # noqa: E402
@@ -101,13 +103,34 @@ def test_growth_is_geometric_and_views_survive_it():
             buf.drop_front(1)  # a window leaving from the front
         grows += buf.capacity != cap
         cap = buf.capacity
-    assert grows <= 16  # log2(5000) + a few, not one per append
+    # One grow per factor GROWTH of length (plus moves of the window's front), not one per append.
+    assert grows <= math.log(5000 / SPARE, GROWTH) + 8
     assert buf.view()[0, 0, :, 0].tolist() == [i for i in range(5000) if i >= (5000 - len(buf))]
     view = buf.view()
     before = view.clone()
     for _ in range(cap):
         buf.append(torch.zeros(1, 1, 1, 4))
     assert torch.equal(view, before)  # a grow never overwrites what an earlier view shows
+
+
+@pytest.mark.parametrize("text", ["int4", "int8-res5", "int4-kchan-res3", "rank16-random"])
+def test_storage_holds_the_live_tokens_not_the_largest_chunk(text):
+    """A prefill chunk's floats do not stay allocated in the tail (they would for the cache's life),
+    and the compressed arrays hold at most GROWTH times their tokens (or SPARE more)."""
+    spec = kvspec.parse(text)
+    bases = {w: torch.from_numpy(b) for w, b in bases_for(spec, D, H).items()}
+    layer = LayerStore(spec.k, spec.v, spec.residual, spec.float_dtype, bases)
+    chunk = layer.append(*(torch.randn(1, H, 1000, D),) * 2)
+    assert chunk.k.floats.shape[-2] == 1000  # the chunk's queries still read every chunk token in float
+    for _ in range(40):
+        layer.append(*(torch.randn(1, H, 1, D),) * 2)
+    for store in (layer.k, layer.v):
+        float_tokens = 1040 - n_quantized(store.spec, spec.residual, 1040)
+        # The most a tail holds between flushes: the window and one token, or a whole channel group.
+        most = spec.residual + (store.spec.group if getattr(store.spec, "axis", "") == "channel" else 1)
+        assert len(store.tail) == float_tokens and store.tail.capacity <= max(GROWTH * most, most + SPARE)
+        for name, buf in store.arrays.items():
+            assert len(buf) * GROWTH + 1 >= buf.capacity or buf.capacity <= len(buf) + SPARE, (text, name)
 
 
 @pytest.mark.parametrize("text", ["int4-kchan-res7", "rank16-q4-random", "fp16"])
