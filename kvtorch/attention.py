@@ -35,6 +35,9 @@ class Part:
     basis: [Hkv, D, r] fp32 for LowRank. floats: [B, Hkv, Tf, D] float tokens at positions
     [float_start, float_start + Tf). split: int64 [Tq]; query i reads s < split[i] compressed.
     Every position a query can see must be in the form its split names.
+    extent: set by a static cache (kvtorch.graphs): the arrays' storage holds `extent` rows and the
+    kernels plan for all of them, taking the live length from q_pos and split on the device, so
+    one launch serves every step of a CUDA graph (n and float_start are then the host's view only).
     """
 
     spec: TensorSpec
@@ -45,6 +48,7 @@ class Part:
     floats: torch.Tensor
     float_start: int
     split: torch.Tensor
+    extent: int | None = None
 
     @property
     def end(self) -> int:

@@ -56,11 +56,12 @@ class TokenBuffer:
         self._end += m
         return self._data[..., self._end - m : self._end, :]
 
-    def _grow(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, extra: int) -> None:
+    def _grow(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, extra: int,
+              exact: bool = False) -> None:
         live = len(self)
         need = live + extra
         # Zero tokens asked of an empty buffer: a zero-capacity array that only records the layout.
-        cap = max(math.ceil(GROWTH * need), need + SPARE) if need else 0
+        cap = need if exact or not need else max(math.ceil(GROWTH * need), need + SPARE)
         # A normal tensor even under inference mode, so a cache filled there can grow outside it.
         with torch.inference_mode(False):
             new = torch.empty((*shape[:-2], cap, shape[-1]), dtype=dtype, device=device)
@@ -68,6 +69,23 @@ class TokenBuffer:
             new[..., :live, :] = self.view()
         # A fresh tensor rather than an in-place shift: views handed out before stay intact.
         self._data, self._start, self._end = new, 0, live
+
+    def ensure_capacity(self, tokens: int) -> None:
+        """Storage for `tokens` live tokens in all (a static cache: no grow, so no move, until then)."""
+        if self._data is None:
+            raise ValueError("an empty buffer has no layout to preallocate; append first")
+        if self._start + tokens > self.capacity:
+            self._grow(self._data.shape, self._data.dtype, self._data.device, tokens - len(self), exact=True)
+
+    def storage(self) -> torch.Tensor:
+        """The whole storage [..., capacity, X]: live tokens at [start, end), then the reserve."""
+        return self._data
+
+    def advance(self, m: int) -> None:
+        """Count m more tokens as live that a kernel already wrote past the end (device-side offsets)."""
+        if self._end + m > self.capacity:
+            raise ValueError(f"{m} more tokens exceed the capacity {self.capacity} ({len(self)} live)")
+        self._end += m
 
     def drop_front(self, m: int) -> None:
         """Forget the first m live tokens (no copy)."""

@@ -128,6 +128,22 @@ class KVCache(Cache):
             if store is not None:
                 store.check_pending()
 
+    def make_static(self, capacity: int) -> None:
+        """Preallocate every layer for `capacity` tokens in all and append at device-held positions
+        from now on (one token per step), so a decode step can be captured as a CUDA graph
+        (kvtorch.graphs.GraphDecoder). Needs a prefilled cache whose every layer compresses each token
+        as it arrives: residual 0, token-axis groups or low rank, no float (sliding-window) layers."""
+        stores = self.stores()
+        if any(s is None for s in stores):
+            raise ValueError("prefill the cache before making it static (its layers have no storage yet)")
+        for store in stores:
+            store.make_static(capacity)
+
+    def advance(self, m: int) -> None:
+        """Host counters after m decode steps replayed by a CUDA graph (the device positions moved themselves)."""
+        for store in self.stores():
+            store.advance(m)
+
     def nbytes(self) -> int:
         """Bytes of stored tokens over all layers (bases excluded), as kvspec.budget.kv_bytes counts them."""
         return sum(s.k.nbytes() + s.v.nbytes() for s in self.stores() if s is not None)

@@ -56,6 +56,18 @@ def array_names(t: TensorSpec) -> tuple[str, ...]:
     return ("codes", "scales", "biases")
 
 
+def static_refusal(t: TensorSpec, residual: int) -> str | None:
+    """Why a tensor of spec t cannot be stored statically (every token compressed as it arrives,
+    at a device-held row), or None."""
+    if isinstance(t, Float):
+        return "float tensors (fp16/bf16 K or V, sliding-window layers) have no compressed storage"
+    if residual:
+        return f"a residual window ({residual}) keeps recent tokens in float; use residual 0"
+    if isinstance(t, Quant) and t.axis == "channel":
+        return "channel-axis groups wait in float until they are full; use token-axis groups"
+    return None
+
+
 class TensorStore:
     """One layer's K or V. tokens: T appended so far; n: compressed; the tail holds [start, T)."""
 
@@ -86,6 +98,7 @@ class TensorStore:
         self.arrays = {name: TokenBuffer() for name in array_names(spec)}
         self._bad: torch.Tensor | None = None
         self._unchecked_from = 0
+        self.capacity: int | None = None  # set by make_static
 
     def append(self, x: torch.Tensor, checked: bool = False) -> tuple[torch.Tensor, int]:
         """Append x [B, H, m, D]; returns the float tokens [start_before, T) (float dtype) and that start:
@@ -152,6 +165,62 @@ class TensorStore:
         kq.quantize_rows(x, self.spec, self.float_dtype, self.basis, out=out)
         return True
 
+    def make_static(self, capacity: int) -> None:
+        """Preallocate the arrays for `capacity` tokens; from now on tokens arrive one at a time through
+        `append_static`, written at a row the device holds, so no shape or pointer changes from step
+        to step and a decode step can be captured as a CUDA graph (kvtorch.graphs)."""
+        why = static_refusal(self.spec, self.residual)
+        if why is None and self.n == 0:
+            why = "nothing stored yet: prefill before making the cache static"
+        if why is None and capacity <= self.tokens:
+            why = f"capacity {capacity} holds no more than the {self.tokens} tokens stored"
+        if why is None:
+            from .kernels import quantize as kq
+
+            why = kq.refusal(self.arrays_like(), self.spec, self.basis)
+        if why:
+            raise ValueError(f"{self.where}: cannot make a static cache: {why}")
+        for buf in self.arrays.values():
+            buf.ensure_capacity(capacity)
+        self.capacity = capacity
+        if self._bad is None:
+            self._bad = torch.zeros((), dtype=torch.bool, device=self.arrays_like().device)
+            self._unchecked_from = self.tokens
+        else:
+            self._bad = self._bad.clone()  # a tensor of its own, updated in place from now on
+
+    def arrays_like(self) -> torch.Tensor:
+        """A zero-token float tensor [B, H, 0, D] on the store's device (shapes for the kernels' refusals)."""
+        return self.tail.view()[..., :0, :]
+
+    def append_static(self, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """Append one token x [B, H, 1, D] at row `row` (int64 [1] on the device: its position) of a
+        static store; returns it in the float dtype. Host counters advance except while a CUDA graph
+        is being captured (nothing runs then; the graph's owner calls `advance` per replay)."""
+        chunk = ops.round_to(x, self.float_dtype).detach()
+        self._bad.logical_or_(ops.nonfinite_flag(x, self.rotated))  # in place: a graph replays it
+        from .kernels import quantize as kq
+
+        out = {name: buf.storage() for name, buf in self.arrays.items()}
+        kq.quantize_rows(chunk, self.spec, self.float_dtype, self.basis, out=out, row0=row)
+        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self.advance(1)
+        return chunk
+
+    def advance(self, m: int) -> None:
+        """Count m more tokens that kernels of a static store wrote (all compressed: residual 0)."""
+        if self.tokens + m > self.capacity:
+            raise ValueError(f"{self.where}: {self.tokens + m} tokens exceed the static capacity {self.capacity}")
+        for buf in self.arrays.values():
+            buf.advance(m)
+        self.tokens += m
+        self.n = self.start = self.tokens
+
+    def static_part(self, chunk: torch.Tensor, float_start: int, split: torch.Tensor) -> Part:
+        """The Part of a static store for its one new token: storage planned to `capacity` rows."""
+        arrays = {name: buf.view() for name, buf in self.arrays.items()}
+        return Part(self.spec, chunk.shape[-1], self.n, arrays, self.basis, chunk, float_start, split, self.capacity)
+
     @property
     def rotated(self) -> bool:
         return isinstance(self.spec, Quant) and self.spec.rotation is not None
@@ -182,7 +251,11 @@ class TensorStore:
                 f"cannot quantize NaN/Inf or a value beyond the fp16 range in {self.where}, "
                 f"in one of tokens {self._unchecked_from}..{last}"
             )
-        self._bad = None
+        if self.capacity is None:
+            self._bad = None
+        elif self._bad is not None:
+            self._bad.zero_()  # a static store's flag stays the same tensor (a CUDA graph writes it)
+            self._unchecked_from = self.tokens
 
     def part(self, floats: torch.Tensor, float_start: int, split: torch.Tensor) -> Part:
         """A `Part` of the current compressed arrays with the given float tokens and per-query split."""
@@ -276,10 +349,32 @@ class LayerStore:
             )
             for which, name, t in (("k", "keys", k), ("v", "values", v))
         )
+        self.position: torch.Tensor | None = None  # a static store's next position, on the device
 
     @property
     def tokens(self) -> int:
         return self.k.tokens
+
+    def make_static(self, capacity: int) -> None:
+        """Preallocate K and V for `capacity` tokens and append from then on at a device-held
+        position (TensorStore.make_static); one token per append."""
+        self.k.make_static(capacity)
+        self.v.make_static(capacity)
+        self.position = torch.tensor([self.tokens], dtype=torch.int64, device=self.k.arrays_like().device)
+
+    def advance(self, m: int) -> None:
+        """Host counters of a static layer after m replayed steps (the device position moved itself)."""
+        self.k.advance(m)
+        self.v.advance(m)
+
+    def _append_static(self, k: torch.Tensor, v: torch.Tensor) -> Chunk:
+        if k.shape[-2] != 1:
+            raise ValueError(f"a static cache appends one token per step (decoding); got {k.shape[-2]}")
+        t0 = self.tokens
+        q_pos = self.position.clone()
+        self.position.add_(1)  # now n_quantized(q_pos + 1) with residual 0: the split of both K and V
+        fk, fv = self.k.append_static(k, q_pos), self.v.append_static(v, q_pos)
+        return Chunk(q_pos, self.k.static_part(fk, t0, self.position), self.v.static_part(fv, t0, self.position))
 
     def first_column(self) -> int:
         """The first position the next chunk's attention reads: 0, or where a trimmed window begins."""
@@ -287,6 +382,8 @@ class LayerStore:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> Chunk:
         """Append k, v [B, Hkv, m, D] at positions [T0, T0 + m); the chunk's queries attend as decoding would."""
+        if self.position is not None:
+            return self._append_static(k, v)
         t0 = self.tokens
         self.k.check(k)  # both before either is stored, so a refusal leaves the layer as it was
         self.v.check(v)

@@ -87,17 +87,20 @@ def _quantize_kernel(
     x_ptr, sx_b, sx_h, sx_t,
     c_ptr, sc_b, sc_h, sc_t,
     s_ptr, b_ptr, ss_b, ss_h, ss_t,
-    sign_ptr, basis_ptr, H, M, rot_norm,
+    sign_ptr, basis_ptr, row0_ptr, H, M, rot_norm,
     D: tl.constexpr, LOG_D: tl.constexpr, FLOAT: tl.constexpr, XFORM: tl.constexpr,
     RP: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
-    BT: tl.constexpr,
+    BT: tl.constexpr, ROW0: tl.constexpr,
 ):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
+    # ROW0: the output rows start at a row read from the device (a static cache under a CUDA graph,
+    # token axis only), not at the pointers given.
+    row0 = tl.load(row0_ptr).to(tl.int64) if ROW0 else 0
     x_ptr += b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
-    c_ptr += b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h
-    s_ptr += b.to(tl.int64) * ss_b + h.to(tl.int64) * ss_h
-    b_ptr += b.to(tl.int64) * ss_b + h.to(tl.int64) * ss_h
+    c_ptr += b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h + row0 * sc_t
+    s_ptr += b.to(tl.int64) * ss_b + h.to(tl.int64) * ss_h + row0 * ss_t
+    b_ptr += b.to(tl.int64) * ss_b + h.to(tl.int64) * ss_h + row0 * ss_t
     basis_ptr += h.to(tl.int64) * D * R
     LEVELS: tl.constexpr = (1 << BITS) - 1
     W: tl.constexpr = (R * BITS + 31) // 32
@@ -139,8 +142,10 @@ def _quantize_kernel(
 
 
 def quantize_rows_triton(x: torch.Tensor, t: TensorSpec, float_dtype: torch.dtype, out: dict[str, torch.Tensor],
-                         signs: torch.Tensor | None, rot_norm: float, basis: torch.Tensor | None) -> None:
-    """Launch over x [B, H, M, D] into `out` (kvspec.layout arrays of M rows; see quantize.quantize_rows)."""
+                         signs: torch.Tensor | None, rot_norm: float, basis: torch.Tensor | None,
+                         row0: torch.Tensor | None = None) -> None:
+    """Launch over x [B, H, M, D] into `out` (kvspec.layout arrays of M rows; see quantize.quantize_rows),
+    or from row `row0` (int64 [1] on the device; token axis) of `out` when given."""
     bsz, heads, m, d = x.shape
     xform = 2 if isinstance(t, LowRank) else (1 if signs is not None else 0)
     q: Quant | None = t if isinstance(t, Quant) else (t.coeff if isinstance(t, LowRank) else None)
@@ -154,10 +159,11 @@ def quantize_rows_triton(x: torch.Tensor, t: TensorSpec, float_dtype: torch.dtyp
     grid = (triton.cdiv(m, q.group if channel else BT), bsz * heads)
     _quantize_kernel[grid](
         x, *x.stride()[:3], codes, *codes.stride()[:3], scales, biases, *scales.stride()[:3],
-        signs if signs is not None else dummy, basis if basis is not None else dummy, heads, m, rot_norm,
+        signs if signs is not None else dummy, basis if basis is not None else dummy,
+        row0 if row0 is not None else dummy, heads, m, rot_norm,
         D=d, LOG_D=d.bit_length() - 1, FLOAT=tl.float16 if float_dtype == torch.float16 else tl.bfloat16,
         XFORM=xform, RP=padded(width) if isinstance(t, LowRank) else d, R=width, BITS=0 if q is None else q.bits,
-        GROUP=1 if q is None else q.group, CHANNEL=channel, BT=BT,
+        GROUP=1 if q is None else q.group, CHANNEL=channel, BT=BT, ROW0=row0 is not None,
         # No fused multiply-adds: kvspec rounds x * c (rotation) before subtracting the bias.
         enable_fp_fusion=False,
     )

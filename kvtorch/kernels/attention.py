@@ -9,7 +9,8 @@ these fields works):
 - basis: fp32 [Hkv, D, r] for LowRank;
 - floats: [B, Hkv, Tf, D] in the float dtype (fp16 or bf16) at positions [float_start, float_start + Tf);
 - split: int [Tq]; query i reads position s compressed iff s < split[i] (docs/BACKENDS.md protocol:
-  split[i] = n_quantized(q_pos[i] + 1); K and V have their own).
+  split[i] = n_quantized(q_pos[i] + 1); K and V have their own);
+- extent (optional): a static cache's storage rows, planned for in full (see kvtorch.attention.Part).
 q [B, Hq, Tq, D] at positions q_pos [Tq] (query p sees s <= p); Hq = G * Hkv and query head h reads
 KV head h // G. Returns fp32 [B, Hq, Tq, D]. Rotated keys are read against rotate(q), low-rank keys
 as (qP).c, outputs as unrotate(p.V) or (p.C)P^T; the D-dim history is never rebuilt.
@@ -217,10 +218,15 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     # first float position on may need the float form (the kernels refine both per query block).
     n_fast = min(k.n, v.n)
     g0 = min(k.float_start, v.float_start)
+    static = getattr(k, "extent", None) is not None
+    if static:
+        # A static cache's step (one query, everything compressed): plan over the whole storage; the
+        # lean programs stop at the query's position, which they read on the device.
+        end = n_fast = k.extent
     sms = _sms(q.device)
     s_fast, c_fast = _splits(0, n_fast, block_n, b * hkv * nqb, splits, sms)
     s_gen, c_gen = _splits(g0, end, GENERAL_BLOCK[0], b * hkv * nqb, splits, sms)
-    if tq == 1 and k.n == end and v.n == end:
+    if static or (tq == 1 and k.n == end and v.n == end):
         # Decode with nothing left in float (no residual window): the one query sits at end - 1, so its
         # splits are n_quantized(end) = n and the lean launch covers every key; the GENERAL launch
         # would only write empty slots, so it is not made (one launch fewer per layer and step).

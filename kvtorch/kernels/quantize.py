@@ -75,12 +75,19 @@ def quantize_rows(
     float_dtype: str,
     basis: torch.Tensor | None = None,
     out: dict[str, torch.Tensor] | None = None,
+    row0: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compress the M rows x [B, H, M, D] (see module docstring); writes into `out` if given and
-    returns the arrays. The kernel where it can run, else `quantize_rows_reference`."""
+    returns the arrays. The kernel where it can run, else `quantize_rows_reference`.
+    row0: int64 [1] on x's device: write rows [row0, row0 + M) of `out` (whole storage of a static
+    cache), a position the host need not know (CUDA graphs); kernel only, token axis only."""
     if out is None:
         out = stored_arrays(x, t, float_dtype)
-    if refusal(x, t, basis) is not None:
+    if row0 is not None:
+        why = refusal(x, t, basis) or ("channel-axis groups" if getattr(_quant(t), "axis", "") == "channel" else None)
+        if why:
+            raise ValueError(f"a device-held row needs the quantize kernel: {why}")
+    elif refusal(x, t, basis) is not None:
         for name, arr in quantize_rows_reference(x, t, float_dtype, basis).items():
             out[name].copy_(arr)
         return out
@@ -93,5 +100,10 @@ def quantize_rows(
         rot_norm = float(norm_factor(d))
     basis32 = basis.float().contiguous() if isinstance(t, LowRank) else None
     with on_device(x):
-        quantize_rows_triton(x, t, ops.float_dtype(float_dtype), out, signs, rot_norm, basis32)
+        quantize_rows_triton(x, t, ops.float_dtype(float_dtype), out, signs, rot_norm, basis32, row0)
     return out
+
+
+def _quant(t: TensorSpec) -> Quant | None:
+    """The Quant that stores t's codes (t itself, a hybrid's coefficient quantizer) or None."""
+    return t if isinstance(t, Quant) else getattr(t, "coeff", None)

@@ -1,0 +1,179 @@
+"""Static caches and CUDA-graph decoding (kvtorch.graphs) against the growing cache and the reference.
+
+On CPU the static store runs its kernels in Triton's interpreter: each decode step writes at a row
+the device holds and attention plans over the whole storage, so the stored arrays must equal the
+growing store's bit for bit, and attention must match the reference while the storage past the
+current token holds poison. The graph itself needs CUDA (tests marked `gpu`): replays must give the
+eager static steps' logits exactly, and the growing cache's within tolerance.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed: the kernels cannot run")
+
+import kvspec  # noqa: E402
+from kvspec.reference.quant import NonFiniteError  # noqa: E402
+from kvspec.tolerances import assert_close, spec_tolerance  # noqa: E402
+from kvtorch.attention import attention_reference  # noqa: E402
+from kvtorch.kernels.attention import attention_kernel  # noqa: E402
+from kvtorch.store import LayerStore  # noqa: E402
+
+from .helpers import bases_for  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+B, HKV, REP, D, PROMPT, STEPS = 2, 2, 3, 64, 37, 6
+
+
+def layer(text: str, seed: int) -> LayerStore:
+    spec = kvspec.parse(text)
+    bases = {w: torch.from_numpy(b).to(DEVICE) for w, b in bases_for(spec, D, HKV, seed).items()}
+    return LayerStore(spec.k, spec.v, spec.residual, spec.float_dtype, bases, kernels=True)
+
+
+def poison(store: LayerStore) -> None:
+    """Fill every array's storage past the live tokens with values that would wreck any read of them."""
+    for tensor in (store.k, store.v):
+        for buf in tensor.arrays.values():
+            spare = buf.storage()[..., len(buf) :, :]
+            if spare.dtype == torch.int32:
+                spare.fill_(-1)
+            else:
+                spare.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("text", ["int4", "int8-bf16", "int2-g32", "int4-rot5", "rank16-random", "rank16-random-q4-bf16"])
+def test_static_store_matches_the_growing_store(text):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = torch.Generator().manual_seed(seed)
+    spec = kvspec.parse(text)
+    k, v = (torch.randn(B, HKV, PROMPT + STEPS, D, generator=rng).to(DEVICE) for _ in range(2))
+    q = torch.randn(B, HKV * REP, PROMPT + STEPS, D, generator=rng).to(DEVICE)
+    growing, static = layer(text, 1), layer(text, 1)
+    for store in (growing, static):
+        store.append(k[:, :, :PROMPT], v[:, :, :PROMPT])
+    static.make_static(PROMPT + STEPS)
+    poison(static)
+    for t in range(PROMPT, PROMPT + STEPS):
+        want_chunk = growing.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        chunk = static.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        assert chunk.k.extent == PROMPT + STEPS and int(chunk.q_pos) == t and int(chunk.k.split) == t + 1
+        qt, tol, what = q[:, :, t : t + 1], spec_tolerance(spec, spec.float_dtype), f"{text} seed {seed} step {t}"
+        got = attention_kernel(qt, chunk.q_pos, chunk.k, chunk.v, scale=D**-0.5)
+        for want in (attention_kernel(qt, want_chunk.q_pos, want_chunk.k, want_chunk.v, scale=D**-0.5),
+                     attention_reference(qt, want_chunk.q_pos, want_chunk.k, want_chunk.v, scale=D**-0.5)):
+            assert_close(got.cpu(), want.cpu().numpy(), tol, what)
+    assert static.tokens == growing.tokens == PROMPT + STEPS
+    for a, b in ((static.k, growing.k), (static.v, growing.v)):
+        ea, eb = a.export(), b.export()
+        for name in a.arrays:
+            assert torch.equal(ea[name], eb[name]), f"{text} seed {seed}: {name} differ"
+
+
+@pytest.mark.parametrize("text, why", [("int4-res8", "residual window"), ("int4-kchan", "channel-axis"),
+                                       ("k16v4", "float tensors")])
+def test_static_refuses_specs_that_keep_floats(text, why):
+    store = layer(text, 0)
+    store.append(torch.randn(1, HKV, 5, D, device=DEVICE), torch.randn(1, HKV, 5, D, device=DEVICE))
+    with pytest.raises(ValueError, match=f"layer (keys|values): cannot make a static cache: .*{why}"):
+        store.make_static(64)
+
+
+def test_static_store_refuses_what_it_cannot_hold():
+    store = layer("int4", 0)
+    with pytest.raises(ValueError, match="prefill"):
+        store.make_static(64)
+    x = torch.randn(1, HKV, 5, D, device=DEVICE)
+    store.append(x, x)
+    with pytest.raises(ValueError, match="capacity 5 holds no more than the 5 tokens"):
+        store.make_static(5)
+    store.make_static(6)
+    with pytest.raises(ValueError, match="one token per step"):
+        store.append(x[:, :, :2], x[:, :, :2])
+    store.append(x[:, :, :1], x[:, :, :1])
+    with pytest.raises(ValueError, match="7 tokens exceed the static capacity 6"):
+        store.advance(1)
+
+
+def test_static_store_flags_non_finite_tokens_when_checked():
+    store = layer("int4", 0)
+    x = torch.randn(1, HKV, 5, D, device=DEVICE)
+    store.append(x, x)
+    store.make_static(10)
+    store.append(x[:, :, :1], x[:, :, :1])
+    store.check_pending()
+    bad = x[:, :, :1].clone()
+    bad[0, 1, 0, 3] = float("inf")
+    store.append(x[:, :, :1], bad)
+    store.append(x[:, :, :1], x[:, :, :1])
+    with pytest.raises(NonFiniteError, match="layer values"):
+        store.check_pending()
+
+
+def test_graph_decoder_needs_a_gpu_and_a_fixed_shape_cache():
+    from transformers import DynamicCache
+
+    from kvtorch.graphs import GraphDecoder
+
+    from .tiny import tiny_model
+
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA GPU"):
+        GraphDecoder(model, DynamicCache(config=model.config), 64)
+
+
+def _decode(model, cache, ids, steps, graph: bool, static: bool):
+    """Prefill ids [1, T], then `steps` greedy steps; the logits of every step [steps, V]."""
+    from kvtorch.graphs import GraphDecoder
+    from kvtorch.integration import cache_argument
+
+    arg = cache_argument(model)
+    with torch.no_grad():
+        token = model(ids, use_cache=True, **{arg: cache}).logits[:, -1:].argmax(-1)
+        decoder = GraphDecoder(model, cache, ids.shape[1] + steps) if graph else None
+        if static and not graph:
+            cache.make_static(ids.shape[1] + steps)
+        out = []
+        for _ in range(steps):
+            logits = decoder.step(token) if graph else model(token, use_cache=True, **{arg: cache}).logits[:, -1]
+            out.append(logits.clone())
+            token = logits.argmax(-1, keepdim=True)
+    return torch.cat(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("text", ["int4", "int8-bf16", "rank16-random", "int4-rot3"])
+def test_gpu_graph_replays_equal_eager_static_steps(text):
+    from kvtorch import make_cache
+
+    from .tiny import tiny_model
+
+    model = tiny_model("mistral", seed=2, dtype=torch.float32).cuda()
+    ids = (torch.arange(5, 5 + 77) % 256)[None].cuda()
+    steps = 70  # past kvtorch.store.CHECK_EVERY: the graph's flags are read once
+    graph = _decode(model, make_cache(model, text), ids, steps, graph=True, static=True)
+    eager = _decode(model, make_cache(model, text), ids, steps, graph=False, static=True)
+    growing = _decode(model, make_cache(model, text), ids, steps, graph=False, static=False)
+    assert torch.equal(graph, eager), f"{text}: replays differ from the same steps run eagerly"
+    spec = kvspec.parse(text)
+    assert_close(eager.cpu(), growing.cpu().numpy(), spec_tolerance(spec, spec.float_dtype, model=True), text)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_graph_decodes_a_transformers_static_cache():
+    from transformers import StaticCache
+
+    from .tiny import tiny_model
+
+    model = tiny_model("mistral", seed=2, dtype=torch.float32).cuda()
+    ids = (torch.arange(5, 5 + 40) % 256)[None].cuda()
+    graph = _decode(model, StaticCache(config=model.config, max_cache_len=60), ids, 12, graph=True, static=False)
+    eager = _decode(model, StaticCache(config=model.config, max_cache_len=60), ids, 12, graph=False, static=False)
+    torch.testing.assert_close(graph, eager)
