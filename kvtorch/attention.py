@@ -218,4 +218,11 @@ def compressed_attention(
         out = kernel(q, q_pos, k, v, scale=scale, window=window, softcap=softcap, mask=mask)
         if out is not None:
             return out
+    if k.extent is not None:
+        # The reference reads the host's token counts, which a CUDA graph would freeze at capture.
+        raise RuntimeError(
+            "a static cache (kvtorch.graphs) is read by the attention kernels only, and they refused this call "
+            f"(mask {'given' if mask is not None else 'none'}, window {window}, softcap {softcap}); decode without "
+            "a padding mask, or use the growing cache"
+        )
     return attention_reference(q, q_pos, k, v, scale=scale, window=window, softcap=softcap, mask=mask)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .cache import KVCache
-from .integration import cache_argument
+from .integration import cache_argument, causal_masks_only
 from .store import CHECK_EVERY
 
 
@@ -42,8 +42,8 @@ class GraphDecoder:
         if isinstance(cache, KVCache):
             cache.make_static(capacity)
         elif type(cache).__name__ == "StaticCache":
-            if cache.max_cache_len < capacity:
-                raise ValueError(f"the StaticCache holds {cache.max_cache_len} tokens, fewer than capacity {capacity}")
+            if cache.get_max_length() < capacity:
+                raise ValueError(f"the StaticCache holds {cache.get_max_length()} tokens, fewer than capacity {capacity}")
         else:
             raise TypeError(
                 f"GraphDecoder needs a kvtorch KVCache or transformers' StaticCache, not {type(cache).__name__}: "
@@ -57,7 +57,8 @@ class GraphDecoder:
         self.logits: torch.Tensor | None = None  # static output [B, V]
 
     def _forward(self) -> torch.Tensor:
-        out = self.model(input_ids=self.ids, position_ids=self.positions, use_cache=True, **{self.arg: self.cache})
+        with causal_masks_only():  # no padding here: the kvmlx layers need no mask
+            out = self.model(input_ids=self.ids, position_ids=self.positions, use_cache=True, **{self.arg: self.cache})
         self.positions.add_(1)
         return out.logits[:, -1]
 

@@ -14,11 +14,12 @@ raises instead of letting a layer attend to the chunk alone.
 
 Masks: "kvmlx" registers SDPA's boolean mask function, so a padded batch arrives as a mask over
 exactly the key columns the layer reads (KVLayer.get_mask_sizes); causality and sliding windows
-are applied from positions either way.
+are applied from positions either way (so `causal_masks_only` may drop a mask known to hold no padding).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from dataclasses import dataclass
@@ -63,6 +64,19 @@ def finish() -> None:
         )
 
 
+@contextlib.contextmanager
+def causal_masks_only():
+    """Within: the model runs without a padding mask (kvtorch.graphs), so any mask transformers builds
+    for a layer reading a kvmlx cache is causal only, which this attention applies from positions:
+    it is dropped. (transformers materializes such masks while a CUDA graph is captured, sized by
+    the host's token count at capture, which later replays would reuse.)"""
+    _local.causal_only = True
+    try:
+        yield
+    finally:
+        _local.causal_only = False
+
+
 def _take(module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor) -> Binding | None:
     b = getattr(_local, "binding", None)
     if b is None:
@@ -104,6 +118,8 @@ def kvmlx_attention(
         raise ValueError("kvmlx attention does not support dropout (it serves inference caches)")
     if sliding_window is not None and sliding_window != b.window:
         raise ValueError(f"layer {b.layer_idx}: attention asks for window {sliding_window}, the cache layer has {b.window}")
+    if getattr(_local, "causal_only", False):
+        attention_mask = None
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise TypeError(f"kvmlx attention expects a boolean mask (True = attend), got {attention_mask.dtype}")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling

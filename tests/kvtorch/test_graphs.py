@@ -177,3 +177,18 @@ def test_gpu_graph_decodes_a_transformers_static_cache():
     graph = _decode(model, StaticCache(config=model.config, max_cache_len=60), ids, 12, graph=True, static=False)
     eager = _decode(model, StaticCache(config=model.config, max_cache_len=60), ids, 12, graph=False, static=False)
     torch.testing.assert_close(graph, eager)
+
+
+def test_static_parts_never_fall_back_to_the_reference():
+    """The reference reads host counts that a CUDA graph would freeze: a refused static call raises."""
+    import kvtorch.attention as attention
+
+    store = layer("int4", 0)
+    x = torch.randn(1, HKV, 5, D, device=DEVICE)
+    store.append(x, x)
+    store.make_static(8)
+    chunk = store.append(x[:, :, :1], x[:, :, :1])
+    q = torch.randn(1, HKV * REP, 1, D, device=DEVICE)
+    mask = torch.ones(1, 1, 1, 6, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(RuntimeError, match="static cache .* read by the attention kernels only"):
+        attention.compressed_attention(q, chunk.q_pos, chunk.k, chunk.v, scale=0.125, mask=mask)
