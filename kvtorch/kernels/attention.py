@@ -16,7 +16,8 @@ KV head h // G. Returns fp32 [B, Hq, Tq, D]. Rotated keys are read against rotat
 as (qP).c, outputs as unrotate(p.V) or (p.C)P^T; the D-dim history is never rebuilt.
 
 `attention_reference` is the plain-torch version; `attention` dispatches to the Triton kernels
-where `refusal` is None and to the reference otherwise; `attention_kernel` has the signature of
+where `refusal` is None (long prefill chunks of an all-compressed cache: kernels.prefill, one
+rebuild of the history and torch's SDPA) and to the reference otherwise; `attention_kernel` has the signature of
 kvtorch.attention.register_kernel (None where it refuses).
 """
 
@@ -30,6 +31,7 @@ from kvspec.reference.rotation import norm_factor
 from kvspec.spec import LowRank, Quant
 
 from .. import ops
+from . import prefill
 from .support import interpreting, on_device, padded, rotation_signs, tensor_refusal, triton_refusal
 
 LOG2E = 1.4426950408889634
@@ -282,7 +284,7 @@ def attention(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, windo
     """The dispatcher: Triton kernels where `refusal` is None, `attention_reference` otherwise
     (which also refuses windows, softcaps and masks: kvtorch.attention handles those)."""
     if refusal(q, k, v, window=window, softcap=softcap, mask=mask) is None:
-        return attend(q, q_pos, k, v, scale=scale)
+        return _serve(q, q_pos, k, v, scale)
     if window is not None or softcap is not None or mask is not None:
         raise ValueError("window, softcap and mask are handled by kvtorch.attention.attention_reference")
     return attention_reference(q, q_pos, k, v, scale=scale)
@@ -293,4 +295,11 @@ def attention_kernel(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float
     """For kvtorch.attention.register_kernel: the kernels' output, or None where they refuse."""
     if refusal(q, k, v, window=window, softcap=softcap, mask=mask) is not None:
         return None
+    return _serve(q, q_pos, k, v, scale)
+
+
+def _serve(q: torch.Tensor, q_pos: torch.Tensor, k, v, scale: float) -> torch.Tensor:
+    """Long all-compressed prefill chunks on kernels.prefill (one rebuild, then SDPA), the rest on `attend`."""
+    if prefill.fits(q, q_pos, k, v):
+        return prefill.attend(q, k, v, scale=scale, fp16=fp16_operands(k.spec, v.spec))
     return attend(q, q_pos, k, v, scale=scale)

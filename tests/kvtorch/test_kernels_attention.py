@@ -26,6 +26,7 @@ from kvspec.reference.lowrank import make_basis  # noqa: E402
 from kvspec.spec import LowRank  # noqa: E402
 from kvspec.tolerances import assert_close, spec_tolerance  # noqa: E402
 from kvtorch import ops  # noqa: E402
+from kvtorch.kernels import prefill  # noqa: E402
 from kvtorch.kernels.attention import attend, attention, attention_kernel, attention_reference, refusal  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,6 +121,35 @@ def test_queries_beyond_the_fp16_range_are_scaled_not_overflowed(text):
     got = attend(q, q_pos, kp, vp, scale=q.shape[-1] ** -0.5)
     assert torch.isfinite(got).all()
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), text)
+
+
+PREFILL = ["int4", "int8-bf16", "k8v2-krot-vrot", "int3-g32-rot5", "krank16vrank32-random",
+           "krank32v4-kq4-krandom-bf16"]
+
+
+@pytest.mark.parametrize("text", PREFILL)
+def test_long_prefill_chunks_rebuild_the_history_once(text, monkeypatch):
+    """A chunk of at least kernels.prefill.MIN_QUERIES queries over a cache that reads every key
+    compressed runs as one rebuild of K and V and SDPA, within the oracle's tolerance."""
+    monkeypatch.setattr(prefill, "MIN_QUERIES", 16)
+    served = []
+    monkeypatch.setattr(prefill, "attend", lambda *a, _f=prefill.attend, **kw: served.append(1) or _f(*a, **kw))
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    spec, q, q_pos, kp, vp, want = case(text, rep=3, tokens=83, queries=37, seed=seed)
+    got = attention_kernel(q, q_pos, kp, vp, scale=q.shape[-1] ** -0.5)
+    assert served == [1], f"{text}: the prefill path did not serve"
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"{text} seed {seed}")
+
+
+def test_prefill_path_leaves_float_reads_and_short_chunks_to_the_kernel(monkeypatch):
+    monkeypatch.setattr(prefill, "MIN_QUERIES", 16)
+    for text in ("int4-res4", "int4-kchan-g32", "k16v4"):  # some queries read some keys in float
+        _, q, q_pos, kp, vp, _ = case(text, tokens=60, queries=20)
+        assert not prefill.fits(q, q_pos, kp, vp), text
+    _, q, q_pos, kp, vp, _ = case("int4", tokens=60, queries=15)
+    assert not prefill.fits(q, q_pos, kp, vp)  # under MIN_QUERIES
+    _, q, q_pos, kp, vp, _ = case("int4", tokens=60, queries=20)
+    assert prefill.fits(q, q_pos, kp, vp) and not prefill.fits(q, q_pos - 1, kp, vp)  # not the last positions
 
 
 def test_torch_reference_matches_the_oracle():
@@ -229,3 +259,15 @@ def test_channel_axis_tiles_wider_than_128_are_refused():
     assert "shared memory" in tensor_refusal(spec.k, 256)
     assert tensor_refusal(spec.k, 128) is None
     assert tensor_refusal(spec.v, 256) is None  # token-axis values at D 256 ran on the H200
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("text", ["int4-bf16", "int8", "krank32v4-kq4-krandom-bf16"])
+def test_gpu_size_long_prefill_chunk(text):
+    """Mistral-7B-sized heads, a 1,100-query chunk after 1,000 tokens: kernels.prefill's rebuild and
+    SDPA (FlashAttention on the GPU) within the oracle's tolerance."""
+    spec, q, q_pos, kp, vp, want = case(text, batch=1, kv_heads=8, rep=4, tokens=2100, queries=1100, dim=128)
+    assert prefill.fits(q, q_pos, kp, vp)
+    got = attention_kernel(q, q_pos, kp, vp, scale=128 ** -0.5)
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), text)
