@@ -139,6 +139,12 @@ class KVCache(Cache):
         for store in stores:
             store.make_static(capacity)
 
+    def make_growing(self) -> None:
+        """Undo `make_static`: the cache takes chunks of any length again (a new prompt, another turn)."""
+        for store in self.stores():
+            if store is not None and store.position is not None:
+                store.make_growing()
+
     def advance(self, m: int) -> None:
         """Host counters after m decode steps replayed by a CUDA graph (the device positions moved themselves)."""
         for store in self.stores():

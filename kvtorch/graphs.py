@@ -14,7 +14,8 @@ The cache must keep its shapes and pointers from step to step:
 Prefill eagerly first. The first `step` runs eagerly on a side stream (compiling kernels and settling
 allocations), then records the step; later steps copy the token ids in and replay. Positions live on
 the device and advance inside the graph; the host counters of a kvtorch cache are advanced after
-each replay, and its non-finite flags are read every kvtorch.store.CHECK_EVERY steps.
+each replay, and its non-finite flags are read every kvtorch.store.CHECK_EVERY steps. `release()`
+frees the graph and lets the cache take chunks of any length again (the next turn's prompt).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class GraphDecoder:
         self.ids: torch.Tensor | None = None  # static input [B, 1]
         self.positions: torch.Tensor | None = None  # static [B, 1], advanced inside the graph
         self.logits: torch.Tensor | None = None  # static output [B, V]
+        self.ids_device = device
 
     def _forward(self) -> torch.Tensor:
         with causal_masks_only():  # no padding here: the kvmlx layers need no mask
@@ -83,6 +85,13 @@ class GraphDecoder:
         if isinstance(self.cache, KVCache) and self.tokens % CHECK_EVERY == 0:
             self.cache.check_pending()
         return logits
+
+    def release(self) -> None:
+        """Free the graph and hand the cache back for any use (a kvtorch cache grows again: the next
+        prompt or turn can be fed eagerly, and another GraphDecoder made for its reply)."""
+        self.graph = self.logits = None
+        if isinstance(self.cache, KVCache):
+            self.cache.make_growing()
 
     def _first_step(self, ids: torch.Tensor) -> torch.Tensor:
         """Run the step eagerly on a side stream (a real step: it appends), then record it."""

@@ -2,11 +2,14 @@
 
 Every method feeds tokens through the cache it is given, so what `nll` measures is what decoding
 with that cache computes (prefill in chunks follows the same protocol as token-by-token decoding).
-Decoding is greedy. Batch size 1.
+Decoding is greedy. Batch size 1. On one CUDA GPU, replies from caches that compress every token as
+it arrives (residual 0, token-axis groups or low rank) decode from a CUDA graph (kvtorch.graphs;
+KVMLX_CUDA_GRAPHS=0 keeps them eager).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Sequence
 
@@ -19,10 +22,16 @@ from kvspec.spec import KVSpec
 
 from . import integration
 from .cache import Bases, KVCache, make_cache
+from .graphs import GraphDecoder
 from .loading import load_model
 from .model_info import model_info, text_config
+from .store import static_refusal
 
 ACTIVATION_CHUNK = 512
+# Greedy replies of at least this many tokens decode from a CUDA graph where one can serve
+# (kvtorch.graphs): recording costs about one eager step, each eager step ~45-65 ms of host time on
+# the H200's host for a 7B model against ~8 ms replayed.
+GRAPH_MIN_STEPS = 16
 
 
 class Runner:
@@ -128,13 +137,42 @@ class Runner:
 
     def _decode(self, tokens: Sequence[int], cache, n: int, stop: Sequence[int]) -> Iterator[int]:
         logits = self._forward(tokens, cache)
-        for step in range(n):
-            tok = int(logits[-1].argmax())
-            if tok in stop:
-                return
-            yield tok
-            if step + 1 < n:
-                logits = self._forward([tok], cache)
+        decoder = self._graph_decoder(cache, n)
+        try:
+            for step in range(n):
+                tok = int(logits[-1].argmax())
+                if tok in stop:
+                    return
+                yield tok
+                if step + 1 < n:
+                    logits = self._forward([tok], cache) if decoder is None else self._replay(decoder, tok, cache)
+        finally:
+            if decoder is not None:
+                decoder.release()  # the cache takes the next turn's prompt again
+
+    def _graph_decoder(self, cache, n: int) -> GraphDecoder | None:
+        """A CUDA-graph decoder for n steps where one serves: a model on one GPU, a kvtorch cache whose
+        layers all compress tokens as they arrive (KVCache.make_static), at least GRAPH_MIN_STEPS steps,
+        and KVMLX_CUDA_GRAPHS not "0". Otherwise None (eager steps)."""
+        if (n < GRAPH_MIN_STEPS or os.environ.get("KVMLX_CUDA_GRAPHS", "1") == "0" or not isinstance(cache, KVCache)
+                or len(self._gpus()) != 1 or any(p.device.type != "cuda" for p in self.model.parameters())):
+            return None
+        stores = [s for s in cache.stores() if s is not None]
+        if len(stores) != len(cache.layers) or any(
+            static_refusal(t.spec, t.residual) for s in stores for t in (s.k, s.v)
+        ):
+            return None
+        try:
+            return GraphDecoder(self.model, cache, cache.get_seq_length() + n)
+        except ValueError:  # a kernel refuses these shapes (kernels.support): the steps run eagerly
+            cache.make_growing()
+            return None
+
+    def _replay(self, decoder: GraphDecoder, tok: int, cache: KVCache) -> torch.Tensor:
+        """One decode step from the graph: logits [1, V] as `_forward` gives them."""
+        logits = decoder.step(torch.tensor([[tok]], dtype=torch.long, device=decoder.ids_device))
+        cache.token_ids = (cache.token_ids or []) + [tok]
+        return logits if logits.dtype == torch.float64 else logits.float()
 
     def stream_chat(self, messages: list[dict[str, str]], cache: KVCache, max_tokens: int) -> Iterator[str]:
         """Greedy reply to `messages` (chat template applied), streamed as text pieces.

@@ -189,6 +189,12 @@ class TensorStore:
         else:
             self._bad = self._bad.clone()  # a tensor of its own, updated in place from now on
 
+    def make_growing(self) -> None:
+        """Back from `make_static`: any appends again (storage kept, grown when needed); pending
+        non-finite flags are read first."""
+        self.check_pending()
+        self.capacity, self._bad = None, None
+
     def arrays_like(self) -> torch.Tensor:
         """A zero-token float tensor [B, H, 0, D] on the store's device (shapes for the kernels' refusals)."""
         return self.tail.view()[..., :0, :]
@@ -361,6 +367,12 @@ class LayerStore:
         self.k.make_static(capacity)
         self.v.make_static(capacity)
         self.position = torch.tensor([self.tokens], dtype=torch.int64, device=self.k.arrays_like().device)
+
+    def make_growing(self) -> None:
+        """Back from `make_static`: chunks of any length again, positions from the host."""
+        self.k.make_growing()
+        self.v.make_growing()
+        self.position = None
 
     def advance(self, m: int) -> None:
         """Host counters of a static layer after m replayed steps (the device position moved itself)."""

@@ -192,3 +192,25 @@ def test_static_parts_never_fall_back_to_the_reference():
     mask = torch.ones(1, 1, 1, 6, dtype=torch.bool, device=DEVICE)
     with pytest.raises(RuntimeError, match="static cache .* read by the attention kernels only"):
         attention.compressed_attention(q, chunk.q_pos, chunk.k, chunk.v, scale=0.125, mask=mask)
+
+
+@pytest.mark.parametrize("text", ["int4", "rank16-random-q4-bf16"])
+def test_a_static_store_grows_again_like_one_that_never_stopped(text):
+    """Static decode steps, then make_growing and a multi-token chunk (the next turn): the arrays equal a
+    store that grew all along, and appends past the old capacity work."""
+    rng = torch.Generator().manual_seed(int(np.random.SeedSequence().entropy % 2**31))
+    k, v = (torch.randn(B, HKV, 60, D, generator=rng).to(DEVICE) for _ in range(2))
+    growing, static = layer(text, 1), layer(text, 1)
+    for store in (growing, static):
+        store.append(k[:, :, :20], v[:, :, :20])
+    static.make_static(24)
+    for t in range(20, 24):
+        growing.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        static.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+    static.make_growing()
+    for store in (growing, static):
+        store.append(k[:, :, 24:60], v[:, :, 24:60])
+    assert static.tokens == 60 and static.position is None
+    for a, b in ((static.k, growing.k), (static.v, growing.v)):
+        ea, eb = a.export(), b.export()
+        assert all(torch.equal(ea[name], eb[name]) for name in a.arrays), text

@@ -145,3 +145,37 @@ def test_gguf_support_passes_where_the_model_loads_right(model_type, version):
     from kvtorch.loading import check_gguf_support
 
     check_gguf_support(model_type, version)
+
+
+def test_decoding_stays_eager_where_no_graph_can_serve(runner, monkeypatch):
+    """On the CPU, for residual windows and for short replies, `_graph_decoder` declines (None)."""
+    cache = runner.new_cache("int4")
+    runner.greedy(prompt_ids(runner, TURN1), cache, 1)
+    assert runner._graph_decoder(cache, 64) is None  # CPU model
+    monkeypatch.setattr(runner, "_gpus", lambda: [torch.device("cuda:0")])
+    assert runner._graph_decoder(cache, 64) is None  # parameters not on CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_chat_replies_decode_from_a_graph_and_match_eager(monkeypatch):
+    """Two turns of int4 chat on one GPU: replies come from CUDA graphs (released after each reply, so
+    turn 2's prompt is fed eagerly) and equal the eager replies; int4-res8 stays eager."""
+    from kvtorch import graphs
+
+    runner = Runner.wrap(tiny_model("llama", seed=3, dtype=torch.float32).cuda(), byte_tokenizer(), name="tiny")
+    replays = []
+    monkeypatch.setattr(graphs.GraphDecoder, "step", lambda self, ids, _f=graphs.GraphDecoder.step: replays.append(1) or _f(self, ids))
+
+    def two_turns(spec):
+        cache = runner.new_cache(spec)
+        return ["".join(runner.stream_chat(turn, cache, 40)) for turn in (TURN1, TURN2)]
+
+    graphed = two_turns("int4")
+    assert len(replays) >= 2, "the replies did not decode from a graph"
+    monkeypatch.setenv("KVMLX_CUDA_GRAPHS", "0")
+    assert graphed == two_turns("int4")
+    replays.clear()
+    monkeypatch.delenv("KVMLX_CUDA_GRAPHS")
+    two_turns("int4-res8")
+    assert replays == []
