@@ -11,10 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kvspec.spec import LowRank, Quant, TensorSpec
+from kvspec.spec import LowRank, TensorSpec
 
 from ._jit import fwht_rows, pack_codes, rint_half_even, round_bf16
-from .support import padded, patch_interpreter
+from .support import padded, patch_interpreter, quantizer
 
 patch_interpreter()
 
@@ -148,7 +148,7 @@ def quantize_rows_triton(x: torch.Tensor, t: TensorSpec, float_dtype: torch.dtyp
     or from row `row0` (int64 [1] on the device; token axis) of `out` when given."""
     bsz, heads, m, d = x.shape
     xform = 2 if isinstance(t, LowRank) else (1 if signs is not None else 0)
-    q: Quant | None = t if isinstance(t, Quant) else (t.coeff if isinstance(t, LowRank) else None)
+    q = quantizer(t)
     width = t.rank if isinstance(t, LowRank) else d
     channel = q is not None and q.axis == "channel"
     codes = out["codes"] if q is not None else out["coeffs"]

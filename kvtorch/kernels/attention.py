@@ -32,7 +32,7 @@ from kvspec.spec import LowRank, Quant
 
 from .. import ops
 from . import prefill
-from .support import interpreting, on_device, padded, rotation_signs, tensor_refusal, triton_refusal
+from .support import interpreting, on_device, padded, quantizer, rotation_signs, tensor_refusal, triton_refusal
 
 LOG2E = 1.4426950408889634
 # (keys per block, warps, stages) of the GENERAL launch: its region is short (the float tail) and its
@@ -46,12 +46,6 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _quantizer(t) -> Quant | None:
-    """The Quant that stores a tensor's codes: the spec itself, a hybrid's coefficient quantizer, or
-    None (float coefficients)."""
-    return t if isinstance(t, Quant) else t.coeff
-
-
 def _values(part) -> torch.Tensor | None:
     """Compressed rows as attention reads them, fp32 [B, Hkv, n, D or r] (still rotated); None if n == 0."""
     t, a = part.spec, part.arrays
@@ -59,7 +53,7 @@ def _values(part) -> torch.Tensor | None:
         return None
     if isinstance(t, LowRank) and t.coeff is None:
         return a["coeffs"][:, :, : part.n].float()
-    q = _quantizer(t)
+    q = quantizer(t)
     rows = part.n // q.group if q.axis == "channel" else part.n
     width = t.rank if isinstance(t, LowRank) else part.floats.shape[-1]
     return ops.dequantize(a["codes"][:, :, : part.n], a["scales"][:, :, :rows], a["biases"][:, :, :rows],
@@ -143,7 +137,7 @@ def _operands(part, device):
     t, a = part.spec, part.arrays
     d = part.floats.shape[-1]
     dummy = torch.zeros(1, dtype=torch.int32, device=device)
-    q = _quantizer(t)
+    q = quantizer(t)
     width = t.rank if isinstance(t, LowRank) else d
     c = a.get("codes", a.get("coeffs")) if part.n else None
     c = dummy.view(1, 1, 1, 1) if c is None else _unit_stride(c)
@@ -184,7 +178,7 @@ def default_block(kspec, vspec, d: int) -> tuple[int, int, int]:
     and at D 256 (32, 4, 2) 156,672 (benchmarks/triton_smem.py, compiled offline for sm_90)."""
     if _is_int4_tokens(kspec) and _is_int4_tokens(vspec):
         return 128, 8, 3
-    if d > 64 and any(q is not None and q.bits == 3 for q in map(_quantizer, (kspec, vspec))):
+    if d > 64 and any(q is not None and q.bits == 3 for q in map(quantizer, (kspec, vspec))):
         return (64, 4, 2) if d <= 128 else (32, 4, 2)
     return 64, 4, 3
 

@@ -24,6 +24,7 @@ from torch.nn.attention.bias import causal_lower_right
 from kvspec.spec import LowRank, Quant
 
 from .. import ops
+from .support import quantizer
 
 MIN_QUERIES = 1024
 FP16_SAFE = 2.0**15  # queries up to this run in fp16 (its largest finite value is 65504)
@@ -34,7 +35,7 @@ def _reads_all_compressed(part) -> bool:
     """Every query reads every key compressed: token-axis groups or low rank, and nothing stored in float
     (so residual 0; channel-axis groups leave per-query float ranges inside a chunk)."""
     t = part.spec
-    q = t if isinstance(t, Quant) else getattr(t, "coeff", None)
+    q = quantizer(t)
     token_axis = q is None or q.axis == "token"
     return isinstance(t, (Quant, LowRank)) and token_axis and part.n == part.float_start + part.floats.shape[-2]
 
@@ -56,7 +57,7 @@ def _rebuild(part, dtype: torch.dtype) -> torch.Tensor:
     t, a, n, d = part.spec, part.arrays, part.n, part.floats.shape[-1]
     b, h = part.floats.shape[:2]
     out = torch.empty(b, h, n, d, dtype=dtype, device=part.floats.device)
-    q = t if isinstance(t, Quant) else t.coeff
+    q = quantizer(t)
     width = t.rank if isinstance(t, LowRank) else d
     basis_t = part.basis.float().transpose(-1, -2) if isinstance(t, LowRank) else None  # [Hkv, r, D]
     for s0 in range(0, n, SLICE):

@@ -28,7 +28,7 @@ from kvspec.reference.rotation import norm_factor
 from kvspec.spec import LowRank, Quant, TensorSpec
 
 from .. import ops
-from .support import on_device, rotation_signs, tensor_refusal, triton_refusal
+from .support import on_device, quantizer, rotation_signs, tensor_refusal, triton_refusal
 
 
 def stored_arrays(x: torch.Tensor, t: TensorSpec, float_dtype: str) -> dict[str, torch.Tensor]:
@@ -84,7 +84,7 @@ def quantize_rows(
     if out is None:
         out = stored_arrays(x, t, float_dtype)
     if row0 is not None:
-        why = refusal(x, t, basis) or ("channel-axis groups" if getattr(_quant(t), "axis", "") == "channel" else None)
+        why = refusal(x, t, basis) or ("channel-axis groups" if getattr(quantizer(t), "axis", "") == "channel" else None)
         if why:
             raise ValueError(f"a device-held row needs the quantize kernel: {why}")
     elif refusal(x, t, basis) is not None:
@@ -103,7 +103,3 @@ def quantize_rows(
         quantize_rows_triton(x, t, ops.float_dtype(float_dtype), out, signs, rot_norm, basis32, row0)
     return out
 
-
-def _quant(t: TensorSpec) -> Quant | None:
-    """The Quant that stores t's codes (t itself, a hybrid's coefficient quantizer) or None."""
-    return t if isinstance(t, Quant) else getattr(t, "coeff", None)

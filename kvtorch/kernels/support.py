@@ -57,6 +57,12 @@ def padded(n: int) -> int:
     return max(16, next_pow2(n))
 
 
+def quantizer(t: TensorSpec) -> Quant | None:
+    """The Quant that stores a tensor's codes: the spec itself, a hybrid's coefficient quantizer, or
+    None (float coefficients, float tensors)."""
+    return t if isinstance(t, Quant) else (t.coeff if isinstance(t, LowRank) else None)
+
+
 def tensor_refusal(t: TensorSpec, head_dim: int) -> str | None:
     """Why the kernels cannot read or write tensors of spec t at this head dim (None: they can).
 
@@ -66,7 +72,7 @@ def tensor_refusal(t: TensorSpec, head_dim: int) -> str | None:
     """
     if not (is_pow2(head_dim) and 16 <= head_dim <= 256):
         return f"head dim {head_dim} is not a power of two in [16, 256]"
-    q: Quant | None = t if isinstance(t, Quant) else (t.coeff if isinstance(t, LowRank) else None)
+    q = quantizer(t)
     width = t.rank if isinstance(t, LowRank) else head_dim
     if isinstance(t, LowRank) and t.rank > head_dim:
         return f"rank {t.rank} exceeds head dim {head_dim}"
