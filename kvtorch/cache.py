@@ -136,6 +136,10 @@ class KVCache(Cache):
         stores = self.stores()
         if any(s is None for s in stores):
             raise ValueError("prefill the cache before making it static (its layers have no storage yet)")
+        # Every layer is checked before any changes: a refusal leaves the whole cache growing.
+        why = next(filter(None, (s.static_refusal(capacity) for s in stores)), None)
+        if why:
+            raise ValueError(why)
         for store in stores:
             store.make_static(capacity)
 

@@ -56,7 +56,6 @@ class GraphDecoder:
         self.ids: torch.Tensor | None = None  # static input [B, 1]
         self.positions: torch.Tensor | None = None  # static [B, 1], advanced inside the graph
         self.logits: torch.Tensor | None = None  # static output [B, V]
-        self.ids_device = device
 
     def _forward(self) -> torch.Tensor:
         with causal_masks_only():  # no padding here: the kvmlx layers need no mask

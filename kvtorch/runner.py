@@ -25,7 +25,6 @@ from .cache import Bases, KVCache, make_cache
 from .graphs import GraphDecoder
 from .loading import load_model
 from .model_info import model_info, text_config
-from .store import static_refusal
 
 ACTIVATION_CHUNK = 512
 # Greedy replies of at least this many tokens decode from a CUDA graph where one can serve
@@ -157,20 +156,14 @@ class Runner:
         if (n < GRAPH_MIN_STEPS or os.environ.get("KVMLX_CUDA_GRAPHS", "1") == "0" or not isinstance(cache, KVCache)
                 or len(self._gpus()) != 1 or any(p.device.type != "cuda" for p in self.model.parameters())):
             return None
-        stores = [s for s in cache.stores() if s is not None]
-        if len(stores) != len(cache.layers) or any(
-            static_refusal(t.spec, t.residual) for s in stores for t in (s.k, s.v)
-        ):
-            return None
         try:
             return GraphDecoder(self.model, cache, cache.get_seq_length() + n)
-        except ValueError:  # a kernel refuses these shapes (kernels.support): the steps run eagerly
-            cache.make_growing()
-            return None
+        except ValueError:  # the spec keeps tokens in float, or a kernel refuses the shapes: eager steps
+            return None  # (KVCache.make_static changes no layer when it refuses)
 
     def _replay(self, decoder: GraphDecoder, tok: int, cache: KVCache) -> torch.Tensor:
         """One decode step from the graph: logits [1, V] as `_forward` gives them."""
-        logits = decoder.step(torch.tensor([[tok]], dtype=torch.long, device=decoder.ids_device))
+        logits = decoder.step(torch.tensor([[tok]], dtype=torch.long, device=self.device))
         cache.token_ids = (cache.token_ids or []) + [tok]
         return logits if logits.dtype == torch.float64 else logits.float()
 

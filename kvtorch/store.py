@@ -165,10 +165,8 @@ class TensorStore:
         kq.quantize_rows(x, self.spec, self.float_dtype, self.basis, out=out)
         return True
 
-    def make_static(self, capacity: int) -> None:
-        """Preallocate the arrays for `capacity` tokens; from now on tokens arrive one at a time through
-        `append_static`, written at a row the device holds, so no shape or pointer changes from step
-        to step and a decode step can be captured as a CUDA graph (kvtorch.graphs)."""
+    def static_refusal(self, capacity: int) -> str | None:
+        """Why `make_static(capacity)` cannot be done (naming this tensor), or None."""
         why = static_refusal(self.spec, self.residual)
         if why is None and self.n == 0:
             why = "nothing stored yet: prefill before making the cache static"
@@ -178,8 +176,15 @@ class TensorStore:
             from .kernels import quantize as kq
 
             why = kq.refusal(self.arrays_like(), self.spec, self.basis)
+        return None if why is None else f"{self.where}: cannot make a static cache: {why}"
+
+    def make_static(self, capacity: int) -> None:
+        """Preallocate the arrays for `capacity` tokens; from now on tokens arrive one at a time through
+        `append_static`, written at a row the device holds, so no shape or pointer changes from step
+        to step and a decode step can be captured as a CUDA graph (kvtorch.graphs)."""
+        why = self.static_refusal(capacity)
         if why:
-            raise ValueError(f"{self.where}: cannot make a static cache: {why}")
+            raise ValueError(why)
         for buf in self.arrays.values():
             buf.ensure_capacity(capacity)
         self.capacity = capacity
@@ -361,9 +366,16 @@ class LayerStore:
     def tokens(self) -> int:
         return self.k.tokens
 
+    def static_refusal(self, capacity: int) -> str | None:
+        """Why `make_static(capacity)` cannot be done for K or V, or None."""
+        return self.k.static_refusal(capacity) or self.v.static_refusal(capacity)
+
     def make_static(self, capacity: int) -> None:
         """Preallocate K and V for `capacity` tokens and append from then on at a device-held
-        position (TensorStore.make_static); one token per append."""
+        position (TensorStore.make_static); one token per append. A refusal changes neither."""
+        why = self.static_refusal(capacity)
+        if why:
+            raise ValueError(why)
         self.k.make_static(capacity)
         self.v.make_static(capacity)
         self.position = torch.tensor([self.tokens], dtype=torch.int64, device=self.k.arrays_like().device)

@@ -214,3 +214,15 @@ def test_a_static_store_grows_again_like_one_that_never_stopped(text):
     for a, b in ((static.k, growing.k), (static.v, growing.v)):
         ea, eb = a.export(), b.export()
         assert all(torch.equal(ea[name], eb[name]) for name in a.arrays), text
+
+
+def test_a_refused_make_static_changes_nothing():
+    """Keys could be static, values (channel axis) cannot: the layer refuses and both stay growing."""
+    store = layer("k4v8-vchan-g32", 0)
+    x = torch.randn(1, HKV, 40, D, device=DEVICE)
+    store.append(x, x)
+    with pytest.raises(ValueError, match="layer values: cannot make a static cache: channel-axis"):
+        store.make_static(64)
+    assert store.position is None and store.k.capacity is None and store.v.capacity is None
+    store.append(x[:, :, :3], x[:, :, :3])  # multi-token chunks still append
+    assert store.tokens == 43
