@@ -174,8 +174,9 @@ def run(model, name: str, batch: int, context: int, steps: int, chunk: int, cloc
     token = out.logits[:, -1:].argmax(-1)
     clock.sync()
     prefill_s = time.perf_counter() - prefill_start
-    decoder = GraphDecoder(model, cache, capacity) if graph else None
+    decoder = None
     if graph:
+        decoder = GraphDecoder(model, cache, capacity)
         token = decoder.step(token).argmax(-1, keepdim=True)  # runs eagerly once, then records
     clock.sync()
     if clock.cuda:

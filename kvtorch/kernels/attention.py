@@ -32,7 +32,16 @@ from kvspec.spec import LowRank, Quant
 
 from .. import ops
 from . import prefill
-from .support import interpreting, on_device, padded, quantizer, rotation_signs, tensor_refusal, triton_refusal
+from .support import (
+    compressed_rows,
+    interpreting,
+    on_device,
+    padded,
+    quantizer,
+    rotation_signs,
+    tensor_refusal,
+    triton_refusal,
+)
 
 LOG2E = 1.4426950408889634
 # (keys per block, warps, stages) of the GENERAL launch: its region is short (the float tail) and its
@@ -48,16 +57,7 @@ def _sms(device: torch.device) -> int:
 
 def _values(part) -> torch.Tensor | None:
     """Compressed rows as attention reads them, fp32 [B, Hkv, n, D or r] (still rotated); None if n == 0."""
-    t, a = part.spec, part.arrays
-    if part.n == 0:
-        return None
-    if isinstance(t, LowRank) and t.coeff is None:
-        return a["coeffs"][:, :, : part.n].float()
-    q = quantizer(t)
-    rows = part.n // q.group if q.axis == "channel" else part.n
-    width = t.rank if isinstance(t, LowRank) else part.floats.shape[-1]
-    return ops.dequantize(a["codes"][:, :, : part.n], a["scales"][:, :, :rows], a["biases"][:, :, :rows],
-                          q.bits, q.group, q.axis, width)
+    return compressed_rows(part, 0, part.n) if part.n else None
 
 
 def _to_stored_space(x: torch.Tensor, part) -> torch.Tensor:

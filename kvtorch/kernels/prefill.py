@@ -24,7 +24,7 @@ from torch.nn.attention.bias import causal_lower_right
 from kvspec.spec import LowRank, Quant
 
 from .. import ops
-from .support import quantizer
+from .support import compressed_rows, quantizer
 
 MIN_QUERIES = 1024
 FP16_SAFE = 2.0**15  # queries up to this run in fp16 (its largest finite value is 65504)
@@ -54,20 +54,12 @@ def fits(q: torch.Tensor, q_pos: torch.Tensor, k, v) -> bool:
 
 def _rebuild(part, dtype: torch.dtype) -> torch.Tensor:
     """The compressed rows [B, Hkv, n, D] as attention reads them (still rotated), in `dtype`."""
-    t, a, n, d = part.spec, part.arrays, part.n, part.floats.shape[-1]
-    b, h = part.floats.shape[:2]
-    out = torch.empty(b, h, n, d, dtype=dtype, device=part.floats.device)
-    q = quantizer(t)
-    width = t.rank if isinstance(t, LowRank) else d
-    basis_t = part.basis.float().transpose(-1, -2) if isinstance(t, LowRank) else None  # [Hkv, r, D]
+    n = part.n
+    out = torch.empty(*part.floats.shape[:2], n, part.floats.shape[-1], dtype=dtype, device=part.floats.device)
+    basis_t = part.basis.float().transpose(-1, -2) if isinstance(part.spec, LowRank) else None  # [Hkv, r, D]
     for s0 in range(0, n, SLICE):
-        s1 = min(n, s0 + SLICE)
-        if q is None:
-            x = a["coeffs"][:, :, s0:s1].float()
-        else:
-            x = ops.dequantize(a["codes"][:, :, s0:s1], a["scales"][:, :, s0:s1], a["biases"][:, :, s0:s1],
-                               q.bits, q.group, "token", width)
-        out[:, :, s0:s1] = (x @ basis_t if basis_t is not None else x).to(dtype)
+        x = compressed_rows(part, s0, min(n, s0 + SLICE))
+        out[:, :, s0 : s0 + x.shape[2]] = (x @ basis_t if basis_t is not None else x).to(dtype)
     return out
 
 

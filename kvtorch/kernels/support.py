@@ -17,6 +17,8 @@ import torch
 from kvspec.reference.rotation import hadamard_signs
 from kvspec.spec import LowRank, Quant, TensorSpec
 
+from .. import ops
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
@@ -61,6 +63,19 @@ def quantizer(t: TensorSpec) -> Quant | None:
     """The Quant that stores a tensor's codes: the spec itself, a hybrid's coefficient quantizer, or
     None (float coefficients, float tensors)."""
     return t if isinstance(t, Quant) else (t.coeff if isinstance(t, LowRank) else None)
+
+
+def compressed_rows(part, lo: int, hi: int) -> torch.Tensor:
+    """Compressed rows [lo, hi) of a Part as attention reads them, fp32 [B, Hkv, hi - lo, D or r]
+    (still rotated; channel-axis bounds on group boundaries)."""
+    t, a = part.spec, part.arrays
+    q = quantizer(t)
+    if q is None:
+        return a["coeffs"][:, :, lo:hi].float()
+    g = q.group if q.axis == "channel" else 1
+    width = t.rank if isinstance(t, LowRank) else part.floats.shape[-1]
+    return ops.dequantize(a["codes"][:, :, lo:hi], a["scales"][:, :, lo // g : hi // g],
+                          a["biases"][:, :, lo // g : hi // g], q.bits, q.group, q.axis, width)
 
 
 def tensor_refusal(t: TensorSpec, head_dim: int) -> str | None:
