@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..spec import KVSpec, LowRank, Quant
+from ..layout import n_quantized
+from ..spec import Float, KVSpec, LowRank, Quant
 from .rotation import rotate_f64, unrotate_f64
 from .store import Stored, compress, compressed_values, decompress
 
@@ -95,6 +96,16 @@ def _compressed_output(p: np.ndarray, v: Stored, rep: int) -> np.ndarray:
     return out
 
 
+def _prefix_stable(spec: KVSpec, counts: range) -> bool:
+    """True when, at every cache size in `counts`, each tensor holds all its tokens compressed (or all
+    in float): a token is then stored the same way in every cache that holds it (rows are compressed
+    on their own), so the decode-time caches are prefixes of the whole history's."""
+    return all(
+        isinstance(t, Float) or all(n_quantized(t, spec.residual, m) == m for m in counts)
+        for t in (spec.k, spec.v)
+    )
+
+
 def attend_as_decoded(
     q: np.ndarray,
     k_full: np.ndarray,
@@ -110,6 +121,11 @@ def attend_as_decoded(
     tokens = k_full.shape[-2]
     tq = q.shape[-2]
     bases = bases or {}
+    if _prefix_stable(spec, range(tokens - tq + 1, tokens + 1)):
+        # every stored token reads the same in each query's cache: one compression, a causal mask
+        ks = compress(k_full, spec.k, spec.residual, spec.float_dtype, bases.get("k"))
+        vs = compress(v_full, spec.v, spec.residual, spec.float_dtype, bases.get("v"))
+        return attend(q, ks, vs, np.arange(tokens - tq, tokens), scale=scale, window=window)
     outs = []
     for i, pos in enumerate(range(tokens - tq, tokens)):
         ks = compress(k_full[..., : pos + 1, :], spec.k, spec.residual, spec.float_dtype, bases.get("k"))

@@ -7,7 +7,9 @@ from hypothesis import strategies as st
 
 import kvspec
 from kvspec import reference as R
+from kvspec.reference import attention as R_attention
 from kvspec.reference.lowrank import make_basis
+from kvspec.spec import LowRank
 
 SPECS = ["fp16", "int4", "int3-g32-rot", "int2-kchan-res5", "k8v4-vchan-g32", "rank16", "rank16-q4",
          "k8vrank24", "krank24vrank8-q3-random", "int4-res3-bf16"]
@@ -67,6 +69,28 @@ def test_decoded_oracle_sees_the_cache_as_it_stood():
     # and differs from attending to the final cache (where more tokens are quantized)
     ks, vs = R.compress(k, spec.k, 3), R.compress(v, spec.v, 3)
     assert not np.allclose(dec, R.attend(q, ks, vs, np.arange(12)))
+
+
+@pytest.mark.parametrize("text,stable", [("int4-g32", True), ("k8v2-g32-krot", True), ("fp16", True),
+                                         ("krank8v4-kq4-krandom-vg32", True), ("k4v2-g32-vchan", False),
+                                         ("int2-g32-res1", False)])
+def test_decoded_oracle_compresses_once_only_where_every_cache_is_a_prefix(text, stable):
+    """Where every token is stored alike in each query's cache (residual 0, rows compressed on their
+    own), attend_as_decoded compresses the history once under a causal mask; that must equal
+    compressing each query's own prefix, and specs with a float window must not take the shortcut."""
+    rng = np.random.default_rng(len(text))
+    k, v = rng.standard_normal((2, 1, 2, 13, 32))
+    q = rng.standard_normal((1, 4, 5, 32))
+    spec = kvspec.parse(text)
+    bases = {w: np.stack([make_basis("random", 32, seed=h)[:, : t.rank] for h in range(2)])
+             for w, t in spec.tensors().items() if isinstance(t, LowRank)}
+    dec = R.attend_as_decoded(q, k, v, spec, bases=bases, window=7)
+    for i, t in enumerate(range(8, 13)):
+        ks = R.compress(k[..., : t + 1, :], spec.k, spec.residual, spec.float_dtype, bases.get("k"))
+        vs = R.compress(v[..., : t + 1, :], spec.v, spec.residual, spec.float_dtype, bases.get("v"))
+        want = R.attend(q[..., i : i + 1, :], ks, vs, np.array([t]), window=7)[..., 0, :]
+        assert np.allclose(dec[..., i, :], want, rtol=0, atol=1e-12), t
+    assert R_attention._prefix_stable(spec, range(9, 14)) == stable
 
 
 def test_lowrank_needs_basis():
