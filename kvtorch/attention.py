@@ -195,6 +195,20 @@ def _import_kernels() -> None:
         warnings.warn(f"kvtorch kernels unavailable ({e}); attention runs on the torch reference", stacklevel=3)
 
 
+def _only_causal(mask: torch.Tensor, q_pos: torch.Tensor, k: Part, v: Part, window: int | None) -> bool:
+    """Whether `mask` (bool [B or 1, 1, Tq, width], columns as in `attention_reference`) keeps every key
+    that causality and the window keep, so it restricts nothing (no padding). Reads one flag back."""
+    lo = 0 if (k.n or v.n) else min(k.float_start, v.float_start)
+    if mask.dtype != torch.bool or tuple(mask.shape[-2:]) != (q_pos.shape[0], k.end - lo):
+        return False  # the reference names what is wrong with it
+    pos = torch.arange(lo, k.end, device=mask.device)
+    p = q_pos.to(mask.device)[:, None]
+    keep = pos <= p
+    if window is not None:
+        keep &= pos > p - window
+    return bool((mask | ~keep).all())
+
+
 def compressed_attention(
     q: torch.Tensor,
     q_pos: torch.Tensor,
@@ -214,6 +228,8 @@ def compressed_attention(
     """
     if q.is_cuda and not _kernels_imported:
         _import_kernels()
+    if mask is not None and k.extent is None and _only_causal(mask, q_pos, k, v, window):
+        mask = None  # transformers materializes causal masks for chunks; the kernels refuse any mask
     for kernel in _KERNELS:
         out = kernel(q, q_pos, k, v, scale=scale, window=window, softcap=softcap, mask=mask)
         if out is not None:

@@ -133,3 +133,27 @@ def test_dispatcher_prefers_a_kernel_and_falls_back_when_it_refuses(monkeypatch)
     attention.register_kernel(lambda q, *a, **kw: torch.zeros_like(q))
     assert (compressed_attention(q, chunk.q_pos, chunk.k, chunk.v, scale=0.1) == 0).all()
     assert calls == ["refused", "refused"]
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_masks_holding_only_causality_reach_the_kernels_as_none(monkeypatch, window):
+    """transformers materializes the causal mask of a chunk after the first; the kernels refuse any mask,
+    so a mask that keeps every key causality (and the window) keeps is dropped, and a padding mask is not."""
+    spec = kvspec.parse("int4-res3")
+    layer = LayerStore(spec.k, spec.v, spec.residual, "fp16", window=window)
+    layer.append(torch.randn(2, 1, 9, D), torch.randn(2, 1, 9, D))
+    chunk = layer.append(torch.randn(2, 1, 5, D), torch.randn(2, 1, 5, D))
+    q = torch.randn(2, 2, 5, D)
+    causal = torch.arange(14)[None, :] <= chunk.q_pos[:, None]
+    if window is not None:
+        causal &= torch.arange(14)[None, :] > chunk.q_pos[:, None] - window
+    seen = []
+    monkeypatch.setattr(attention, "_KERNELS", [])
+    attention.register_kernel(lambda *a, mask=None, **kw: seen.append(mask))
+    padded = causal[None, None].repeat(2, 1, 1, 1)
+    padded[1, ..., :5] = False  # batch row 1 is left-padded by 5 tokens (inside the window too)
+    for mask in (causal[None, None], causal[None, None] | ~causal, padded):
+        got = compressed_attention(q, chunk.q_pos, chunk.k, chunk.v, scale=0.1, window=window, mask=mask)
+        want = attention.attention_reference(q, chunk.q_pos, chunk.k, chunk.v, scale=0.1, window=window, mask=mask)
+        assert torch.equal(got, want)
+    assert seen[0] is None and seen[1] is None and seen[2] is padded
