@@ -172,7 +172,10 @@ def verify_one(spec_str: str, shape, torch_mod) -> dict:
         for name, arr in store.compressed().items():
             if name != "coeffs":  # coefficients are projections (one-ulp differences allowed)
                 why = selfcheck.bits_equal(arr, mx.array(getattr(want.quant, name)))
-                res[f"{w}_{name}"] = why or "bit-exact"
+                # Hybrid codes quantize those projections, so a few may land one step apart; as in
+                # tests/conformance they are checked through attention (vs_kvspec), not bit for bit.
+                note = " (hybrid: not required)" if why and isinstance(ts, LowRank) else ""
+                res[f"{w}_{name}"] = (why or "bit-exact") + note
     qm = mx.array(q).astype(fetched[0].floats.dtype)
     scale = 1.0 / math.sqrt(d)
     got = np.array(compressed_attention(qm, fetched[0], fetched[1], scale).astype(mx.float32))
