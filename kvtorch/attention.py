@@ -38,6 +38,8 @@ class Part:
     extent: set by a static cache (kvtorch.graphs): the arrays' storage holds `extent` rows and the
     kernels plan for all of them, taking the live length from q_pos and split on the device, so
     one launch serves every step of a CUDA graph (n and float_start are then the host's view only).
+    ring: with extent, floats are a ring of `ring` rows holding position s at row s % ring (tokens
+    waiting in float: a residual window, channel-axis groups filling); float_start is then 0.
     """
 
     spec: TensorSpec
@@ -49,6 +51,7 @@ class Part:
     float_start: int
     split: torch.Tensor
     extent: int | None = None
+    ring: int | None = None
 
     @property
     def end(self) -> int:

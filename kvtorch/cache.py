@@ -131,8 +131,9 @@ class KVCache(Cache):
     def make_static(self, capacity: int) -> None:
         """Preallocate every layer for `capacity` tokens in all and append at device-held positions
         from now on (one token per step), so a decode step can be captured as a CUDA graph
-        (kvtorch.graphs.GraphDecoder). Needs a prefilled cache whose every layer compresses each token
-        as it arrives: residual 0, token-axis groups or low rank, no float (sliding-window) layers."""
+        (kvtorch.graphs.GraphDecoder). Needs a prefilled cache whose every layer compresses K and V
+        (no float tensors or sliding-window layers); tokens a residual window or a channel-axis group
+        keeps in float wait in a ring of rows (kvtorch.store.TensorStore.make_static)."""
         stores = self.stores()
         if any(s is None for s in stores):
             raise ValueError("prefill the cache before making it static (its layers have no storage yet)")

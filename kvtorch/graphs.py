@@ -7,9 +7,10 @@ recorded launches with no host work per kernel.
 
 The cache must keep its shapes and pointers from step to step:
 - a kvtorch `KVCache`, made static here (`KVCache.make_static`: storage for `capacity` tokens, each
-  token compressed at a row the device holds, attention planned over the whole storage and stopped
-  at the query's position, which it reads on the device); every layer must compress tokens as they
-  arrive (residual 0, token-axis groups or low rank, no float sliding-window layers);
+  token compressed at a row the device holds, or first held in a ring of float rows while a
+  residual window or a channel-axis group keeps it in float; attention planned over the whole
+  storage and stopped at the query's position and splits, which it reads on the device); every
+  layer must compress K and V (no fp16/bf16 tensors, no float sliding-window layers);
 - or transformers' `StaticCache` (the bf16 baseline; its length lives on the device too).
 Prefill eagerly first. The first `step` runs eagerly on a side stream (compiling kernels and settling
 allocations), then records the step; later steps copy the token ids in and replay. Positions live on

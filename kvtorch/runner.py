@@ -2,9 +2,9 @@
 
 Every method feeds tokens through the cache it is given, so what `nll` measures is what decoding
 with that cache computes (prefill in chunks follows the same protocol as token-by-token decoding).
-Decoding is greedy. Batch size 1. On one CUDA GPU, replies from caches that compress every token as
-it arrives (residual 0, token-axis groups or low rank) decode from a CUDA graph (kvtorch.graphs;
-KVMLX_CUDA_GRAPHS=0 keeps them eager).
+Decoding is greedy. Batch size 1. On one CUDA GPU, replies from caches whose every layer compresses
+K and V (no fp16/bf16 tensors, no float sliding-window layers) decode from a CUDA graph
+(kvtorch.graphs; KVMLX_CUDA_GRAPHS=0 keeps them eager).
 """
 
 from __future__ import annotations
@@ -151,14 +151,14 @@ class Runner:
 
     def _graph_decoder(self, cache, n: int) -> GraphDecoder | None:
         """A CUDA-graph decoder for n steps where one serves: a model on one GPU, a kvtorch cache whose
-        layers all compress tokens as they arrive (KVCache.make_static), at least GRAPH_MIN_STEPS steps,
+        layers all compress K and V (KVCache.make_static), at least GRAPH_MIN_STEPS steps,
         and KVMLX_CUDA_GRAPHS not "0". Otherwise None (eager steps)."""
         if (n < GRAPH_MIN_STEPS or os.environ.get("KVMLX_CUDA_GRAPHS", "1") == "0" or not isinstance(cache, KVCache)
                 or len(self._gpus()) != 1 or any(p.device.type != "cuda" for p in self.model.parameters())):
             return None
         try:
             return GraphDecoder(self.model, cache, cache.get_seq_length() + n)
-        except ValueError:  # the spec keeps tokens in float, or a kernel refuses the shapes: eager steps
+        except ValueError:  # a float K/V or layer, or a kernel refuses the shapes: eager steps
             return None  # (KVCache.make_static changes no layer when it refuses)
 
     def _replay(self, decoder: GraphDecoder, tok: int, cache: KVCache) -> torch.Tensor:

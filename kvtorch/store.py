@@ -56,16 +56,17 @@ def array_names(t: TensorSpec) -> tuple[str, ...]:
     return ("codes", "scales", "biases")
 
 
-def static_refusal(t: TensorSpec, residual: int) -> str | None:
-    """Why a tensor of spec t cannot be stored statically (every token compressed as it arrives,
-    at a device-held row), or None."""
+def static_refusal(t: TensorSpec) -> str | None:
+    """Why a tensor of spec t cannot be stored statically (compressed at device-held rows, recent
+    tokens in a fixed ring of float rows), or None."""
     if isinstance(t, Float):
         return "float tensors (fp16/bf16 K or V, sliding-window layers) have no compressed storage"
-    if residual:
-        return f"a residual window ({residual}) keeps recent tokens in float; use residual 0"
-    if isinstance(t, Quant) and t.axis == "channel":
-        return "channel-axis groups wait in float until they are full; use token-axis groups"
     return None
+
+
+def flush_rows(t: TensorSpec) -> int:
+    """Tokens that leave the float tail at once when one token is appended: a channel-axis group, else 1."""
+    return t.group if isinstance(t, Quant) and t.axis == "channel" else 1
 
 
 class TensorStore:
@@ -99,6 +100,7 @@ class TensorStore:
         self._bad: torch.Tensor | None = None
         self._unchecked_from = 0
         self.capacity: int | None = None  # set by make_static
+        self.ring: torch.Tensor | None = None  # static with float rows: position s at ring row s % rows
 
     def append(self, x: torch.Tensor, checked: bool = False) -> tuple[torch.Tensor, int]:
         """Append x [B, H, m, D]; returns the float tokens [start_before, T) (float dtype) and that start:
@@ -167,8 +169,8 @@ class TensorStore:
 
     def static_refusal(self, capacity: int) -> str | None:
         """Why `make_static(capacity)` cannot be done (naming this tensor), or None."""
-        why = static_refusal(self.spec, self.residual)
-        if why is None and self.n == 0:
+        why = static_refusal(self.spec)
+        if why is None and self.tokens == 0:
             why = "nothing stored yet: prefill before making the cache static"
         if why is None and capacity <= self.tokens:
             why = f"capacity {capacity} holds no more than the {self.tokens} tokens stored"
@@ -178,59 +180,104 @@ class TensorStore:
             why = kq.refusal(self.arrays_like(), self.spec, self.basis)
         return None if why is None else f"{self.where}: cannot make a static cache: {why}"
 
-    def make_static(self, capacity: int) -> None:
+    def make_static(self, capacity: int, ring_rows: int = 0) -> None:
         """Preallocate the arrays for `capacity` tokens; from now on tokens arrive one at a time through
         `append_static`, written at a row the device holds, so no shape or pointer changes from step
-        to step and a decode step can be captured as a CUDA graph (kvtorch.graphs)."""
+        to step and a decode step can be captured as a CUDA graph (kvtorch.graphs).
+        ring_rows: where tokens wait in float (a residual window, channel-axis groups filling), they
+        live in a ring of that many rows (LayerStore gives K and V the same), at least
+        residual + flush_rows."""
         why = self.static_refusal(capacity)
         if why:
             raise ValueError(why)
-        for buf in self.arrays.values():
-            buf.ensure_capacity(capacity)
+        if ring_rows and ring_rows < self.residual + flush_rows(self.spec):
+            raise ValueError(f"{self.where}: a ring of {ring_rows} rows cannot hold the float tail")
+        like = self.arrays_like()
+        b, h, _, d = like.shape
+        shapes = compressed_shapes(self.spec, b, h, 0, d)
+        for name, buf in self.arrays.items():
+            if buf.view() is None:  # nothing compressed yet (a prompt within the residual window)
+                buf.reserve(shapes[name], _dtype(name, self.float_dtype), like.device)
+            buf.ensure_capacity(-(-capacity // self._rows_per_entry(name)))
+        if ring_rows:
+            self.ring = torch.zeros(b, h, ring_rows, d, dtype=like.dtype, device=like.device)
+            self.ring[:, :, torch.arange(self.start, self.tokens, device=like.device) % ring_rows] = self.tail.view()
         self.capacity = capacity
         if self._bad is None:
-            self._bad = torch.zeros((), dtype=torch.bool, device=self.arrays_like().device)
+            self._bad = torch.zeros((), dtype=torch.bool, device=like.device)
             self._unchecked_from = self.tokens
         else:
             self._bad = self._bad.clone()  # a tensor of its own, updated in place from now on
+
+    def _rows_per_entry(self, name: str) -> int:
+        """Tokens per row of array `name`: a group for channel-axis scales and biases, else 1."""
+        return 1 if name == "codes" else flush_rows(self.spec)
 
     def make_growing(self) -> None:
         """Back from `make_static`: any appends again (storage kept, grown when needed); pending
         non-finite flags are read first."""
         self.check_pending()
-        self.capacity, self._bad = None, None
+        if self.ring is not None:
+            self.tail.replace(self.floats())
+        self.capacity, self._bad, self.ring = None, None, None
 
     def arrays_like(self) -> torch.Tensor:
         """A zero-token float tensor [B, H, 0, D] on the store's device (shapes for the kernels' refusals)."""
         return self.tail.view()[..., :0, :]
 
-    def append_static(self, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        """Append one token x [B, H, 1, D] at row `row` (int64 [1] on the device: its position) of a
-        static store; returns it in the float dtype. Host counters advance except while a CUDA graph
-        is being captured (nothing runs then; the graph's owner calls `advance` per replay)."""
+    def floats(self) -> torch.Tensor:
+        """The float tokens [B, H, T - start, D] at positions [start, T), from the ring while static."""
+        if self.ring is None:
+            return self.tail.view()
+        rows = torch.arange(self.start, self.tokens, device=self.ring.device) % self.ring.shape[-2]
+        return self.ring[:, :, rows]
+
+    def append_static(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Append one token x [B, H, 1, D] at position `pos` (int64 [1] on the device) of a static store;
+        returns it in the float dtype. Without a ring it is compressed at row pos at once; with one it
+        waits there, and the rows that leave the float tail (flush_rows of them, when the protocol's
+        n_quantized grows) are compressed from the ring at rows the device computes. Host counters
+        advance except while a CUDA graph is being captured (the graph's owner calls `advance`)."""
         chunk = ops.round_to(x, self.float_dtype).detach()
         self._bad.logical_or_(ops.nonfinite_flag(x, self.rotated))  # in place: a graph replays it
         from .kernels import quantize as kq
 
         out = {name: buf.storage() for name, buf in self.arrays.items()}
-        kq.quantize_rows(chunk, self.spec, self.float_dtype, self.basis, out=out, row0=row)
+        if self.ring is None:
+            kq.quantize_rows(chunk, self.spec, self.float_dtype, self.basis, out=out, row0=pos)
+        else:
+            rows = self.ring.shape[-2]
+            self.ring.index_copy_(2, pos % rows, chunk)
+            m = flush_rows(self.spec)
+            n_new = split_positions(self.spec, self.residual, pos)
+            first = n_new - m
+            leaving = self.ring.index_select(2, (first + torch.arange(m, device=pos.device)) % rows)
+            # A negative row tells the kernel that nothing leaves at this step.
+            row0 = torch.where(n_new > split_positions(self.spec, self.residual, pos - 1), first, -1)
+            kq.quantize_rows(leaving, self.spec, self.float_dtype, self.basis, out=out, row0=row0)
         if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             self.advance(1)
         return chunk
 
     def advance(self, m: int) -> None:
-        """Count m more tokens that kernels of a static store wrote (all compressed: residual 0)."""
+        """Count m more tokens appended by kernels of a static store (device-held rows)."""
         if self.tokens + m > self.capacity:
             raise ValueError(f"{self.where}: {self.tokens + m} tokens exceed the static capacity {self.capacity}")
-        for buf in self.arrays.values():
-            buf.advance(m)
+        n1 = n_quantized(self.spec, self.residual, self.tokens + m)
+        for name, buf in self.arrays.items():
+            per = self._rows_per_entry(name)
+            buf.advance(n1 // per - self.n // per)
         self.tokens += m
-        self.n = self.start = self.tokens
+        self.n = self.start = n1
 
     def static_part(self, chunk: torch.Tensor, float_start: int, split: torch.Tensor) -> Part:
-        """The Part of a static store for its one new token: storage planned to `capacity` rows."""
+        """The Part of a static store for its one new token: storage planned to `capacity` rows; floats
+        are the ring (position s at row s % rows) or, without one, the token itself (never read)."""
         arrays = {name: buf.view() for name, buf in self.arrays.items()}
-        return Part(self.spec, chunk.shape[-1], self.n, arrays, self.basis, chunk, float_start, split, self.capacity)
+        if self.ring is None:
+            return Part(self.spec, chunk.shape[-1], self.n, arrays, self.basis, chunk, float_start, split, self.capacity)
+        return Part(self.spec, chunk.shape[-1], self.n, arrays, self.basis, self.ring, 0, split, self.capacity,
+                    ring=self.ring.shape[-2])
 
     @property
     def rotated(self) -> bool:
@@ -279,15 +326,16 @@ class TensorStore:
 
     def state_part(self, q_len: int) -> Part:
         """The stored state as it stands (compressed [0, n), tail [n, T)), for q_len queries."""
-        split = torch.full((q_len,), self.n, dtype=torch.int64, device=self.tail.view().device)
-        return self.part(self.tail.view(), self.start, split)
+        floats = self.floats()
+        split = torch.full((q_len,), self.n, dtype=torch.int64, device=floats.device)
+        return self.part(floats, self.start, split)
 
     def export(self) -> dict[str, torch.Tensor]:
         """The stored arrays: kvspec.layout names and shapes plus "tail" (and "basis" for LowRank)."""
         out = {name: buf.view() for name, buf in self.arrays.items()}
         if self.n == 0:
             out = {name: _empty(self.spec, name, self.tail.view(), self.float_dtype) for name in self.arrays}
-        out["tail"] = self.tail.view()
+        out["tail"] = self.floats()
         if self.basis is not None:
             out["basis"] = self.basis
         return out
@@ -372,12 +420,16 @@ class LayerStore:
 
     def make_static(self, capacity: int) -> None:
         """Preallocate K and V for `capacity` tokens and append from then on at a device-held
-        position (TensorStore.make_static); one token per append. A refusal changes neither."""
+        position (TensorStore.make_static); one token per append. Tokens that wait in float (a
+        residual window, channel-axis groups) live in one ring size for K and V, so attention reads
+        both with one index. A refusal changes neither."""
         why = self.static_refusal(capacity)
         if why:
             raise ValueError(why)
-        self.k.make_static(capacity)
-        self.v.make_static(capacity)
+        waits = self.residual > 0 or flush_rows(self.k.spec) > 1 or flush_rows(self.v.spec) > 1
+        ring_rows = self.residual + max(flush_rows(self.k.spec), flush_rows(self.v.spec)) if waits else 0
+        self.k.make_static(capacity, ring_rows)
+        self.v.make_static(capacity, ring_rows)
         self.position = torch.tensor([self.tokens], dtype=torch.int64, device=self.k.arrays_like().device)
 
     def make_growing(self) -> None:
@@ -396,9 +448,13 @@ class LayerStore:
             raise ValueError(f"a static cache appends one token per step (decoding); got {k.shape[-2]}")
         t0 = self.tokens
         q_pos = self.position.clone()
-        self.position.add_(1)  # now n_quantized(q_pos + 1) with residual 0: the split of both K and V
+        self.position.add_(1)
         fk, fv = self.k.append_static(k, q_pos), self.v.append_static(v, q_pos)
-        return Chunk(q_pos, self.k.static_part(fk, t0, self.position), self.v.static_part(fv, t0, self.position))
+        if self.k.ring is None:  # every token compressed as it arrives: both splits are q_pos + 1
+            return Chunk(q_pos, self.k.static_part(fk, t0, self.position), self.v.static_part(fv, t0, self.position))
+        k_split = split_positions(self.k.spec, self.residual, q_pos)
+        v_split = k_split if self.v.spec == self.k.spec else split_positions(self.v.spec, self.residual, q_pos)
+        return Chunk(q_pos, self.k.static_part(fk, t0, k_split), self.v.static_part(fv, t0, v_split))
 
     def first_column(self) -> int:
         """The first position the next chunk's attention reads: 0, or where a trimmed window begins."""

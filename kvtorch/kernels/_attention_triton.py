@@ -130,11 +130,17 @@ def _mm(a, b, DOT: tl.constexpr, MM_F32: tl.constexpr):
 
 
 @triton.jit
-def _float_tile(f_ptr, sf_n, f_start, offs, ok, D: tl.constexpr):
-    """Float rows at positions `offs` of a tensor whose float rows start at position f_start."""
+def _float_tile(f_ptr, sf_n, f_start, offs, ok, D: tl.constexpr, RING: tl.constexpr):
+    """Float rows at positions `offs` of a tensor whose float rows start at position f_start, or,
+    with RING, sit in a ring of RING rows (position s at row s % RING; callers ask live rows only)."""
     d = tl.arange(0, D)
-    i = offs - f_start
-    return tl.load(f_ptr + i[:, None] * sf_n + d[None, :], mask=(ok & (i >= 0))[:, None], other=0.0)
+    if RING > 0:
+        i = offs % RING
+        live = ok
+    else:
+        i = offs - f_start
+        live = ok & (i >= 0)
+    return tl.load(f_ptr + i[:, None] * sf_n + d[None, :], mask=live[:, None], other=0.0)
 
 
 @triton.jit
@@ -148,7 +154,7 @@ def _split_kernel(
     BN: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_CHANNEL: tl.constexpr,
     K_XFORM: tl.constexpr, DK: tl.constexpr, DK_REAL: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, V_CHANNEL: tl.constexpr, DV: tl.constexpr, DV_REAL: tl.constexpr, DOT: tl.constexpr,
-    MM_F32: tl.constexpr, GENERAL: tl.constexpr, PTX: tl.constexpr,
+    MM_F32: tl.constexpr, GENERAL: tl.constexpr, PTX: tl.constexpr, RING: tl.constexpr,
 ):
     pid_s, bh, pid_q = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (bh // Hkv).to(tl.int64)
@@ -191,7 +197,8 @@ def _split_kernel(
     sk_min, sk_max = tl.load(ksplit_ptr + t_first).to(tl.int32), tl.load(ksplit_ptr + t_last).to(tl.int32)
     sv_min, sv_max = tl.load(vsplit_ptr + t_first).to(tl.int32), tl.load(vsplit_ptr + t_last).to(tl.int32)
     n_lo = tl.minimum(sk_min, sv_min)
-    start = lo + pid_s * chunk
+    # A ring (static float tail): the GENERAL range starts at the block's smallest split.
+    start = (n_lo if GENERAL and RING > 0 else lo) + pid_s * chunk
     stop = tl.minimum(tl.minimum(start + chunk, T_end), tl.load(pos_ptr + t_last).to(tl.int32) + 1)
 
     kc_ptr += b * skc_b + kvh * skc_h
@@ -221,7 +228,7 @@ def _split_kernel(
             gs, gb = _group_scales(ks_ptr, kb_ptr, sks_n, offs, kok, BN, K_BITS, K_GROUP, K_CHANNEL, DK, DK_REAL)
             kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, kok, gs, gb, K_BITS, K_GROUP,
                        K_CHANNEL, DK, DK_REAL, BN, DOT, MM_F32, PTX)
-            kf = _float_tile(kf_ptr, skf_n, k_fstart, offs, ok & (offs >= sk_min), D)
+            kf = _float_tile(kf_ptr, skf_n, k_fstart, offs, ok & (offs >= sk_min), D, RING)
             s = tl.where(use_kc, _mm(qk, tl.trans(kt), DOT, MM_F32), _mm(qf, tl.trans(kf), DOT, MM_F32)) * q_mul
             s = tl.where(ok[None, :] & (offs[None, :] <= pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -232,7 +239,7 @@ def _split_kernel(
             gs, gb = _group_scales(vs_ptr, vb_ptr, svs_n, offs, vok, BN, V_BITS, V_GROUP, V_CHANNEL, DV, DV_REAL)
             vt = _tile(vc_ptr, vs_ptr, vb_ptr, svc_n, svs_n, offs, vok, gs, gb, V_BITS, V_GROUP,
                        V_CHANNEL, DV, DV_REAL, BN, DOT, MM_F32, PTX)
-            vf = _float_tile(vf_ptr, svf_n, v_fstart, offs, ok & (offs >= sv_min), D)
+            vf = _float_tile(vf_ptr, svf_n, v_fstart, offs, ok & (offs >= sv_min), D, RING)
             acc_c = acc_c * alpha[:, None] + _mm(tl.where(use_vc, p, 0.0), vt, DOT, MM_F32)
             acc_f = acc_f * alpha[:, None] + _mm(tl.where(use_vc, 0.0, p), vf, DOT, MM_F32)
             m_i = m_new

@@ -94,13 +94,19 @@ def _quantize_kernel(
 ):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    # ROW0: the output rows start at a row read from the device (a static cache under a CUDA graph,
-    # token axis only), not at the pointers given.
-    row0 = tl.load(row0_ptr).to(tl.int64) if ROW0 else 0
+    # ROW0: the output rows start at a row read from the device (a static cache under a CUDA graph),
+    # not at the pointers given; a negative row means nothing is written (no rows leave this step).
+    if ROW0:
+        row0 = tl.load(row0_ptr).to(tl.int64)
+        M = tl.where(row0 >= 0, M, 0)
+        row0 = tl.maximum(row0, 0)
+    else:
+        row0 = 0
+    srow0 = row0 // GROUP if CHANNEL else row0  # channel-axis scales hold one row per group
     x_ptr += b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h
     c_ptr += b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h + row0 * sc_t
-    s_ptr += b.to(tl.int64) * ss_b + h.to(tl.int64) * ss_h + row0 * ss_t
-    b_ptr += b.to(tl.int64) * ss_b + h.to(tl.int64) * ss_h + row0 * ss_t
+    s_ptr += b.to(tl.int64) * ss_b + h.to(tl.int64) * ss_h + srow0 * ss_t
+    b_ptr += b.to(tl.int64) * ss_b + h.to(tl.int64) * ss_h + srow0 * ss_t
     basis_ptr += h.to(tl.int64) * D * R
     LEVELS: tl.constexpr = (1 << BITS) - 1
     W: tl.constexpr = (R * BITS + 31) // 32
@@ -115,8 +121,8 @@ def _quantize_kernel(
             lo = tl.minimum(lo, tl.min(x, axis=0))
             hi = tl.maximum(hi, tl.max(x, axis=0))
         scale, bias = _scale_bias(lo, hi, LEVELS)
-        tl.store(s_ptr + pid * ss_t + d, scale)
-        tl.store(b_ptr + pid * ss_t + d, bias)
+        tl.store(s_ptr + pid * ss_t + d, scale, mask=d < D * (pid * GROUP < M))
+        tl.store(b_ptr + pid * ss_t + d, bias, mask=d < D * (pid * GROUP < M))
         for r0 in range(0, GROUP, BT):
             rows = pid * GROUP + r0 + tl.arange(0, BT)
             x = _load_rows(x_ptr, rows, M, sx_t, sign_ptr, basis_ptr, rot_norm, D, LOG_D, BT, FLOAT, XFORM, RP, R)
@@ -145,7 +151,7 @@ def quantize_rows_triton(x: torch.Tensor, t: TensorSpec, float_dtype: torch.dtyp
                          signs: torch.Tensor | None, rot_norm: float, basis: torch.Tensor | None,
                          row0: torch.Tensor | None = None) -> None:
     """Launch over x [B, H, M, D] into `out` (kvspec.layout arrays of M rows; see quantize.quantize_rows),
-    or from row `row0` (int64 [1] on the device; token axis) of `out` when given."""
+    or from row `row0` (int64 [1] on the device; negative: write nothing) of `out` when given."""
     bsz, heads, m, d = x.shape
     xform = 2 if isinstance(t, LowRank) else (1 if signs is not None else 0)
     q = quantizer(t)

@@ -139,10 +139,11 @@ def _operands(part, device):
     dummy = torch.zeros(1, dtype=torch.int32, device=device)
     q = quantizer(t)
     width = t.rank if isinstance(t, LowRank) else d
-    c = a.get("codes", a.get("coeffs")) if part.n else None
+    stored = part.n or part.extent is not None  # a static store's rows may fill during a graph
+    c = a.get("codes", a.get("coeffs")) if stored else None
     c = dummy.view(1, 1, 1, 1) if c is None else _unit_stride(c)
-    s = _unit_stride(a["scales"]) if q is not None and part.n else c
-    bias = _unit_stride(a["biases"]) if q is not None and part.n else c
+    s = _unit_stride(a["scales"]) if q is not None and stored else c
+    bias = _unit_stride(a["biases"]) if q is not None and stored else c
     if s.stride() != bias.stride():
         s, bias = s.contiguous(), bias.contiguous()
     aux, norm, xform = dummy, 1.0, 0
@@ -222,7 +223,14 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     sms = _sms(q.device)
     s_fast, c_fast = _splits(0, n_fast, block_n, b * hkv * nqb, splits, sms)
     s_gen, c_gen = _splits(g0, end, GENERAL_BLOCK[0], b * hkv * nqb, splits, sms)
-    if static or (tq == 1 and k.n == end and v.n == end):
+    ring = (k.ring or 0) if static else 0
+    if ring:
+        # A static cache's float tail in a ring: one GENERAL program per query block starts at the
+        # block's smallest split (read on the device) and covers at most `ring` keys up to the query.
+        if v.ring != ring:
+            raise ValueError(f"K and V rings differ ({ring} and {v.ring} rows)")
+        s_gen, c_gen = 1, ring
+    elif static or (tq == 1 and k.n == end and v.n == end):
         # Decode with nothing left in float (no residual window): the one query sits at end - 1, so its
         # splits are n_quantized(end) = n and the lean launch covers every key; the GENERAL launch
         # would only write empty slots, so it is not made (one launch fewer per layer and step).
@@ -262,7 +270,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
                 K_BITS=km["BITS"], K_GROUP=km["GROUP"], K_CHANNEL=km["CHANNEL"], K_XFORM=km["XFORM"], DK=km["DP"],
                 DK_REAL=km["DREAL"], V_BITS=vm["BITS"], V_GROUP=vm["GROUP"], V_CHANNEL=vm["CHANNEL"], DV=vm["DP"],
                 DV_REAL=vm["DREAL"], DOT=dot, MM_F32=interpreting() and dot == tl.bfloat16, GENERAL=general,
-                PTX=ptx and not interpreting() and dot == tl.float16,
+                PTX=ptx and not interpreting() and dot == tl.float16, RING=ring,
                 num_warps=warps, num_stages=stages,
             )
         _reduce_kernel[(b * hkv, tq)](

@@ -28,7 +28,7 @@ from kvspec.reference.rotation import norm_factor
 from kvspec.spec import LowRank, Quant, TensorSpec
 
 from .. import ops
-from .support import on_device, quantizer, rotation_signs, tensor_refusal, triton_refusal
+from .support import on_device, rotation_signs, tensor_refusal, triton_refusal
 
 
 def stored_arrays(x: torch.Tensor, t: TensorSpec, float_dtype: str) -> dict[str, torch.Tensor]:
@@ -80,11 +80,12 @@ def quantize_rows(
     """Compress the M rows x [B, H, M, D] (see module docstring); writes into `out` if given and
     returns the arrays. The kernel where it can run, else `quantize_rows_reference`.
     row0: int64 [1] on x's device: write rows [row0, row0 + M) of `out` (whole storage of a static
-    cache), a position the host need not know (CUDA graphs); kernel only, token axis only."""
+    cache), a position the host need not know (CUDA graphs), or nothing where row0 < 0; kernel only
+    (channel axis: row0 at a group boundary)."""
     if out is None:
         out = stored_arrays(x, t, float_dtype)
     if row0 is not None:
-        why = refusal(x, t, basis) or ("channel-axis groups" if getattr(quantizer(t), "axis", "") == "channel" else None)
+        why = refusal(x, t, basis)
         if why:
             raise ValueError(f"a device-held row needs the quantize kernel: {why}")
     elif refusal(x, t, basis) is not None:

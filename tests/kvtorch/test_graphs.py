@@ -37,7 +37,8 @@ def layer(text: str, seed: int) -> LayerStore:
 
 
 def poison(store: LayerStore) -> None:
-    """Fill every array's storage past the live tokens with values that would wreck any read of them."""
+    """Fill every array's storage past the live tokens, and the ring rows no float token holds, with
+    values that would wreck any read of them."""
     for tensor in (store.k, store.v):
         for buf in tensor.arrays.values():
             spare = buf.storage()[..., len(buf) :, :]
@@ -45,42 +46,56 @@ def poison(store: LayerStore) -> None:
                 spare.fill_(-1)
             else:
                 spare.fill_(float("nan"))
+        if tensor.ring is not None:
+            rows = tensor.ring.shape[-2]
+            live = {p % rows for p in range(tensor.start, tensor.tokens)}
+            tensor.ring[:, :, [r for r in range(rows) if r not in live]] = float("nan")
 
 
-@pytest.mark.parametrize("text", ["int4", "int8-bf16", "int2-g32", "int4-rot5", "rank16-random", "rank16-random-q4-bf16"])
-def test_static_store_matches_the_growing_store(text):
+# Without float rows (every token compressed as it arrives), then with a ring of them: residual
+# windows (int4-res8 from a prompt inside the window: nothing compressed yet), channel-axis groups
+# filling and flushed within the steps (a group of 32 leaves at 68, 69 and 67 tokens).
+STATIC = [("int4", PROMPT, STEPS), ("int8-bf16", PROMPT, STEPS), ("int2-g32", PROMPT, STEPS),
+          ("int4-rot5", PROMPT, STEPS), ("rank16-random", PROMPT, STEPS), ("rank16-random-q4-bf16", PROMPT, STEPS),
+          ("int4-res8", 5, 7), ("k4v2-g32-kchan-res5", 66, 5), ("k8v2-g32-vchan-res3", 64, 6),
+          ("int3-g32-kchan-vrot-res4-bf16", 66, 4), ("rank16-random-res4", 3, 8)]
+
+
+@pytest.mark.parametrize("text,prompt,steps", STATIC)
+def test_static_store_matches_the_growing_store(text, prompt, steps):
     seed = int(np.random.SeedSequence().entropy % 2**31)
     rng = torch.Generator().manual_seed(seed)
     spec = kvspec.parse(text)
-    k, v = (torch.randn(B, HKV, PROMPT + STEPS, D, generator=rng).to(DEVICE) for _ in range(2))
-    q = torch.randn(B, HKV * REP, PROMPT + STEPS, D, generator=rng).to(DEVICE)
+    total = prompt + steps
+    k, v = (torch.randn(B, HKV, total, D, generator=rng).to(DEVICE) for _ in range(2))
+    q = torch.randn(B, HKV * REP, total, D, generator=rng).to(DEVICE)
     growing, static = layer(text, 1), layer(text, 1)
     for store in (growing, static):
-        store.append(k[:, :, :PROMPT], v[:, :, :PROMPT])
-    static.make_static(PROMPT + STEPS)
+        store.append(k[:, :, :prompt], v[:, :, :prompt])
+    static.make_static(total)
     poison(static)
-    for t in range(PROMPT, PROMPT + STEPS):
+    for t in range(prompt, total):
         want_chunk = growing.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
         chunk = static.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
-        assert chunk.k.extent == PROMPT + STEPS and int(chunk.q_pos) == t and int(chunk.k.split) == t + 1
+        assert chunk.k.extent == total and int(chunk.q_pos) == t
+        assert int(chunk.k.split) == growing.k.n and int(chunk.v.split) == growing.v.n
         qt, tol, what = q[:, :, t : t + 1], spec_tolerance(spec, spec.float_dtype), f"{text} seed {seed} step {t}"
         got = attention_kernel(qt, chunk.q_pos, chunk.k, chunk.v, scale=D**-0.5)
         for want in (attention_kernel(qt, want_chunk.q_pos, want_chunk.k, want_chunk.v, scale=D**-0.5),
                      attention_reference(qt, want_chunk.q_pos, want_chunk.k, want_chunk.v, scale=D**-0.5)):
             assert_close(got.cpu(), want.cpu().numpy(), tol, what)
-    assert static.tokens == growing.tokens == PROMPT + STEPS
+    assert static.tokens == growing.tokens == total and static.k.n == growing.k.n
     for a, b in ((static.k, growing.k), (static.v, growing.v)):
         ea, eb = a.export(), b.export()
-        for name in a.arrays:
+        for name in [*a.arrays, "tail"]:
             assert torch.equal(ea[name], eb[name]), f"{text} seed {seed}: {name} differ"
 
 
-@pytest.mark.parametrize("text, why", [("int4-res8", "residual window"), ("int4-kchan", "channel-axis"),
-                                       ("k16v4", "float tensors")])
-def test_static_refuses_specs_that_keep_floats(text, why):
+@pytest.mark.parametrize("text", ["k16v4", "k4v16"])
+def test_static_refuses_float_tensors(text):
     store = layer(text, 0)
     store.append(torch.randn(1, HKV, 5, D, device=DEVICE), torch.randn(1, HKV, 5, D, device=DEVICE))
-    with pytest.raises(ValueError, match=f"layer (keys|values): cannot make a static cache: .*{why}"):
+    with pytest.raises(ValueError, match="layer (keys|values): cannot make a static cache: float tensors"):
         store.make_static(64)
 
 
@@ -148,8 +163,10 @@ def _decode(model, cache, ids, steps, graph: bool, static: bool):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("text", ["int4", "int8-bf16", "rank16-random", "int4-rot3"])
+@pytest.mark.parametrize("text", ["int4", "int8-bf16", "rank16-random", "int4-rot3", "int4-res8",
+                                  "int4-kchan-g32-res16-bf16"])
 def test_gpu_graph_replays_equal_eager_static_steps(text):
+    """int4-kchan-g32-res16: channel-axis key groups leave the ring at 80, 112 and 144 tokens."""
     from kvtorch import make_cache
 
     from .tiny import tiny_model
@@ -194,7 +211,7 @@ def test_static_parts_never_fall_back_to_the_reference():
         attention.compressed_attention(q, chunk.q_pos, chunk.k, chunk.v, scale=0.125, mask=mask)
 
 
-@pytest.mark.parametrize("text", ["int4", "rank16-random-q4-bf16"])
+@pytest.mark.parametrize("text", ["int4", "rank16-random-q4-bf16", "k4v2-g32-kchan-res5"])
 def test_a_static_store_grows_again_like_one_that_never_stopped(text):
     """Static decode steps, then make_growing and a multi-token chunk (the next turn): the arrays equal a
     store that grew all along, and appends past the old capacity work."""
@@ -213,15 +230,15 @@ def test_a_static_store_grows_again_like_one_that_never_stopped(text):
     assert static.tokens == 60 and static.position is None
     for a, b in ((static.k, growing.k), (static.v, growing.v)):
         ea, eb = a.export(), b.export()
-        assert all(torch.equal(ea[name], eb[name]) for name in a.arrays), text
+        assert all(torch.equal(ea[name], eb[name]) for name in [*a.arrays, "tail"]), text
 
 
 def test_a_refused_make_static_changes_nothing():
-    """Keys could be static, values (channel axis) cannot: the layer refuses and both stay growing."""
-    store = layer("k4v8-vchan-g32", 0)
+    """Keys could be static, values (float) cannot: the layer refuses and both stay growing."""
+    store = layer("k4v16", 0)
     x = torch.randn(1, HKV, 40, D, device=DEVICE)
     store.append(x, x)
-    with pytest.raises(ValueError, match="layer values: cannot make a static cache: channel-axis"):
+    with pytest.raises(ValueError, match="layer values: cannot make a static cache: float tensors"):
         store.make_static(64)
     assert store.position is None and store.k.capacity is None and store.v.capacity is None
     store.append(x[:, :, :3], x[:, :, :3])  # multi-token chunks still append
