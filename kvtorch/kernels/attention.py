@@ -140,10 +140,16 @@ def _operands(part, device):
     q = quantizer(t)
     width = t.rank if isinstance(t, LowRank) else d
     stored = part.n or part.extent is not None  # a static store's rows may fill during a graph
-    c = a.get("codes", a.get("coeffs")) if stored else None
-    c = dummy.view(1, 1, 1, 1) if c is None else _unit_stride(c)
-    s = _unit_stride(a["scales"]) if q is not None and stored else c
-    bias = _unit_stride(a["biases"]) if q is not None and stored else c
+    if stored:
+        c = _unit_stride(a.get("codes", a.get("coeffs")))
+        s = _unit_stride(a["scales"]) if q is not None else c
+        bias = _unit_stride(a["biases"]) if q is not None else c
+    else:
+        # Nothing compressed yet (decoding inside the residual window): never read, but typed as the
+        # stored arrays are, since the dequantization is compiled for them (4-bit PTX takes fp16
+        # scales; an int32 stand-in there aborted LLVM on the H200).
+        c = dummy.view(1, 1, 1, 1)
+        s = bias = torch.zeros(1, 1, 1, 1, dtype=torch.float16, device=device) if q is not None else c
     if s.stride() != bias.stride():
         s, bias = s.contiguous(), bias.contiguous()
     aux, norm, xform = dummy, 1.0, 0
