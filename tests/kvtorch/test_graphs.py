@@ -161,6 +161,26 @@ def _decode(model, cache, ids, steps, graph: bool, static: bool):
     return torch.cat(out)
 
 
+@pytest.mark.parametrize("text", ["int4-res8", "int4-kchan-g32-res4"])
+def test_static_decoding_through_a_model_matches_the_growing_cache(text, monkeypatch):
+    """The static cache inside a transformers model (the steps a graph records, run eagerly), with a
+    ring: a prompt inside the window for int4-res8; for int4-kchan-g32-res4 a prompt with nothing
+    compressed (33 tokens) whose first key group leaves the ring at 36 tokens."""
+    import kvtorch.attention as attention
+    from kvtorch import make_cache
+
+    from .tiny import tiny_model
+
+    monkeypatch.setattr(attention, "_KERNELS", [attention_kernel])  # on CPU too (interpreter)
+    model = tiny_model("mistral", seed=2, dtype=torch.float32).to(DEVICE)
+    prompt, steps = (5, 6) if text == "int4-res8" else (33, 5)
+    ids = (torch.arange(5, 5 + prompt) % 256)[None].to(DEVICE)
+    static = _decode(model, make_cache(model, text), ids, steps, graph=False, static=True)
+    growing = _decode(model, make_cache(model, text), ids, steps, graph=False, static=False)
+    spec = kvspec.parse(text)
+    assert_close(static.cpu(), growing.cpu().numpy(), spec_tolerance(spec, spec.float_dtype, model=True), text)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("text", ["int4", "int8-bf16", "rank16-random", "int4-rot3", "int4-res8",
