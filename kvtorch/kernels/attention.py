@@ -309,5 +309,5 @@ def attention_kernel(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float
 def _serve(q: torch.Tensor, q_pos: torch.Tensor, k, v, scale: float) -> torch.Tensor:
     """Long all-compressed prefill chunks on kernels.prefill (one rebuild, then SDPA), the rest on `attend`."""
     if prefill.fits(q, q_pos, k, v):
-        return prefill.attend(q, k, v, scale=scale, fp16=fp16_operands(k.spec, v.spec))
+        return prefill.attend(q, q_pos, k, v, scale=scale, fp16=fp16_operands(k.spec, v.spec))
     return attend(q, q_pos, k, v, scale=scale)

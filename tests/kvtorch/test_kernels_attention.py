@@ -124,14 +124,19 @@ def test_queries_beyond_the_fp16_range_are_scaled_not_overflowed(text):
 
 
 PREFILL = ["int4", "int8-bf16", "k8v2-krot-vrot", "int3-g32-rot5", "krank16vrank32-random",
-           "krank32v4-kq4-krandom-bf16"]
+           "krank32v4-kq4-krandom-bf16",
+           # float windows and channel-axis groups: the masked path (K and V splits differ in some)
+           "int4-res4", "int4-kchan-g32", "int4-kchan-g32-res5-bf16", "k8v2-krot-vrot-res3",
+           "krank16v4-krandom-res2", "int3-g32-vchan-res4-bf16"]
 
 
 @pytest.mark.parametrize("text", PREFILL)
 def test_long_prefill_chunks_rebuild_the_history_once(text, monkeypatch):
-    """A chunk of at least kernels.prefill.MIN_QUERIES queries over a cache that reads every key
-    compressed runs as one rebuild of K and V and SDPA, within the oracle's tolerance."""
+    """A chunk of at least kernels.prefill.MIN_QUERIES queries runs as one rebuild of K and V and SDPA
+    (causal where every key is read compressed, else masked by the per-query splits), within the
+    oracle's tolerance."""
     monkeypatch.setattr(prefill, "MIN_QUERIES", 16)
+    monkeypatch.setattr(prefill, "QUERY_BLOCK", 16)  # masked path: 37 queries in 3 blocks
     served = []
     monkeypatch.setattr(prefill, "attend", lambda *a, _f=prefill.attend, **kw: served.append(1) or _f(*a, **kw))
     seed = int(np.random.SeedSequence().entropy % 2**31)
@@ -141,14 +146,13 @@ def test_long_prefill_chunks_rebuild_the_history_once(text, monkeypatch):
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"{text} seed {seed}")
 
 
-def test_prefill_path_leaves_float_reads_and_short_chunks_to_the_kernel(monkeypatch):
+def test_prefill_path_leaves_short_chunks_and_float_tensors_to_others(monkeypatch):
     monkeypatch.setattr(prefill, "MIN_QUERIES", 16)
-    for text in ("int4-res4", "int4-kchan-g32", "k16v4"):  # some queries read some keys in float
-        _, q, q_pos, kp, vp, _ = case(text, tokens=60, queries=20)
-        assert not prefill.fits(q, q_pos, kp, vp), text
-    _, q, q_pos, kp, vp, _ = case("int4", tokens=60, queries=15)
+    _, q, q_pos, kp, vp, _ = case("k16v4", tokens=60, queries=20)
+    assert not prefill.fits(q, q_pos, kp, vp)  # float keys: the torch reference
+    _, q, q_pos, kp, vp, _ = case("int4-res4", tokens=60, queries=15)
     assert not prefill.fits(q, q_pos, kp, vp)  # under MIN_QUERIES
-    _, q, q_pos, kp, vp, _ = case("int4", tokens=60, queries=20)
+    _, q, q_pos, kp, vp, _ = case("int4-res4", tokens=60, queries=20)
     assert prefill.fits(q, q_pos, kp, vp) and not prefill.fits(q, q_pos - 1, kp, vp)  # not the last positions
 
 
@@ -268,6 +272,18 @@ def test_gpu_size_long_prefill_chunk(text):
     """Mistral-7B-sized heads, a 1,100-query chunk after 1,000 tokens: kernels.prefill's rebuild and
     SDPA (FlashAttention on the GPU) within the oracle's tolerance."""
     spec, q, q_pos, kp, vp, want = case(text, batch=1, kv_heads=8, rep=4, tokens=2100, queries=1100, dim=128)
+    assert prefill.fits(q, q_pos, kp, vp)
+    got = attention_kernel(q, q_pos, kp, vp, scale=128 ** -0.5)
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), text)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("text", ["int4-kchan-res128-bf16", "k8v4-krot-res64"])
+def test_gpu_size_long_prefill_chunk_with_float_windows(text):
+    """The masked path at head dim 128 and GQA 4 (two KV heads keep the per-query oracle quick): a
+    1,030-query chunk after 170 tokens, keys split per channel group and a 128-token window."""
+    spec, q, q_pos, kp, vp, want = case(text, batch=1, kv_heads=2, rep=4, tokens=1200, queries=1030, dim=128)
     assert prefill.fits(q, q_pos, kp, vp)
     got = attention_kernel(q, q_pos, kp, vp, scale=128 ** -0.5)
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), text)
