@@ -29,6 +29,9 @@ from .store import Fetched
 
 Kernel = Callable[[mx.array, Fetched, Fetched, float, "int | None"], "mx.array | None"]
 KERNELS: list[Kernel] = []
+# fp32 scores per block of queries: a 2,048-query chunk (mlx-lm's prefill step) at 32k tokens and 32
+# query heads would otherwise hold 8.6 GB of scores at once
+SCORE_BLOCK_BYTES = 256 * 2**20
 
 
 def compressed_attention(q: mx.array, k: Fetched, v: Fetched, scale: float, window: int | None = None) -> mx.array:
@@ -42,26 +45,44 @@ def compressed_attention(q: mx.array, k: Fetched, v: Fetched, scale: float, wind
 
 
 def reference_attention(q: mx.array, k: Fetched, v: Fetched, scale: float, window: int | None = None) -> mx.array:
-    """See the module docstring. q [B, Hq, Tq, D]; K/V views over Hkv heads -> [B, Hq, Tq, D]."""
+    """See the module docstring. q [B, Hq, Tq, D]; K/V views over Hkv heads -> [B, Hq, Tq, D].
+    Long chunks run in blocks of queries whose fp32 scores stay within SCORE_BLOCK_BYTES."""
     b, hq, tq, d = q.shape
     hkv = k.floats.shape[1]
     if tq != k.tokens - k.q_start or hq % hkv:
         raise ValueError(f"{tq} queries over {hq} heads do not fit a chunk of {k.tokens - k.q_start} tokens, {hkv} KV heads")
+    q_pos = np.arange(k.q_start, k.tokens)
+    columns = k.n + k.tokens - k.float_start
+    block = max(1, SCORE_BLOCK_BYTES // (4 * b * hq * max(1, columns)))
+    if block >= tq:
+        return _attend(q, k, v, q_pos, k.split, v.split, scale, window)
+    outs = []
+    for i0 in range(0, tq, block):
+        outs.append(_attend(q[:, :, i0 : i0 + block], k, v, q_pos[i0 : i0 + block], k.split[i0 : i0 + block],
+                            v.split[i0 : i0 + block], scale, window))
+        mx.eval(outs[-1])  # one block's scores at a time: a lazy graph would hold every block's at once
+    return mx.concatenate(outs, axis=2)
+
+
+def _attend(q: mx.array, k: Fetched, v: Fetched, q_pos: np.ndarray, k_split: np.ndarray, v_split: np.ndarray,
+            scale: float, window: int | None) -> mx.array:
+    """Queries q [B, Hq, M, D] at positions q_pos [M] with their splits of K and V -> [B, Hq, M, D]."""
+    b, hq, tq, d = q.shape
+    hkv = k.floats.shape[1]
     rep = hq // hkv
     qf = q.astype(mx.float32).reshape(b, hkv, rep * tq, d)  # row r * Tq + t: head h * rep + r, query t
-    q_pos = np.arange(k.q_start, k.tokens)
 
     # Key positions of the score columns: compressed [0, n) then float [float_start, T).
     scores, keep, k_pos = [], [], []
     if k.n:
         scores.append(_compressed_scores(qf, k))
         pos = np.arange(k.n)
-        keep.append(pos[None] < k.split[:, None])
+        keep.append(pos[None] < k_split[:, None])
         k_pos.append(pos)
     if k.tokens > k.float_start:  # decoding an int cache without a float window has no float keys
         scores.append(qf @ mx.swapaxes(k.floats.astype(mx.float32), -1, -2))
         pos = np.arange(k.float_start, k.tokens)
-        keep.append(pos[None] >= k.split[:, None])
+        keep.append(pos[None] >= k_split[:, None])
         k_pos.append(pos)
     pos, keep = np.concatenate(k_pos), np.concatenate(keep, axis=1)
     keep &= pos[None] <= q_pos[:, None]
@@ -73,20 +94,21 @@ def reference_attention(q: mx.array, k: Fetched, v: Fetched, scale: float, windo
         s = mx.where(mx.array(keep), s, -mx.inf)
     p = mx.softmax(s, axis=-1, precise=True).reshape(b, hkv, rep * tq, -1)
 
-    if v.n == k.n and v.float_start == k.float_start and np.array_equal(v.split, k.split):
+    if v.n == k.n and v.float_start == k.float_start and np.array_equal(v_split, k_split):
         # Same split for V (e.g. the same spec): the probability columns are already V's.
         p_c, p_f = (p[..., : k.n], p[..., k.n :]) if k.n else (None, p)
     else:
-        p_c, p_f = _resplit(p, k, v, b, hkv, rep, tq)
+        p_c, p_f = _resplit(p, k, v, v_split, b, hkv, rep, tq)
     parts = [_compressed_output(p_c, v)] if p_c is not None else []
     if v.tokens > v.float_start:
         parts.append(p_f @ v.floats.astype(mx.float32))
     return sum(parts[1:], parts[0]).reshape(b, hq, tq, d).astype(q.dtype)
 
 
-def _resplit(p: mx.array, k: Fetched, v: Fetched, b: int, hkv: int, rep: int, tq: int):
+def _resplit(p: mx.array, k: Fetched, v: Fetched, v_split: np.ndarray, b: int, hkv: int, rep: int, tq: int):
     """Re-split p [B, Hkv, M, L] (columns: K's compressed [0, n_k), then K's float [fs_k, T)) into
-    V's compressed columns [0, n_v) and float columns [fs_v, T); each position counts in one form."""
+    V's compressed columns [0, n_v) and float columns [fs_v, T) by V's splits [M]; each position
+    counts in one form."""
     start = 0 if k.n else k.float_start
     width = k.tokens - start
     full = mx.zeros((*p.shape[:-1], width), mx.float32)
@@ -94,7 +116,7 @@ def _resplit(p: mx.array, k: Fetched, v: Fetched, b: int, hkv: int, rep: int, tq
         full = full + mx.pad(p[..., : k.n], [(0, 0)] * 3 + [(0, width - k.n)])
     full = full + mx.pad(p[..., k.n :], [(0, 0)] * 3 + [(k.float_start - start, 0)])
     full = full.reshape(b, hkv, rep, tq, width)
-    thr = v.split[:, None]
+    thr = v_split[:, None]
     p_f = full[..., v.float_start - start :]
     p_f = mx.where(mx.array(np.arange(v.float_start, v.tokens)[None] >= thr), p_f, 0.0)
     p_c = None

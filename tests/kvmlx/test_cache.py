@@ -85,6 +85,24 @@ def test_chunked_attention_is_token_by_token_decoding(text, window):
     assert_close(mx.concatenate(outs, axis=-2), want, spec_tolerance(spec, "fp32"), text)
 
 
+@pytest.mark.parametrize("text", ["k8v4-kchan-res4", "int4-rot5", "k4vrank16-random-res3"])
+def test_long_chunks_run_in_blocks_with_the_same_result(text, monkeypatch):
+    """A chunk whose fp32 scores exceed SCORE_BLOCK_BYTES runs in blocks of queries (K and V splitting
+    apart and a sliding window included): the blocks give the whole chunk's result."""
+    import kvmlx.attention as attention
+
+    spec = kvspec.parse(text)
+    q, k, v = history(4)
+    cache = LayerCache(spec, bases_for(spec))
+    cache.update_and_fetch(mx.array(k[..., :9, :]), mx.array(v[..., :9, :]))
+    fk, fv = cache.update_and_fetch(mx.array(k[..., 9:, :]), mx.array(v[..., 9:, :]))
+    qc = mx.array(q[..., 9:, :])
+    whole = np.array(attention.reference_attention(qc, fk, fv, 0.1, 11))
+    monkeypatch.setattr(attention, "SCORE_BLOCK_BYTES", 4 * B * HQ * T * 5)  # 5 queries per block (of 36)
+    blocked = np.array(attention.reference_attention(qc, fk, fv, 0.1, 11))
+    np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-6, err_msg=text)
+
+
 def test_sliding_window_layer_keeps_its_window_in_float():
     spec = kvspec.parse("int4")
     q, k, v = history(3)
