@@ -24,7 +24,7 @@ import numpy as np
 
 from kvspec.spec import LowRank, Quant
 
-from . import ops
+from . import ops, prefill
 from .store import Fetched
 
 Kernel = Callable[[mx.array, Fetched, Fetched, float, "int | None"], "mx.array | None"]
@@ -36,11 +36,14 @@ SCORE_BLOCK_BYTES = 256 * 2**20
 
 def compressed_attention(q: mx.array, k: Fetched, v: Fetched, scale: float, window: int | None = None) -> mx.array:
     """Attention output [B, Hq, Tq, D] of queries q [B, Hq, Tq, D]; the first kernel that accepts
-    the configuration runs, else the reference."""
+    the configuration runs, else long chunks on kvmlx.prefill (one rebuild, fused SDPA), else the
+    reference."""
     for kernel in KERNELS:
         out = kernel(q, k, v, scale, window)
         if out is not None:
             return out
+    if prefill.fits(q, k, v):
+        return prefill.attend(q, k, v, scale, window)
     return reference_attention(q, k, v, scale, window)
 
 
@@ -151,7 +154,7 @@ def _compressed_scores(q: mx.array, k: Fetched) -> mx.array:
     if _hybrid_affine(t):
         g, bits = t.coeff.group, t.coeff.bits
         return mx.quantized_matmul(qp, c["codes"], c["scales"], c["biases"], transpose=True, group_size=g, bits=bits)
-    return qp @ mx.swapaxes(_coefficients(t, c), -1, -2)
+    return qp @ mx.swapaxes(ops.coefficients(t, c), -1, -2)
 
 
 def _compressed_output(p: mx.array, v: Fetched) -> mx.array:
@@ -166,19 +169,12 @@ def _compressed_output(p: mx.array, v: Fetched) -> mx.array:
     if _hybrid_affine(t):
         pc = mx.quantized_matmul(p, c["codes"], c["scales"], c["biases"], transpose=False, group_size=t.coeff.group, bits=t.coeff.bits)
     else:
-        pc = p @ _coefficients(t, c)
+        pc = p @ ops.coefficients(t, c)
     return ops.reconstruct(pc, v.basis)
 
 
 def _hybrid_affine(t: LowRank) -> bool:
     return t.coeff is not None and ops.mlx_layout(t.coeff.bits, t.coeff.group, t.rank) and _fused_quantized_matmul()
-
-
-def _coefficients(t: LowRank, c: dict[str, mx.array]) -> mx.array:
-    """Low-rank coefficients [B, Hkv, n, r] in fp32 (dequantized for hybrids)."""
-    if t.coeff is None:
-        return c["coeffs"].astype(mx.float32)
-    return ops.dequantize(c["codes"], c["scales"], c["biases"], t.coeff.bits, t.coeff.group, "token", t.rank)
 
 
 def _register_kernels() -> None:

@@ -226,6 +226,14 @@ def project(x: mx.array, basis: mx.array, stored: bool = False) -> mx.array:
     return matmul_fp32(x, basis) if stored else x @ basis
 
 
+def coefficients(t, compressed: dict[str, mx.array]) -> mx.array:
+    """A LowRank tensor's stored coefficients [B, H, n, r] in fp32 (dequantized for hybrids)."""
+    if t.coeff is None:
+        return compressed["coeffs"].astype(mx.float32)
+    c = compressed
+    return dequantize(c["codes"], c["scales"], c["biases"], t.coeff.bits, t.coeff.group, "token", t.rank)
+
+
 def reconstruct(c: mx.array, basis: mx.array) -> mx.array:
     """coefficients [B, H, T, r], basis [H, D, r] -> [B, H, T, D] in fp32."""
     return c.astype(mx.float32) @ mx.swapaxes(basis.astype(mx.float32), -1, -2)

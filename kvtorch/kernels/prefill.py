@@ -10,10 +10,9 @@ kernels feed their dots; low-rank rows as c P^T) and runs torch's SDPA with GQA:
   protocol's split is p + 1), with a lower-right causal mask (FlashAttention on the GPU); rotated
   keys are read against rotate(q), rotated values give unrotate(p V);
 - otherwise (a residual window, channel-axis groups, K and V with different splits) over columns
-  that pair each position's K and V forms: (compressed, compressed) below both splits, (float,
-  compressed) and (compressed, float) between them, (float, float) from both splits to the query,
-  under a boolean mask built from the per-query splits (memory-efficient SDPA, query heads folded
-  into rows); rotated rows are rebuilt unrotated, since float rows are not rotated.
+  that pair each position's K and V forms (kvspec.columns), under a boolean mask built from the
+  per-query splits (memory-efficient SDPA, query heads folded into rows); rotated rows are rebuilt
+  unrotated, since float rows are not rotated.
 The rebuilt history is transient: [B, Hkv, T, D] twice in the float dtype (plus the float window).
 
 On the H200 the causal path took batch 8 x 32k prefill from 309 s to 16-20 s per cache; the masked
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from kvspec.columns import spans
 from kvspec.spec import LowRank, Quant
 
 from .. import ops
@@ -99,17 +99,11 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, fp16: bo
     def rows(compressed, floats, part, form, lo, hi):
         return compressed[:, :, lo:hi] if form == "c" else floats[:, :, lo - part.float_start : hi - part.float_start]
 
-    # (K form, V form, first, end, which queries read position s so): every (query, s <= p) once.
-    spans = [("c", "c", 0, min(k.n, v.n), lambda s: (s < ks) & (s < vs)),
-             ("f", "c", k.float_start, v.n, lambda s: (s >= ks) & (s < vs)),
-             ("c", "f", v.float_start, k.n, lambda s: (s < ks) & (s >= vs)),
-             ("f", "f", max(k.float_start, v.float_start), end, lambda s: (s >= ks) & (s >= vs) & (s <= p))]
     keys, values, masks = [], [], []
-    for kform, vform, lo, hi, reads in spans:
-        if hi > lo:
-            keys.append(rows(kc, kf, k, kform, lo, hi))
-            values.append(rows(vc, vf, v, vform, lo, hi))
-            masks.append(reads(torch.arange(lo, hi, device=dev)[None, :]))
+    for sp in spans(k.n, k.float_start, v.n, v.float_start, end):
+        keys.append(rows(kc, kf, k, sp.k_form, sp.lo, sp.hi))
+        values.append(rows(vc, vf, v, sp.v_form, sp.lo, sp.hi))
+        masks.append(sp.reads(torch.arange(sp.lo, sp.hi, device=dev)[None, :], ks, vs, p))
     keys, values, mask = torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(masks, dim=1)
     # SDPA with a mask and enable_gqa falls back to its math backend (fp32 scores for every query
     # head: 17 GB at 32 heads x 4096 x 32k), so each KV head's G query heads are folded into its rows

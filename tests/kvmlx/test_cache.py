@@ -85,6 +85,30 @@ def test_chunked_attention_is_token_by_token_decoding(text, window):
     assert_close(mx.concatenate(outs, axis=-2), want, spec_tolerance(spec, "fp32"), text)
 
 
+@pytest.mark.parametrize("window", [None, 9])
+@pytest.mark.parametrize("text", [t for t in SPECS if t not in ("fp16", "bf16")])
+def test_long_chunks_rebuild_the_history_for_fused_sdpa(text, window, monkeypatch):
+    """Chunks of at least kvmlx.prefill.MIN_QUERIES queries (here 7: the chunks of 7, 16 and 19) run as
+    one rebuild and mx.fast.scaled_dot_product_attention, and still decode as token by token."""
+    import kvmlx.prefill as prefill
+
+    monkeypatch.setattr(prefill, "MIN_QUERIES", 7)
+    monkeypatch.setattr(prefill, "on_gpu", lambda: True)  # a GPU path; MLX's CPU backend runs it too
+    served = []
+    monkeypatch.setattr(prefill, "attend", lambda *a, _f=prefill.attend: served.append(1) or _f(*a))
+    spec = kvspec.parse(text)
+    q, k, v = history(5)
+    bases = bases_for(spec)
+    want = R.attend_as_decoded(q, k, v, spec, bases=bases, window=window)
+    cache = LayerCache(spec, bases)
+    outs = []
+    for part in chunks(CHUNKINGS[2]):
+        fk, fv = cache.update_and_fetch(mx.array(k[..., part, :]), mx.array(v[..., part, :]))
+        outs.append(compressed_attention(mx.array(q[..., part, :]), fk, fv, 1 / np.sqrt(D), window))
+    assert len(served) == 3, text
+    assert_close(mx.concatenate(outs, axis=-2), want, spec_tolerance(spec, "fp32"), text)
+
+
 @pytest.mark.parametrize("text", ["k8v4-kchan-res4", "int4-rot5", "k4vrank16-random-res3"])
 def test_long_chunks_run_in_blocks_with_the_same_result(text, monkeypatch):
     """A chunk whose fp32 scores exceed SCORE_BLOCK_BYTES runs in blocks of queries (K and V splitting
