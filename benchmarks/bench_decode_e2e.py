@@ -343,16 +343,16 @@ def print_table(rows) -> None:
             base[key] = r
     print(f"\n{'model':40s} {'b':>3s} {'context':>7s} {'cache':26s} {'tok/s':>8s} {'x bf16':>7s} {'ms':>7s} "
           f"{'roof ms':>8s} {'roof x':>7s} {'peak GiB':>9s} {'append %':>9s}")
-    nan = float("nan")
+    def cell(x, width: int, fmt: str) -> str:
+        return f"{x:{width}{fmt}}" if x is not None else f"{'-':>{width}s}"  # "-": no bf16 row, or not measured
+
     for r in rows:
         b = base.get((r["model"], r["batch"], r["context"]))
-        speed = r["tokens_per_s"] / b["tokens_per_s"] if b else nan
-        roof_x = b["roof_ms"] / r["roof_ms"] if b and "roof_ms" in r else nan
-        peak = f"{r['peak_gib']:9.2f}" if r["peak_gib"] is not None else f"{'-':>9s}"
-        share = f"{r['append_share_pct']:9.1f}" if "append_share_pct" in r else f"{'-':>9s}"
+        speed = r["tokens_per_s"] / b["tokens_per_s"] if b else None
+        roof_x = b["roof_ms"] / r["roof_ms"] if b and "roof_ms" in r else None
         print(f"{r['model']:40s} {r['batch']:3d} {r['context']:7d} {r['cache']:26s} {r['tokens_per_s']:8.1f} "
-              f"{speed:7.2f} {r['step_ms']:7.2f} {r.get('roof_ms', nan):8.2f} {roof_x:7.2f} {peak} {share}")
-
+              f"{cell(speed, 7, '.2f')} {r['step_ms']:7.2f} {cell(r.get('roof_ms'), 8, '.2f')} {cell(roof_x, 7, '.2f')} "
+              f"{cell(r['peak_gib'], 9, '.2f')} {cell(r.get('append_share_pct'), 9, '.1f')}")
 
 if __name__ == "__main__":
     main()
