@@ -69,20 +69,25 @@ def test_stored_arrays_equal_whole_history_compression(text, sizes):
                 np.testing.assert_array_equal(got[name], getattr(want.quant, name), f"{text} {which} {name}")
 
 
-@pytest.mark.parametrize("window", [None, 9])
-@pytest.mark.parametrize("text", SPECS)
-def test_chunked_attention_is_token_by_token_decoding(text, window):
-    """The protocol oracle: each chunk's queries read the cache as it stood after their own token."""
+def attend_in_chunks(text: str, window: int | None, seed: int):
+    """The mixed chunking's attention outputs [B, HQ, T, D] and the protocol oracle's (float64)."""
     spec = kvspec.parse(text)
-    q, k, v = history(2)
+    q, k, v = history(seed)
     bases = bases_for(spec)
-    want = R.attend_as_decoded(q, k, v, spec, bases=bases, window=window)
     cache = LayerCache(spec, bases)
     outs = []
     for part in chunks(CHUNKINGS[2]):
         fk, fv = cache.update_and_fetch(mx.array(k[..., part, :]), mx.array(v[..., part, :]))
         outs.append(compressed_attention(mx.array(q[..., part, :]), fk, fv, 1 / np.sqrt(D), window))
-    assert_close(mx.concatenate(outs, axis=-2), want, spec_tolerance(spec, "fp32"), text)
+    return mx.concatenate(outs, axis=-2), R.attend_as_decoded(q, k, v, spec, bases=bases, window=window)
+
+
+@pytest.mark.parametrize("window", [None, 9])
+@pytest.mark.parametrize("text", SPECS)
+def test_chunked_attention_is_token_by_token_decoding(text, window):
+    """The protocol oracle: each chunk's queries read the cache as it stood after their own token."""
+    got, want = attend_in_chunks(text, window, seed=2)
+    assert_close(got, want, spec_tolerance(kvspec.parse(text), "fp32"), text)
 
 
 @pytest.mark.parametrize("window", [None, 9])
@@ -96,17 +101,9 @@ def test_long_chunks_rebuild_the_history_for_fused_sdpa(text, window, monkeypatc
     monkeypatch.setattr(prefill, "on_gpu", lambda: True)  # a GPU path; MLX's CPU backend runs it too
     served = []
     monkeypatch.setattr(prefill, "attend", lambda *a, _f=prefill.attend: served.append(1) or _f(*a))
-    spec = kvspec.parse(text)
-    q, k, v = history(5)
-    bases = bases_for(spec)
-    want = R.attend_as_decoded(q, k, v, spec, bases=bases, window=window)
-    cache = LayerCache(spec, bases)
-    outs = []
-    for part in chunks(CHUNKINGS[2]):
-        fk, fv = cache.update_and_fetch(mx.array(k[..., part, :]), mx.array(v[..., part, :]))
-        outs.append(compressed_attention(mx.array(q[..., part, :]), fk, fv, 1 / np.sqrt(D), window))
+    got, want = attend_in_chunks(text, window, seed=5)
     assert len(served) == 3, text
-    assert_close(mx.concatenate(outs, axis=-2), want, spec_tolerance(spec, "fp32"), text)
+    assert_close(got, want, spec_tolerance(kvspec.parse(text), "fp32"), text)
 
 
 @pytest.mark.parametrize("text", ["k8v4-kchan-res4", "int4-rot5", "k4vrank16-random-res3"])
