@@ -121,8 +121,8 @@ def _quantize_kernel(
             lo = tl.minimum(lo, tl.min(x, axis=0))
             hi = tl.maximum(hi, tl.max(x, axis=0))
         scale, bias = _scale_bias(lo, hi, LEVELS)
-        tl.store(s_ptr + pid * ss_t + d, scale, mask=d < D * (pid * GROUP < M))
-        tl.store(b_ptr + pid * ss_t + d, bias, mask=d < D * (pid * GROUP < M))
+        tl.store(s_ptr + pid * ss_t + d, scale, mask=(d < D) & (pid * GROUP < M))
+        tl.store(b_ptr + pid * ss_t + d, bias, mask=(d < D) & (pid * GROUP < M))
         for r0 in range(0, GROUP, BT):
             rows = pid * GROUP + r0 + tl.arange(0, BT)
             x = _load_rows(x_ptr, rows, M, sx_t, sign_ptr, basis_ptr, rot_norm, D, LOG_D, BT, FLOAT, XFORM, RP, R)

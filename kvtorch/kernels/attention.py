@@ -16,8 +16,8 @@ KV head h // G. Returns fp32 [B, Hq, Tq, D]. Rotated keys are read against rotat
 as (qP).c, outputs as unrotate(p.V) or (p.C)P^T; the D-dim history is never rebuilt.
 
 `attention_reference` is the plain-torch version; `attention` dispatches to the Triton kernels
-where `refusal` is None (long prefill chunks of an all-compressed cache: kernels.prefill, one
-rebuild of the history and torch's SDPA) and to the reference otherwise; `attention_kernel` has the signature of
+where `refusal` is None (long prefill chunks: kernels.prefill, one rebuild of the history and
+torch's SDPA) and to the reference otherwise; `attention_kernel` has the signature of
 kvtorch.attention.register_kernel (None where it refuses).
 """
 
@@ -307,7 +307,7 @@ def attention_kernel(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float
 
 
 def _serve(q: torch.Tensor, q_pos: torch.Tensor, k, v, scale: float) -> torch.Tensor:
-    """Long all-compressed prefill chunks on kernels.prefill (one rebuild, then SDPA), the rest on `attend`."""
+    """Long prefill chunks on kernels.prefill (one rebuild, then SDPA), the rest on `attend`."""
     if prefill.fits(q, q_pos, k, v):
         return prefill.attend(q, q_pos, k, v, scale=scale, fp16=fp16_operands(k.spec, v.spec))
     return attend(q, q_pos, k, v, scale=scale)

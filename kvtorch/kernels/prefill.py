@@ -58,20 +58,20 @@ def fits(q: torch.Tensor, q_pos: torch.Tensor, k, v) -> bool:
     return last == k.float_start + k.floats.shape[-2] - 1 and last - first == tq - 1
 
 
-def _rebuild(part, lo: int, hi: int, dtype: torch.dtype, unrotated: bool = False) -> torch.Tensor:
-    """Compressed rows [lo, hi) [B, Hkv, hi - lo, D] as attention reads them (rotated unless `unrotated`),
-    in `dtype`; rotated and low-rank rows are mapped in fp32 and rounded once."""
-    t = part.spec
-    out = torch.empty(*part.floats.shape[:2], hi - lo, part.floats.shape[-1], dtype=dtype, device=part.floats.device)
+def _rebuild(part, dtype: torch.dtype, unrotated: bool = False) -> torch.Tensor:
+    """The compressed rows [B, Hkv, n, D] as attention reads them (rotated unless `unrotated`), in
+    `dtype`; rotated and low-rank rows are mapped in fp32 and rounded once."""
+    t, n = part.spec, part.n
+    out = torch.empty(*part.floats.shape[:2], n, part.floats.shape[-1], dtype=dtype, device=part.floats.device)
     basis_t = part.basis.float().transpose(-1, -2) if isinstance(t, LowRank) else None  # [Hkv, r, D]
     rotation = t.rotation if unrotated and isinstance(t, Quant) else None
-    for s0 in range(lo, hi, SLICE):
-        x = compressed_rows(part, s0, min(hi, s0 + SLICE))
+    for s0 in range(0, n, SLICE):
+        x = compressed_rows(part, s0, min(n, s0 + SLICE))
         if basis_t is not None:
             x = x @ basis_t
         elif rotation is not None:
             x = ops.unrotate(x, rotation)
-        out[:, :, s0 - lo : s0 - lo + x.shape[2]] = x.to(dtype)
+        out[:, :, s0 : s0 + x.shape[2]] = x.to(dtype)
     return out
 
 
@@ -93,7 +93,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, fp16: bo
     end, dev = k.float_start + k.floats.shape[-2], q.device
     p = q_pos.to(dev)[:, None]
     ks, vs = k.split.to(dev)[:, None], v.split.to(dev)[:, None]
-    kc, vc = _rebuild(k, 0, k.n, dtype, unrotated=True), _rebuild(v, 0, v.n, dtype, unrotated=True)
+    kc, vc = _rebuild(k, dtype, unrotated=True), _rebuild(v, dtype, unrotated=True)
     kf, vf = k.floats.to(dtype), v.floats.to(dtype)
 
     def rows(compressed, floats, part, form, lo, hi):
@@ -126,7 +126,7 @@ def _attend_causal(q: torch.Tensor, k, v, *, scale: float, fp16: bool) -> torch.
     tk, tv = k.spec, v.spec
     qk = ops.rotate(q, tk.rotation) if isinstance(tk, Quant) and tk.rotation is not None else q
     dtype = _dtype(k, qk, fp16)
-    keys, values = _rebuild(k, 0, k.n, dtype), _rebuild(v, 0, v.n, dtype)
+    keys, values = _rebuild(k, dtype), _rebuild(v, dtype)
     out = F.scaled_dot_product_attention(qk.to(dtype), keys, values, attn_mask=causal_lower_right(q.shape[2], k.n),
                                          scale=scale, enable_gqa=True).float()
     if isinstance(tv, Quant) and tv.rotation is not None:
