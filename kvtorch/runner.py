@@ -3,8 +3,8 @@
 Every method feeds tokens through the cache it is given, so what `nll` measures is what decoding
 with that cache computes (prefill in chunks follows the same protocol as token-by-token decoding).
 Decoding is greedy. Batch size 1. On one CUDA GPU, replies from caches whose every layer compresses
-K and V (no fp16/bf16 tensors, no float sliding-window layers) decode from a CUDA graph
-(kvtorch.graphs; KVMLX_CUDA_GRAPHS=0 keeps them eager).
+K and V (no fp16/bf16 tensors, no float sliding-window layers; residual windows are fine) decode
+from a CUDA graph (kvtorch.graphs; KVMLX_CUDA_GRAPHS=0 keeps them eager).
 """
 
 from __future__ import annotations

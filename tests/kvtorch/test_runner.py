@@ -160,7 +160,8 @@ def test_decoding_stays_eager_where_no_graph_can_serve(runner, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_chat_replies_decode_from_a_graph_and_match_eager(monkeypatch):
     """Two turns of int4 chat on one GPU: replies come from CUDA graphs (released after each reply, so
-    turn 2's prompt is fed eagerly) and equal the eager replies; int4-res8 stays eager."""
+    turn 2's prompt is fed eagerly) and equal the eager replies; so do int4-res8's (its residual
+    window waits in the static cache's ring); fp16 stays eager."""
     from kvtorch import graphs
 
     runner = Runner.wrap(tiny_model("llama", seed=3, dtype=torch.float32).cuda(), byte_tokenizer(), name="tiny")
@@ -177,5 +178,11 @@ def test_gpu_chat_replies_decode_from_a_graph_and_match_eager(monkeypatch):
     assert graphed == two_turns("int4")
     replays.clear()
     monkeypatch.delenv("KVMLX_CUDA_GRAPHS")
-    two_turns("int4-res8")
+    windowed = two_turns("int4-res8")  # its float tokens wait in the static cache's ring
+    assert len(replays) >= 2, "int4-res8 replies did not decode from a graph"
+    monkeypatch.setenv("KVMLX_CUDA_GRAPHS", "0")
+    assert windowed == two_turns("int4-res8")
+    monkeypatch.delenv("KVMLX_CUDA_GRAPHS")
+    replays.clear()
+    two_turns("fp16")  # float K/V have no static form: eager steps
     assert replays == []
