@@ -22,7 +22,9 @@ quantize-append inside kvtorch.store on CUDA); the script checks that before tim
 
     python benchmarks/bench_decode_e2e.py --budget-s 300 --batches 1 8 --no-smollm2   # H200: b1 and b8 at 4k, b1 at 32k
     python benchmarks/bench_decode_e2e.py --batches 8 --contexts 32768 --suffix=-b8x32k --caches bf16-sdpa int4-bf16@graph
-                                                      # b8 x 32k: each compressed prefill took > 3 minutes
+                                                      # b8 x 32k: ~20 s of prefill per cache
+    python benchmarks/bench_decode_e2e.py --no-mistral --batches 1 8 --contexts 4096 --suffix=-smollm2
+                                                      # SmolLM2 only (its GGUF installed: tools/device/bundle.sh)
     python benchmarks/bench_decode_e2e.py --smoke                        # CPU, TRITON_INTERPRET=1, tiny model, eager
 Writes benchmarks/results/decode_e2e_<gpu>.json (and $OUT/ when OUT is set).
 """
@@ -242,6 +244,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk length")
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no new run after this many seconds")
     ap.add_argument("--no-smollm2", action="store_true")
+    ap.add_argument("--no-mistral", action="store_true", help="skip the Mistral-7B-shaped model (random weights)")
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, a 2-layer model, tiny contexts")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--suffix", default="", help="appended to the result file's name, e.g. --suffix=-b8x32k")
@@ -280,7 +283,8 @@ def main() -> None:
             d.mkdir(parents=True, exist_ok=True)
             (d / fname).write_text(json.dumps(dict(meta, rows=rows), indent=1))
 
-    models = [("mistral-7b-shape (RANDOM bf16 weights)", lambda: (mistral_7b_random(device, args.smoke), None))]
+    models = [] if args.no_mistral else [
+        ("mistral-7b-shape (RANDOM bf16 weights)", lambda: (mistral_7b_random(device, args.smoke), None))]
     if not args.no_smollm2:
         models.append(("smollm2-135m (real weights)", lambda: smollm2(device)))
     for label, load in models:
