@@ -26,7 +26,6 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvspec.spec import LowRank, Quant  # noqa: E402
 from kvtorch import ops  # noqa: E402
-from kvtorch.kernels.attention import attend, attention_reference  # noqa: E402
+from kvtorch.attention import Part  # noqa: E402
+from kvtorch.kernels.attention import attend, attention_reference, default_block  # noqa: E402
 from kvtorch.kernels.quantize import quantize_rows  # noqa: E402
 
 MODELS = {  # name: (q heads, kv heads, head dim)
@@ -46,8 +46,8 @@ MODELS = {  # name: (q heads, kv heads, head dim)
     "gemma-3-270m": (4, 1, 256),
 }
 METHODS = ("sdpa-bf16", "dequant-sdpa", "int8", "int4", "int2", "rank32")
-# (keys per block, warps, pipeline stages, 4-bit PTX dequantization) tried at the tuning shape.
-# (the first of each is the default that kvtorch.kernels.attention.attend picks).
+# (keys per block, warps, pipeline stages, 4-bit PTX dequantization) tried at the tuning shape (--tune);
+# without it every shape runs attend's own shape-dependent default (default_block, _splits).
 CONFIGS = {"int4": [(128, 8, 3, True), (64, 4, 3, True), (64, 8, 3, True), (64, 4, 3, False)],
            "rank32": [(64, 4, 3, False), (128, 8, 3, False)],
            "int8": [(64, 4, 3, False), (128, 8, 3, False)], "int2": [(64, 4, 3, False), (128, 8, 3, False)]}
@@ -55,19 +55,6 @@ MEMORY_LIMIT = 40 * 2**30  # bytes of K/V (bf16) one shape may allocate
 DEQUANT_LIMIT = 2**28  # K elements above which dequant-sdpa's int64 unpacking would not fit
 DEVICE = "cuda"
 MAX_REL_ERR = 2e-2  # relative L2 error vs the plain-torch reference that a tuned config must stay under
-
-
-@dataclass(frozen=True)
-class Part:
-    """A decode-time cache tensor as kvtorch.kernels.attention reads it (see its docstring)."""
-
-    spec: object
-    n: int
-    arrays: dict
-    basis: torch.Tensor | None
-    floats: torch.Tensor
-    float_start: int
-    split: torch.Tensor
 
 
 def nbytes(*xs) -> int:
@@ -82,13 +69,14 @@ def compressed_part(method: str, b: int, hkv: int, t: int, d: int, gen: torch.Ge
     if method == "rank32":
         basis = torch.linalg.qr(torch.randn(hkv, d, d, device=dev, generator=gen)).Q[..., :32].contiguous()
         coeffs = torch.randn(b, hkv, t, 32, device=dev, generator=gen).bfloat16()
-        return Part(LowRank(rank=32, basis="random"), t, {"coeffs": coeffs}, basis, floats, t - 1, split)
+        return Part(LowRank(rank=32, basis="random"), d, t, {"coeffs": coeffs}, basis, floats, t - 1, split)
     bits = int(method[3:])
     words = d * bits // 32
     codes = torch.randint(-2**31, 2**31 - 1, (b, hkv, t, words), device=dev, dtype=torch.int32, generator=gen)
     scales = (torch.rand(b, hkv, t, d // 64, device=dev, generator=gen) * 0.5 / (2**bits - 1) + 1e-3).half()
     biases = (torch.rand(b, hkv, t, d // 64, device=dev, generator=gen) - 0.75).half()
-    return Part(Quant(bits=bits), t, {"codes": codes, "scales": scales, "biases": biases}, None, floats, t - 1, split)
+    return Part(Quant(bits=bits), d, t, {"codes": codes, "scales": scales, "biases": biases}, None, floats, t - 1,
+                split)
 
 
 def part_bytes(p: Part) -> int:
@@ -185,9 +173,9 @@ def run_shape(model, b, t, hq, hkv, d, args, flush, config, check):
             else:
                 kp, vp = (compressed_part(method, b, hkv, t, d, gen) for _ in range(2))
                 moved = nbytes(q) + part_bytes(kp) + part_bytes(vp) + b * hq * d * 4
-                cfg = config.get(method, CONFIGS[method][0])
+                cfg = config.get(method)
                 fn = lambda kp=kp, vp=vp, c=cfg: attend(
-                    q, qpos, kp, vp, scale=scale, block=c[:3], ptx=c[3])
+                    q, qpos, kp, vp, scale=scale, block=c and c[:3], ptx=c[3] if c else True)
                 if check:
                     ref = attention_reference(q, qpos, kp, vp, scale=scale)
                     err = ((fn() - ref).norm() / ref.norm()).item()
@@ -203,7 +191,8 @@ def run_shape(model, b, t, hq, hkv, d, args, flush, config, check):
             base_bytes = moved
         row["roof_x"] = base_bytes / moved if base_bytes else None
         if method not in ("sdpa-bf16", "dequant-sdpa"):
-            row["config"] = list(config.get(method, CONFIGS[method][0]))
+            row["config"] = list(config[method]) if method in config else list(
+                default_block(kp.spec, vp.spec, d, b * hkv)) + ["default"]
             if check:
                 row["rel_err_vs_reference"] = err
         if method == "sdpa-bf16":
@@ -265,7 +254,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--budget-s", type=float, default=150.0, help="stop starting new shapes after this many seconds")
-    ap.add_argument("--no-tune", action="store_true", help="use each method's first config (CONFIGS)")
+    ap.add_argument("--tune", action="store_true", help="time CONFIGS at batch 8 x 32k and run the best everywhere")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -277,7 +266,7 @@ def main() -> None:
     args.copy_tbps = copy_bandwidth(flush)
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}: copy {args.copy_tbps:.2f} TB/s; torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    config, trials = ({}, []) if args.no_tune else tune(args, flush)
+    config, trials = tune(args, flush) if args.tune else ({}, [])
     meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
                 command=" ".join(sys.argv), copy_tbps=args.copy_tbps, configs=config, tuning=trials)
     name = f"decode_attention_{gpu.replace(' ', '_').lower()}.json"

@@ -47,7 +47,10 @@ LOG2E = 1.4426950408889634
 # (keys per block, warps, stages) of the GENERAL launch: its region is short (the float tail) and its
 # loop holds twice the tiles, so it keeps a small block whatever the lean launch uses.
 GENERAL_BLOCK = (16, 4, 2)
-MAX_SPLITS = 16
+MAX_SPLITS = 32
+# Fewest keys one split covers: shorter ones cost more in the reduce than they add in parallelism
+# (H200, Mistral heads, batch 1 x 4k: 32 splits of 128 keys 0.028-0.031 ms, 16 of 256 0.022-0.025).
+MIN_SPLIT_KEYS = 256
 
 
 def _sms(device: torch.device) -> int:
@@ -165,26 +168,35 @@ def _operands(part, device):
 
 def _splits(lo: int, hi: int, block: int, programs: int, want: int | None, sms: int) -> tuple[int, int]:
     """(splits, chunk) covering keys [lo, hi) in chunks of whole blocks: `want` splits, or enough that
-    the `programs` programs of one split, times the splits, fill about 4 per multiprocessor (of `sms`;
-    one wave at this kernel's occupancy) with at most MAX_SPLITS (the reduce unrolls over them)."""
+    the `programs` programs of one split, times the splits, fill about 4 per multiprocessor (of `sms`)
+    with at most MAX_SPLITS (the reduce unrolls over them) and at least MIN_SPLIT_KEYS keys each.
+    With `default_block`'s 2/4/8-bit blocks that is ~8 warps per multiprocessor, where every fast
+    config measured on an H200 sat."""
     blocks = max(1, -(-(hi - lo) // block))
-    splits = want if want is not None else min(MAX_SPLITS, max(1, 4 * sms // programs))
+    splits = want if want is not None else min(MAX_SPLITS, 4 * sms // programs, (hi - lo) // MIN_SPLIT_KEYS)
     splits = max(1, min(splits, blocks))
     chunk = -(-blocks // splits) * block
     return max(1, -(-(hi - lo) // chunk)), chunk
 
 
-def _is_int4_tokens(t) -> bool:
-    return isinstance(t, Quant) and t.bits == 4 and t.axis == "token"
+def _word_tokens(t) -> bool:
+    return isinstance(t, Quant) and t.bits in (2, 4, 8) and t.axis == "token"
 
 
-def default_block(kspec, vspec, d: int) -> tuple[int, int, int]:
-    """(keys per block, warps, stages) of the lean launch: the fastest measured on an H200 where
-    measured. 3-bit tiles gather their codes from two words each, which the pipeline stages multiply:
+def default_block(kspec, vspec, d: int, programs: int = 1) -> tuple[int, int, int]:
+    """(keys per block, warps, stages) of the lean launch for `programs` programs per split
+    (batch x KV heads x query blocks): the fastest measured on an H200 where measured.
+    Token-axis 2/4/8-bit K and V: 4 warps over 128 keys where few programs need many splits
+    (Mistral heads, 32k keys, batch 1: int4 0.0585 ms at 32 splits vs 0.0634 for (128, 8, 3) at 16),
+    2 warps over 64 keys otherwise (batch 8: int4 0.247 ms vs 0.290, int8 0.251 vs 0.343 for
+    (64, 4, 3); H200, 2026-11-30). At D 256 int4 keeps (128, 8, 3), the rest (64, 4, 3).
+    3-bit tiles gather their codes from two words each, which the pipeline stages multiply:
     (64, 4, 3) asks 284,672 B of shared memory at D 128 (an H200 has 232,448), (64, 4, 2) 153,600,
     and at D 256 (32, 4, 2) 156,672 (benchmarks/triton_smem.py, compiled offline for sm_90)."""
-    if _is_int4_tokens(kspec) and _is_int4_tokens(vspec):
-        return 128, 8, 3
+    if d <= 128 and _word_tokens(kspec) and _word_tokens(vspec):
+        return (128, 4, 3) if programs <= 16 else (64, 2, 3)
+    if d > 128 and all(_word_tokens(t) and t.bits == 4 for t in (kspec, vspec)):
+        return 128, 8, 3  # D 256: 4 warps over 128 keys took 1.3x as long (Gemma-3 heads, b8 x 32k)
     if d > 64 and any(q is not None and q.bits == 3 for q in map(quantizer, (kspec, vspec))):
         return (64, 4, 2) if d <= 128 else (32, 4, 2)
     return 64, 4, 3
@@ -208,14 +220,14 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     dequantize 4-bit token-axis tiles with packed fp16 inline PTX (CUDA only; ignored under the
     interpreter, and where the dots take bf16 operands: see `fp16_operands`)."""
     b, hq, tq, d = q.shape
-    block = block or default_block(k.spec, v.spec, d)
-    block_n = block[0]
     q, kf, vf = _unit_stride(q), _unit_stride(k.floats), _unit_stride(v.floats)
     hkv = kf.shape[1]
     g = hq // hkv
     gp = 1 << (g - 1).bit_length()
     bq = 1 if tq == 1 else max(1, 32 // gp)
     nqb = -(-tq // bq)
+    block = block or default_block(k.spec, v.spec, d, b * hkv * nqb)
+    block_n = block[0]
     end = k.float_start + k.floats.shape[-2]
     # Host-side bounds of the two regions: keys below min(n) may be all-compressed; keys from the
     # first float position on may need the float form (the kernels refine both per query block).

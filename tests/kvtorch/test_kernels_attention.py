@@ -26,6 +26,7 @@ from kvspec.reference.lowrank import make_basis  # noqa: E402
 from kvspec.spec import LowRank  # noqa: E402
 from kvspec.tolerances import assert_close, spec_tolerance  # noqa: E402
 from kvtorch import ops  # noqa: E402
+from kvtorch.kernels import attention as ka  # noqa: E402
 from kvtorch.kernels import prefill  # noqa: E402
 from kvtorch.kernels.attention import attend, attention, attention_kernel, attention_reference, refusal  # noqa: E402
 
@@ -287,3 +288,30 @@ def test_gpu_size_long_prefill_chunk_with_float_windows(text):
     assert prefill.fits(q, q_pos, kp, vp)
     got = attention_kernel(q, q_pos, kp, vp, scale=128 ** -0.5)
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), text)
+
+
+@pytest.mark.parametrize("text,d,programs,block", [
+    ("int4", 128, 8 * 8, (64, 2, 3)),  # batch 8 x 8 KV heads: many programs, 2-warp blocks
+    ("int8", 128, 1 * 8, (128, 4, 3)),  # batch 1: few programs, 4-warp blocks and more splits
+    ("int2", 64, 8 * 3, (64, 2, 3)),
+    ("int4", 256, 8, (128, 8, 3)),  # head dim 256 keeps the 8-warp block
+    ("int8", 256, 8, (64, 4, 3)),
+    ("int3", 128, 64, (64, 4, 2)),  # 3-bit tiles: the block that fits an H200's shared memory
+    ("int4-kchan", 128, 64, (64, 4, 3)),  # channel-axis keys: unchanged
+])
+def test_default_block_follows_the_launch_policy(text, d, programs, block):
+    spec = kvspec.parse(text)
+    assert ka.default_block(spec.k, spec.v, d, programs) == block
+
+
+@pytest.mark.parametrize("keys,programs,splits", [
+    (32768, 64, 8),  # 4 programs per SM of 132: 8 splits of 4096 keys
+    (32768, 8, 32),  # 66 wanted, MAX_SPLITS allowed
+    (4096, 8, 16),  # 32 allowed, but splits keep >= MIN_SPLIT_KEYS keys
+    (100, 8, 1),
+])
+def test_splits_fill_the_gpu_within_their_bounds(keys, programs, splits):
+    n, chunk = ka._splits(0, keys, 64, programs, None, 132)
+    assert n == splits
+    assert n * chunk >= keys and (n - 1) * chunk < keys
+    assert n == 1 or chunk >= ka.MIN_SPLIT_KEYS
