@@ -48,9 +48,10 @@ MODELS = {  # name: (q heads, kv heads, head dim)
 METHODS = ("sdpa-bf16", "dequant-sdpa", "int8", "int4", "int2", "rank32")
 # (keys per block, warps, pipeline stages, 4-bit PTX dequantization) tried at the tuning shape (--tune);
 # without it every shape runs attend's own shape-dependent default (default_block, _splits).
-CONFIGS = {"int4": [(128, 8, 3, True), (64, 4, 3, True), (64, 8, 3, True), (64, 4, 3, False)],
+CONFIGS = {"int4": [(64, 2, 3, True), (128, 4, 3, True), (128, 8, 3, True), (64, 4, 3, True), (64, 4, 3, False)],
            "rank32": [(64, 4, 3, False), (128, 8, 3, False)],
-           "int8": [(64, 4, 3, False), (128, 8, 3, False)], "int2": [(64, 4, 3, False), (128, 8, 3, False)]}
+           "int8": [(64, 2, 3, False), (128, 4, 3, False), (64, 4, 3, False), (128, 8, 3, False)],
+           "int2": [(64, 2, 3, False), (64, 4, 3, False), (128, 8, 3, False)]}
 MEMORY_LIMIT = 40 * 2**30  # bytes of K/V (bf16) one shape may allocate
 DEQUANT_LIMIT = 2**28  # K elements above which dequant-sdpa's int64 unpacking would not fit
 DEVICE = "cuda"
