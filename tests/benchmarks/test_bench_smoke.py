@@ -1,0 +1,56 @@
+"""The GPU benchmarks' CPU-checkable parts, so a refactor cannot silently break them between device
+sessions (bench_decode_attention's own `Part` lacked head_dim and end for a while, so its reference
+check could not run: only the device would have said so)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+pytest.importorskip("triton", reason="triton is not installed: the kernels cannot run")
+
+import kvspec  # noqa: E402
+from kvspec.tolerances import assert_close, spec_tolerance  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_decode_attention as bda  # noqa: E402
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "int2", "rank32"])
+def test_bench_decode_attention_inputs_run_through_kernels_and_reference(method, monkeypatch):
+    """compressed_part builds what attend and the reference both take, and they agree."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU check of the benchmark's inputs (on a GPU the benchmark itself checks them)")
+    monkeypatch.setattr(bda, "DEVICE", "cpu")
+    gen = torch.Generator().manual_seed(3)
+    b, hkv, t, d, g = 1, 2, 150, 128, 4
+    k, v = (bda.compressed_part(method, b, hkv, t, d, gen) for _ in range(2))
+    q = torch.randn(b, hkv * g, 1, d, generator=gen).bfloat16()
+    qpos = torch.tensor([t - 1])
+    ref = bda.attention_reference(q, qpos, k, v, scale=d**-0.5)
+    out = bda.attend(q, qpos, k, v, scale=d**-0.5)
+    spec = kvspec.parse("rank32-random-bf16" if method == "rank32" else f"{method}-bf16")
+    assert_close(out.float(), ref.float().numpy(), spec_tolerance(spec, "bf16"), method)
+
+
+def test_bench_decode_e2e_smoke_writes_rows(tmp_path):
+    """The e2e script end to end on CPU (2-layer model, interpreter): a row per cache and context."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "benchmarks/bench_decode_e2e.py", "--smoke", "--out", str(tmp_path),
+                        "--caches", "int4-bf16", "bf16-sdpa"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "decode_e2e_cpu-smoke.json").read_text())["rows"]
+    assert sorted((x["cache"], x["context"]) for x in rows) == [
+        ("bf16-sdpa", 40), ("bf16-sdpa", 70), ("int4-bf16", 40), ("int4-bf16", 70)]
+    for x in rows:
+        assert x["step_ms"] > 0 and x["tokens_per_s"] > 0
+    assert all(0 < x["append_share_pct"] < 100 for x in rows if x["cache"] == "int4-bf16")
