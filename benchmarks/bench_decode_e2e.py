@@ -26,6 +26,8 @@ quantize-append inside kvtorch.store on CUDA); the script checks that before tim
                                                       # b8 x 32k: ~20 s of prefill per cache
     python benchmarks/bench_decode_e2e.py --no-mistral --batches 1 8 --contexts 4096 --suffix=-smollm2
                                                       # SmolLM2 only (its GGUF installed: tools/device/bundle.sh)
+    python benchmarks/bench_decode_e2e.py --batches 1 --contexts 4096 32768 --caches quanto-int4 int4-bf16 bf16-sdpa
+                                                      # vs transformers' QuantizedCache (bundle.sh --quanto)
     python benchmarks/bench_decode_e2e.py --smoke                        # CPU, TRITON_INTERPRET=1, tiny model, eager
 Writes benchmarks/results/decode_e2e_<gpu>.json (and $OUT/ when OUT is set).
 """
@@ -48,6 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CACHES = ("bf16-sdpa", "int8-bf16", "int4-bf16", "rank32-random-bf16")
 GRAPH = "@graph"
+# transformers' own QuantizedCache, quanto backend (`--caches quanto-int4`; needs optimum-quanto):
+# group 64, its default 128-token float window; it dequantizes its history every step, eager only.
+QUANTO = "quanto-int"
 INSTRUMENTED_STEPS = 5
 
 
@@ -114,16 +119,25 @@ def make(model, name: str, capacity: int):
         return StaticCache(config=model.config, max_cache_len=capacity)
     if name == "bf16-sdpa":
         return DynamicCache(config=model.config)
+    if name.startswith(QUANTO):
+        from transformers import QuantizedCache
+
+        return QuantizedCache("quanto", model.config, nbits=int(name.removeprefix(QUANTO)), q_group_size=64,
+                              residual_length=128)
     return kvtorch.make_cache(model, name.removesuffix(GRAPH))
 
 
 def step_bytes(model, cache, batch: int, context: int) -> int:
     """Bytes one decode step must read at least: the weights once and the cache's K/V (kvtorch: as
-    stored; bf16: K and V of every layer)."""
+    stored; quanto: packed codes, scales, shifts and its float window; bf16: K and V of every layer)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     nbytes = getattr(cache, "nbytes", None)
     if nbytes is not None:
         return weights + nbytes()
+    if type(cache).__name__ == "QuantizedCache":
+        from bench_torch_vs_quantizedcache import cache_bytes
+
+        return weights + cache_bytes(cache)
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return weights + 2 * c.num_hidden_layers * batch * c.num_key_value_heads * context * head_dim * 2
@@ -212,7 +226,7 @@ def run(model, name: str, batch: int, context: int, steps: int, chunk: int, cloc
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if clock.cuda else None,
                peak_over_base_gib=(torch.cuda.max_memory_allocated() - base) / 2**30 if clock.cuda else None,
                step_bytes=step_bytes(model, cache, batch, context), prefill_s=prefill_s)
-    if not graph and not name.startswith("bf16"):
+    if not graph and not name.startswith(("bf16", QUANTO)):  # kvtorch caches: their appends are timed
         shares, append_ms = [], []
         for _ in range(INSTRUMENTED_STEPS):
             appends.marks, appends.on = [], True
@@ -324,6 +338,12 @@ def main() -> None:
                     skipped.append(f"{label} b{batch} {context} {name}: out of memory")
                     print(f"  {name} b{batch} {context}: out of memory", flush=True)
                     torch.cuda.empty_cache()
+                    continue
+                except Exception as e:  # noqa: BLE001 - a third-party cache that cannot run here is reported
+                    if not name.startswith(QUANTO):
+                        raise
+                    skipped.append(f"{label} b{batch} {context} {name}: {type(e).__name__}: {e}")
+                    print(f"  {name} b{batch} {context}: {type(e).__name__}: {e}", flush=True)
                     continue
                 if meta["copy_tbps"]:
                     row["roof_ms"] = row["step_bytes"] / (meta["copy_tbps"] * 1e9)

@@ -54,3 +54,15 @@ def test_bench_decode_e2e_smoke_writes_rows(tmp_path):
     for x in rows:
         assert x["step_ms"] > 0 and x["tokens_per_s"] > 0
     assert all(0 < x["append_share_pct"] < 100 for x in rows if x["cache"] == "int4-bf16")
+
+
+def test_bench_decode_e2e_smoke_runs_transformers_quantized_cache(tmp_path):
+    """transformers' QuantizedCache (quanto backend) as the e2e bench builds it, on CPU."""
+    pytest.importorskip("optimum.quanto", reason="optimum-quanto is not installed (pip install optimum-quanto)")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "benchmarks/bench_decode_e2e.py", "--smoke", "--out", str(tmp_path),
+                        "--caches", "quanto-int4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "decode_e2e_cpu-smoke.json").read_text())
+    assert data["skipped"] == [] and [x["cache"] for x in data["rows"]] == ["quanto-int4", "quanto-int4"]
+    assert all("append_share_pct" not in x for x in data["rows"])  # only kvtorch appends are timed

