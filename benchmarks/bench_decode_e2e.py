@@ -134,7 +134,9 @@ def step_bytes(model, cache, batch: int, context: int) -> int:
     nbytes = getattr(cache, "nbytes", None)
     if nbytes is not None:
         return weights + nbytes()
-    if type(cache).__name__ == "QuantizedCache":
+    from transformers import QuantizedCache
+
+    if isinstance(cache, QuantizedCache):
         from bench_torch_vs_quantizedcache import cache_bytes
 
         return weights + cache_bytes(cache)
@@ -182,8 +184,8 @@ def run(model, name: str, batch: int, context: int, steps: int, chunk: int, cloc
 
     graph = name.endswith(GRAPH)
     capacity = context + steps + INSTRUMENTED_STEPS + 2
-    # The previous run's cache and graph pool may sit in reference cycles: free them before this
-    # run's peak is measured (without this, later runs' peaks carried earlier runs' memory).
+    # Collect what earlier runs left in reference cycles before this run's baseline is read; what
+    # stays allocated anyway (weights, torch's per-stream workspaces) is in `base`, not in "+base".
     gc.collect()
     if clock.cuda:
         torch.cuda.empty_cache()
