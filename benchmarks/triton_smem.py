@@ -1,5 +1,6 @@
-"""Shared memory and registers of kvtorch's split-attention kernel per (keys per block, warps, stages),
-compiled offline for a Hopper GPU (sm_90) on any machine: no GPU needed.
+"""Shared memory, registers and the lean loop's SASS instruction count of kvtorch's split-attention
+kernel per (keys per block, warps, stages), compiled offline for a Hopper GPU (sm_90) on any machine:
+no GPU needed.
 
 Step 1 runs one decode call on CPU under TRITON_INTERPRET=1 to capture the kernel's argument types and
 constexprs for a method and shape; step 2 (a fresh process, without the interpreter) compiles that
@@ -85,9 +86,49 @@ def compile_configs(spec: dict, method: str, configs: list[tuple[int, int, int]]
     for bn, warps, stages in configs:
         src = ASTSource(fn=at._split_kernel, signature=spec["signature"], constexprs=dict(base, BN=bn))
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        loop = sass_loop(kernel.asm["cubin"])
+        per_element = loop["instructions"] * warps * 32 / (bn * (base["DK"] + base["DV"]))
         rows.append({"block": [bn, warps, stages], "shared_bytes": kernel.metadata.shared,
-                     "fits_h200": kernel.metadata.shared <= H200_SMEM, "registers": getattr(kernel, "n_regs", None)})
+                     "fits_h200": kernel.metadata.shared <= H200_SMEM, "registers": loop["registers"],
+                     "loop_instructions_per_warp": loop["instructions"],
+                     "loop_instructions_per_element": per_element, "loop_opcodes": loop["opcodes"]})
     return rows
+
+
+def sass_loop(cubin: bytes) -> dict:
+    """Registers per thread and the largest loop of a compiled kernel's SASS (the lean loop over key
+    blocks): instructions per warp per iteration and their opcodes, most frequent first. Offline
+    compiles lack the device's divisibility specialization, so loads count unvectorized here."""
+    import collections
+    import re
+    import tempfile
+
+    import triton
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(bin_dir / "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([str(bin_dir / "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    instructions, labels = [], {}
+    for line in sass.splitlines():
+        if m := re.match(r"\s*(\.L_x_\d+):", line):
+            labels[m.group(1)] = len(instructions)
+        elif m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?);", line):
+            instructions.append(m.group(1))
+    best = (0, 0, -1)  # (length, first, last) of the longest backward branch's body
+    for i, text in enumerate(instructions):
+        m = re.search(r"BRA\s.*?(\.L_x_\d+)", text)
+        if m and labels.get(m.group(1), i + 1) <= i:
+            best = max(best, (i - labels[m.group(1)] + 1, labels[m.group(1)], i))
+    n, first, last = best
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
+                              for t in instructions[first:last + 1])
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "instructions": n,
+            "opcodes": dict(ops.most_common(12))}
 
 
 def main() -> None:
@@ -115,7 +156,9 @@ def main() -> None:
         record = {"method": method, "head_dim": d, "gqa": g, **row, "target": "cuda sm_90", "triton": triton.__version__}
         records.append(record)
         print(f"{method} D{d} G{g} block {tuple(row['block'])}: {row['shared_bytes']:,} B shared "
-              f"({'fits' if row['fits_h200'] else 'exceeds'} the H200's {H200_SMEM:,})")
+              f"({'fits' if row['fits_h200'] else 'exceeds'} the H200's {H200_SMEM:,}), {row['registers']} registers, "
+              f"lean loop {row['loop_instructions_per_warp']} instructions per warp per block = "
+              f"{row['loop_instructions_per_element']:.2f} per K/V element")
     out_path.write_text(json.dumps(records, indent=1))
 
 
