@@ -41,14 +41,18 @@ def test_bench_decode_attention_inputs_run_through_kernels_and_reference(method,
     assert_close(out.float(), ref.float().numpy(), spec_tolerance(spec, "bf16"), method)
 
 
-def test_bench_decode_e2e_smoke_writes_rows(tmp_path):
-    """The e2e script end to end on CPU (2-layer model, interpreter): a row per cache and context."""
+def _e2e_smoke(out: Path, *caches: str) -> dict:
+    """Run bench_decode_e2e.py --smoke (CPU, 2-layer model, interpreter) for `caches`; its JSON."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "benchmarks/bench_decode_e2e.py", "--smoke", "--out", str(tmp_path),
-                        "--caches", "int4-bf16", "bf16-sdpa"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([sys.executable, "benchmarks/bench_decode_e2e.py", "--smoke", "--out", str(out),
+                        "--caches", *caches], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads((tmp_path / "decode_e2e_cpu-smoke.json").read_text())["rows"]
+    return json.loads((out / "decode_e2e_cpu-smoke.json").read_text())
+
+
+def test_bench_decode_e2e_smoke_writes_rows(tmp_path):
+    """The e2e script end to end on CPU: a row per cache and context."""
+    rows = _e2e_smoke(tmp_path, "int4-bf16", "bf16-sdpa")["rows"]
     assert sorted((x["cache"], x["context"]) for x in rows) == [
         ("bf16-sdpa", 40), ("bf16-sdpa", 70), ("int4-bf16", 40), ("int4-bf16", 70)]
     for x in rows:
@@ -59,10 +63,6 @@ def test_bench_decode_e2e_smoke_writes_rows(tmp_path):
 def test_bench_decode_e2e_smoke_runs_transformers_quantized_cache(tmp_path):
     """transformers' QuantizedCache (quanto backend) as the e2e bench builds it, on CPU."""
     pytest.importorskip("optimum.quanto", reason="optimum-quanto is not installed (pip install optimum-quanto)")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "benchmarks/bench_decode_e2e.py", "--smoke", "--out", str(tmp_path),
-                        "--caches", "quanto-int4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    data = json.loads((tmp_path / "decode_e2e_cpu-smoke.json").read_text())
+    data = _e2e_smoke(tmp_path, "quanto-int4")
     assert data["skipped"] == [] and [x["cache"] for x in data["rows"]] == ["quanto-int4", "quanto-int4"]
     assert all("append_share_pct" not in x for x in data["rows"])  # only kvtorch appends are timed
