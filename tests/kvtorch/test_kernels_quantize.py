@@ -32,8 +32,9 @@ def history(shape, seed, dtype=torch.float32):
     """Random K/V rows with an outlier and a constant group (exact in fp16), in `dtype`."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * 2
-    x[0, 0, 1, 3] = 900.0
-    x[-1, -1, 2, :32] = 1.25
+    rows = shape[2]
+    x[0, 0, min(1, rows - 1), 3] = 900.0
+    x[-1, -1, min(2, rows - 1), :32] = 1.25
     return x.to(dtype)
 
 
@@ -52,6 +53,11 @@ CASES = [  # (bits, group, axis, rotation, rows, float dtype, input dtype)
     (3, 32, "channel", None, 64, "fp16", torch.float32),
     (4, 32, "channel", 2, 32, "bf16", torch.float32),
     (8, 64, "channel", None, 64, "fp16", torch.float32),
+    # fewer rows than a 16-row program: a decode step's token (1), and 2- and 4-row programs
+    (4, 64, "token", None, 1, "bf16", torch.bfloat16),
+    (2, 32, "token", 3, 1, "fp16", torch.float32),
+    (8, 64, "token", None, 2, "fp16", torch.float32),
+    (3, 32, "token", 5, 3, "bf16", torch.float32),
 ]
 
 
