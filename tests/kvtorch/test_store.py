@@ -16,7 +16,7 @@ from kvspec.layout import compressed_shapes, n_quantized  # noqa: E402
 from kvspec.reference.quant import NonFiniteError  # noqa: E402
 from kvspec.tolerances import assert_close, tolerance  # noqa: E402
 from kvtorch import ops  # noqa: E402
-from kvtorch.buffer import GROWTH, SPARE, TokenBuffer  # noqa: E402
+from kvtorch.buffer import GROWTH, MAX_SPARE, SPARE, TokenBuffer  # noqa: E402
 from kvtorch.store import CHECK_EVERY, LayerStore, TensorStore, split_positions  # noqa: E402
 
 from .helpers import SPECS, bases_for, chunking, reference_arrays  # noqa: E402
@@ -94,18 +94,22 @@ def test_sliding_float_layer_keeps_its_window():
     assert torch.equal(layer.v.tail.view(), x[:, :, 15:23].half())
 
 
-def test_growth_is_geometric_and_views_survive_it():
+def test_growth_is_geometric_then_capped_and_views_survive_it():
     buf = TokenBuffer()
-    grows, cap = 0, 0
-    for i in range(5000):
+    grows, cap, n = 0, 0, 12000
+    for i in range(n):
         buf.append(torch.full((1, 1, 1, 4), float(i)))
         if i % 7 == 0:
             buf.drop_front(1)  # a window leaving from the front
-        grows += buf.capacity != cap
+        if buf.capacity != cap:  # a grow: live tokens moved to the front, then at most MAX_SPARE spare
+            grows += 1
+            assert buf.capacity - len(buf) <= MAX_SPARE + 1, (i, buf.capacity, len(buf))
         cap = buf.capacity
-    # One grow per factor GROWTH of length (plus moves of the window's front), not one per append.
-    assert grows <= math.log(5000 / SPARE, GROWTH) + 8
-    assert buf.view()[0, 0, :, 0].tolist() == [i for i in range(5000) if i >= (5000 - len(buf))]
+    # One grow per factor GROWTH of length until the reserve reaches MAX_SPARE, then one per
+    # MAX_SPARE tokens (plus moves of the window's front), not one per append.
+    geometric = math.log(MAX_SPARE / (GROWTH - 1) / SPARE, GROWTH)
+    assert grows <= geometric + n / MAX_SPARE + 8
+    assert buf.view()[0, 0, :, 0].tolist() == [i for i in range(n) if i >= (n - len(buf))]
     view = buf.view()
     before = view.clone()
     for _ in range(cap):
