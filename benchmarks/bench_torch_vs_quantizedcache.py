@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 import kvtorch
-from kvmlx_cli import corpora
 
 
 def nll_token_by_token(model, ids: list[int], cache) -> np.ndarray:
@@ -72,6 +71,9 @@ def main() -> None:
     ap.add_argument("--note", default="2-core x86_64 CPU, shared machine")
     args = ap.parse_args()
     from transformers import DynamicCache, QuantizedCache
+
+    # Imported here: bench_decode_e2e imports cache_bytes on a GPU machine where the CLI is not installed.
+    from kvmlx_cli import corpora
 
     model, tok = kvtorch.load_model("smollm2-135m", device="cpu")
     ids = tok(corpora.load("bbc").text("eval")[: 8 * max(args.tokens, args.prompt_tokens)]).input_ids
