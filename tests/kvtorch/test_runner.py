@@ -36,6 +36,21 @@ def spy_feeds(runner, monkeypatch) -> list[int]:
     return fed
 
 
+def test_one_token_steps_leave_cudnn_sdpa_out(runner, monkeypatch):
+    """Decode steps run without cuDNN's SDPA (a new plan per key length); prompts keep every backend."""
+    seen, forward = [], runner.model.forward
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["input_ids"].shape[1], torch.backends.cuda.cudnn_sdp_enabled()))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(runner.model, "forward", recording)
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    runner.greedy([5, 6, 7], runner.new_cache("fp16"), 3)
+    assert seen == [(3, enabled), (1, False), (1, False)]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == enabled  # restored after each step
+
+
 def prompt_ids(runner, messages):
     text = runner.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return runner.tokenizer.encode(text, add_special_tokens=False)
