@@ -196,6 +196,22 @@ def test_non_finite_keys_are_refused_with_the_layer_named():
         LayerCache("int4", layer=7).update_and_fetch(mx.array(k), mx.array(np.zeros_like(k)))
 
 
+def test_buffer_growth_keeps_the_spare_capped():
+    """Growth by a quarter of the live rows, at least STEP and at most MAX_SPARE (+ rounding to STEP):
+    a long cache holds at most ~1,024 unused rows, and earlier rows survive every grow."""
+    from kvmlx.store import MAX_SPARE, STEP, Buffer
+
+    buf, grows, cap, n = Buffer(), 0, 0, 9000
+    for i in range(0, n, 3):
+        buf.append(mx.full((1, 1, 3, 2), float(i)))
+        if buf.data.shape[-2] != cap:
+            grows += 1
+            cap = buf.data.shape[-2]
+            assert cap - len(buf) < MAX_SPARE + STEP, (i, cap, len(buf))
+    assert len(buf) == n and grows <= 8 + n // MAX_SPARE
+    assert np.array_equal(np.array(buf.view()[0, 0, ::3, 0]), np.arange(0, n, 3, dtype=np.float32))
+
+
 def test_reset_forgets_every_token():
     cache = LayerCache("int4-res4")
     _, k, v = history(7)
