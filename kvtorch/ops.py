@@ -222,17 +222,27 @@ def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
 # --- input checks -------------------------------------------------------------------------------
 
 
+def finite_peak(x: torch.Tensor, rotated: bool = False) -> torch.Tensor:
+    """A 0-dim tensor on x's device that x is acceptable to quantize iff it is <= FP16_MAX: the largest
+    |value| (fp32, or fp64 for fp64 x: exact), with `rotated` the largest token-row L2 norm (fp64, as
+    kvspec.reference.check_finite computes it; it bounds every |value| too). NaN anywhere gives NaN,
+    which fails the comparison, and Inf gives Inf. bf16 holds nothing in (65504, 65536), so one bound
+    serves every dtype. Runs on every decode step: one reduction (rotated: the row norms, then their
+    max), and stores fold a step's peak into a running maximum, one more op."""
+    if rotated:
+        return x.double().square().sum(-1).sqrt().amax()
+    return torch.linalg.vector_norm(x, ord=float("inf"), dtype=peak_dtype(x.dtype))
+
+
+def peak_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of `finite_peak` of unrotated input of `dtype` (fp32 holds fp16 and bf16 exactly)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def nonfinite_flag(x: torch.Tensor, rotated: bool = False) -> torch.Tensor:
     """A 0-dim bool tensor on x's device: True if x holds NaN/Inf or a value beyond the fp16 range
-    (with `rotated`, also a token row whose L2 norm is beyond it; see kvspec.reference.check_finite).
-    Runs on every decode step, so it is a few ops in x's own dtype: NaN fails any comparison and Inf
-    exceeds the bound. bf16 holds nothing in (65504, 65536), so there `< 2**16` is the same test and
-    needs no trust in how 65504 would round to bf16."""
-    a = x.abs()
-    ok = ((a < 65536.0) if x.dtype == torch.bfloat16 else (a <= FP16_MAX)).all()
-    if rotated:
-        ok = ok & (x.double().square().sum(-1).sqrt() <= FP16_MAX).all()
-    return ~ok
+    (with `rotated`, also a token row whose L2 norm is beyond it; see kvspec.reference.check_finite)."""
+    return ~(finite_peak(x, rotated) <= FP16_MAX)
 
 
 def check_finite(x: torch.Tensor, where: str = "", rotated: bool = False) -> None:

@@ -14,8 +14,8 @@ compressed buffers; elsewhere it quantizes with kvtorch.ops. Both store kvspec's
 (low-rank coefficients: see kernels.quantize).
 
 Non-finite input (or beyond fp16 range) in a compressed tensor raises kvspec's NonFiniteError naming
-the layer. On CPU every chunk is checked; on an accelerator single-token appends accumulate a device
-flag that is read every CHECK_EVERY tokens (and by `check_pending`), so decoding does not wait on
+the layer. On CPU every chunk is checked; on an accelerator single-token appends fold their largest
+magnitude into a device-side running maximum (two kernels per append) that is read every CHECK_EVERY tokens (and by `check_pending`), so decoding does not wait on
 the device each step; multi-token chunks are checked at once.
 """
 
@@ -97,7 +97,7 @@ class TensorStore:
         self.tokens = self.n = self.start = 0
         self.tail = TokenBuffer()
         self.arrays = {name: TokenBuffer() for name in array_names(spec)}
-        self._bad: torch.Tensor | None = None
+        self._peak: torch.Tensor | None = None  # running ops.finite_peak of lazily checked tokens
         self._unchecked_from = 0
         self.capacity: int | None = None  # set by make_static
         self.ring: torch.Tensor | None = None  # static with float rows: position s at ring row s % rows
@@ -203,11 +203,13 @@ class TensorStore:
             self.ring = torch.zeros(b, h, ring_rows, d, dtype=like.dtype, device=like.device)
             self.ring[:, :, torch.arange(self.start, self.tokens, device=like.device) % ring_rows] = self.tail.view()
         self.capacity = capacity
-        if self._bad is None:
-            self._bad = torch.zeros((), dtype=torch.bool, device=like.device)
+        if self._peak is None:
+            # fp64 holds every peak exactly (MPS has no fp64: there fp32, exact for fp16/bf16/fp32 input)
+            dtype = torch.float32 if like.device.type == "mps" else torch.float64
+            self._peak = torch.zeros((), dtype=dtype, device=like.device)
             self._unchecked_from = self.tokens
         else:
-            self._bad = self._bad.clone()  # a tensor of its own, updated in place from now on
+            self._peak = self._peak.clone()  # a tensor of its own, updated in place from now on
 
     def _rows_per_entry(self, name: str) -> int:
         """Tokens per row of array `name`: a group for channel-axis scales and biases, else 1."""
@@ -219,7 +221,7 @@ class TensorStore:
         self.check_pending()
         if self.ring is not None:
             self.tail.replace(self.floats())
-        self.capacity, self._bad, self.ring = None, None, None
+        self.capacity, self._peak, self.ring = None, None, None
 
     def arrays_like(self) -> torch.Tensor:
         """A zero-token float tensor [B, H, 0, D] on the store's device (shapes for the kernels' refusals)."""
@@ -239,7 +241,7 @@ class TensorStore:
         n_quantized grows) are compressed from the ring at rows the device computes. Host counters
         advance except while a CUDA graph is being captured (the graph's owner calls `advance`)."""
         chunk = ops.round_to(x, self.float_dtype).detach()
-        self._bad.logical_or_(ops.nonfinite_flag(x, self.rotated))  # in place: a graph replays it
+        torch.maximum(self._peak, ops.finite_peak(x, self.rotated), out=self._peak)  # in place: a graph replays it
         from .kernels import quantize as kq
 
         out = {name: buf.storage() for name, buf in self.arrays.items()}
@@ -292,27 +294,28 @@ class TensorStore:
             self.check_pending()
             ops.check_finite(x, f"{self.where} (tokens {self.tokens}..{self.tokens + x.shape[-2] - 1})", self.rotated)
             return
-        flag = ops.nonfinite_flag(x, self.rotated)
-        if self._bad is None:
-            self._bad, self._unchecked_from = flag, self.tokens
+        peak = ops.finite_peak(x, self.rotated)
+        if self._peak is None or self._peak.dtype != peak.dtype:
+            self.check_pending()  # (a dtype change: read the old peak before starting a new one)
+            self._peak, self._unchecked_from = peak, self.tokens
         else:
-            self._bad = self._bad | flag
+            torch.maximum(self._peak, peak, out=self._peak)
         if self.tokens + 1 - self._unchecked_from >= CHECK_EVERY:
             self.check_pending(upto=self.tokens + 1)
 
     def check_pending(self, upto: int | None = None) -> None:
         """Read the device flag of lazily checked tokens (those before `upto`, default all appended);
         raise NonFiniteError if any was bad."""
-        if self._bad is not None and bool(self._bad):
+        if self._peak is not None and not bool(self._peak <= ops.FP16_MAX):
             last = (self.tokens if upto is None else upto) - 1
             raise NonFiniteError(
                 f"cannot quantize NaN/Inf or a value beyond the fp16 range in {self.where}, "
                 f"in one of tokens {self._unchecked_from}..{last}"
             )
         if self.capacity is None:
-            self._bad = None
-        elif self._bad is not None:
-            self._bad.zero_()  # a static store's flag stays the same tensor (a CUDA graph writes it)
+            self._peak = None
+        elif self._peak is not None:
+            self._peak.zero_()  # a static store's peak stays the same tensor (a CUDA graph writes it)
             self._unchecked_from = self.tokens
 
     def part(self, floats: torch.Tensor, float_start: int, split: torch.Tensor) -> Part:
