@@ -231,12 +231,8 @@ def finite_peak(x: torch.Tensor, rotated: bool = False) -> torch.Tensor:
     max), and stores fold a step's peak into a running maximum, one more op."""
     if rotated:
         return x.double().square().sum(-1).sqrt().amax()
-    return torch.linalg.vector_norm(x, ord=float("inf"), dtype=peak_dtype(x.dtype))
-
-
-def peak_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of `finite_peak` of unrotated input of `dtype` (fp32 holds fp16 and bf16 exactly)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    # fp32 holds every fp16 and bf16 value exactly
+    return torch.linalg.vector_norm(x, ord=float("inf"), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def nonfinite_flag(x: torch.Tensor, rotated: bool = False) -> torch.Tensor:

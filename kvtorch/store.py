@@ -15,8 +15,9 @@ compressed buffers; elsewhere it quantizes with kvtorch.ops. Both store kvspec's
 
 Non-finite input (or beyond fp16 range) in a compressed tensor raises kvspec's NonFiniteError naming
 the layer. On CPU every chunk is checked; on an accelerator single-token appends fold their largest
-magnitude into a device-side running maximum (two kernels per append) that is read every CHECK_EVERY tokens (and by `check_pending`), so decoding does not wait on
-the device each step; multi-token chunks are checked at once.
+magnitude into a device-side running maximum (two kernels per append) that is read every
+CHECK_EVERY tokens (and by `check_pending`), so decoding does not wait on the device each step;
+multi-token chunks are checked at once.
 """
 
 from __future__ import annotations
@@ -295,17 +296,16 @@ class TensorStore:
             ops.check_finite(x, f"{self.where} (tokens {self.tokens}..{self.tokens + x.shape[-2] - 1})", self.rotated)
             return
         peak = ops.finite_peak(x, self.rotated)
-        if self._peak is None or self._peak.dtype != peak.dtype:
-            self.check_pending()  # (a dtype change: read the old peak before starting a new one)
+        if self._peak is None:
             self._peak, self._unchecked_from = peak, self.tokens
         else:
-            torch.maximum(self._peak, peak, out=self._peak)
+            self._peak = torch.maximum(self._peak, peak)
         if self.tokens + 1 - self._unchecked_from >= CHECK_EVERY:
             self.check_pending(upto=self.tokens + 1)
 
     def check_pending(self, upto: int | None = None) -> None:
-        """Read the device flag of lazily checked tokens (those before `upto`, default all appended);
-        raise NonFiniteError if any was bad."""
+        """Read the device-side peak of lazily checked tokens (those before `upto`, default all
+        appended); raise NonFiniteError if any was bad."""
         if self._peak is not None and not bool(self._peak <= ops.FP16_MAX):
             last = (self.tokens if upto is None else upto) - 1
             raise NonFiniteError(
