@@ -37,7 +37,7 @@ from kvspec.spec import LowRank, Quant  # noqa: E402
 from kvtorch import ops  # noqa: E402
 from kvtorch.attention import Part  # noqa: E402
 from kvtorch.kernels.attention import attend, attention_reference, default_block  # noqa: E402
-from kvtorch.kernels.quantize import quantize_rows  # noqa: E402
+from kvtorch.kernels.quantize import quantize_pair, quantize_rows, stored_arrays  # noqa: E402
 
 MODELS = {  # name: (q heads, kv heads, head dim)
     "mistral-7b": (32, 8, 128),
@@ -235,14 +235,20 @@ def tune(args, flush) -> tuple[dict, list[dict]]:
 
 
 def append_share(args, flush) -> list[dict]:
-    """quantize-append of one decoded token (K and V of one layer) vs that layer's INT4 attention."""
+    """quantize-append of one decoded token (K and V of one layer, one launch as kvtorch.store makes it,
+    and a launch each) vs that layer's INT4 attention."""
     out = []
     hq, hkv, d = MODELS[args.models[0]]
+    t = Quant(bits=4)
     for b in args.batches:
-        x = torch.randn(b, hkv, 1, d, device=DEVICE).bfloat16()
-        ms = timed(lambda x=x: [quantize_rows(x, Quant(bits=4), "bf16") for _ in range(2)], flush, args.reps)
-        out.append(dict(model=args.models[0], batch=b, ms_k_and_v=ms))
-        print(f"  quantize-append int4 b{b}: {ms:.4f} ms for K and V of one layer", flush=True)
+        xs = tuple(torch.randn(b, hkv, 1, d, device=DEVICE).bfloat16() for _ in range(2))
+        outs = tuple(stored_arrays(x, t, "bf16") for x in xs)
+        ms = timed(lambda xs=xs, outs=outs: quantize_pair(xs, t, "bf16", (None, None), outs), flush, args.reps)
+        ms_two = timed(lambda xs=xs, outs=outs: [quantize_rows(x, t, "bf16", out=o) for x, o in zip(xs, outs)],
+                       flush, args.reps)
+        out.append(dict(model=args.models[0], batch=b, ms_k_and_v=ms, ms_k_and_v_two_launches=ms_two))
+        print(f"  quantize-append int4 b{b}: {ms:.4f} ms for K and V of one layer in one launch "
+              f"({ms_two:.4f} in two)", flush=True)
     return out
 
 

@@ -103,10 +103,12 @@ class TensorStore:
         self.capacity: int | None = None  # set by make_static
         self.ring: torch.Tensor | None = None  # static with float rows: position s at ring row s % rows
 
-    def append(self, x: torch.Tensor, checked: bool = False) -> tuple[torch.Tensor, int]:
+    def append(self, x: torch.Tensor, checked: bool = False, pending: list | None = None) -> tuple[torch.Tensor, int]:
         """Append x [B, H, m, D]; returns the float tokens [start_before, T) (float dtype) and that start:
         the tail before the append plus the chunk, which the protocol's queries read in float.
-        checked: `check(x)` already ran."""
+        checked: `check(x)` already ran. pending: where the quantize kernel would run, its (rows,
+        out arrays) go here instead, reserved and counted, for the caller to launch (`LayerStore`
+        quantizes K and V in one launch)."""
         if not checked:
             self.check(x)
         chunk = ops.round_to(x, self.float_dtype).detach()
@@ -125,7 +127,7 @@ class TensorStore:
             # storage never grows to a chunk's length (it would stay that large for the cache's life).
             floats = chunk if held == 0 else torch.cat([self.tail.view(), chunk], dim=-2)
         if n1 > self.n:
-            self._compress(floats[..., : n1 - self.n, :])
+            self._compress(floats[..., : n1 - self.n, :], pending)
         if m <= stay:
             self.tail.drop_front(drop)
         else:
@@ -134,9 +136,9 @@ class TensorStore:
         self.n, self.start = n1, self.start + drop
         return floats, float_start
 
-    def _compress(self, x: torch.Tensor) -> None:
+    def _compress(self, x: torch.Tensor, pending: list | None = None) -> None:
         """Compress tokens [n, n1) (float dtype [B, H, m, D]) onto the compressed arrays."""
-        if self._kernel_compress(x):
+        if self._kernel_compress(x, pending):
             return
         t = self.spec
         if isinstance(t, Quant):
@@ -154,8 +156,9 @@ class TensorStore:
         for name, arr in out.items():
             self.arrays[name].append(arr)
 
-    def _kernel_compress(self, x: torch.Tensor) -> bool:
-        """Quantize-and-append with the Triton kernel, in place in the buffers; False where it cannot."""
+    def _kernel_compress(self, x: torch.Tensor, pending: list | None = None) -> bool:
+        """Quantize-and-append with the Triton kernel, in place in the buffers (or, given `pending`,
+        rows reserved there and the launch left to the caller); False where it cannot."""
         if not (x.is_cuda if self.kernels is None else self.kernels):
             return False
         from .kernels import quantize as kq
@@ -165,7 +168,10 @@ class TensorStore:
         b, h, m, d = x.shape
         out = {name: self.arrays[name].reserve(shape, _dtype(name, self.float_dtype), x.device)
                for name, shape in compressed_shapes(self.spec, b, h, m, d).items()}
-        kq.quantize_rows(x, self.spec, self.float_dtype, self.basis, out=out)
+        if pending is not None:
+            pending.append((x, out))
+        else:
+            kq.quantize_rows(x, self.spec, self.float_dtype, self.basis, out=out)
         return True
 
     def static_refusal(self, capacity: int) -> str | None:
@@ -235,19 +241,20 @@ class TensorStore:
         rows = torch.arange(self.start, self.tokens, device=self.ring.device) % self.ring.shape[-2]
         return self.ring[:, :, rows]
 
-    def append_static(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def append_static(self, x: torch.Tensor, pos: torch.Tensor, pending: list | None = None) -> torch.Tensor:
         """Append one token x [B, H, 1, D] at position `pos` (int64 [1] on the device) of a static store;
         returns it in the float dtype. Without a ring it is compressed at row pos at once; with one it
         waits there, and the rows that leave the float tail (flush_rows of them, when the protocol's
         n_quantized grows) are compressed from the ring at rows the device computes. Host counters
-        advance except while a CUDA graph is being captured (the graph's owner calls `advance`)."""
+        advance except while a CUDA graph is being captured (the graph's owner calls `advance`).
+        pending: as `append`'s, with the launch's row (rows, out arrays, row0)."""
         chunk = ops.round_to(x, self.float_dtype).detach()
         torch.maximum(self._peak, ops.finite_peak(x, self.rotated), out=self._peak)  # in place: a graph replays it
         from .kernels import quantize as kq
 
         out = {name: buf.storage() for name, buf in self.arrays.items()}
         if self.ring is None:
-            kq.quantize_rows(chunk, self.spec, self.float_dtype, self.basis, out=out, row0=pos)
+            leaving, row0 = chunk, pos
         else:
             rows = self.ring.shape[-2]
             self.ring.index_copy_(2, pos % rows, chunk)
@@ -257,6 +264,9 @@ class TensorStore:
             leaving = self.ring.index_select(2, (first + torch.arange(m, device=pos.device)) % rows)
             # A negative row tells the kernel that nothing leaves at this step.
             row0 = torch.where(n_new > split_positions(self.spec, self.residual, pos - 1), first, -1)
+        if pending is not None:
+            pending.append((leaving, out, row0))
+        else:
             kq.quantize_rows(leaving, self.spec, self.float_dtype, self.basis, out=out, row0=row0)
         if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             self.advance(1)
@@ -452,12 +462,24 @@ class LayerStore:
         t0 = self.tokens
         q_pos = self.position.clone()
         self.position.add_(1)
-        fk, fv = self.k.append_static(k, q_pos), self.v.append_static(v, q_pos)
+        pending = [] if self.k.spec == self.v.spec else None
+        fk, fv = self.k.append_static(k, q_pos, pending), self.v.append_static(v, q_pos, pending)
+        if pending:
+            # One spec and one position: K's row0 is V's (both from split_positions of q_pos).
+            (xk, ok, row0), (xv, ov, _) = pending
+            self._quantize_pair((xk, xv), (ok, ov), row0)
         if self.k.ring is None:  # every token compressed as it arrives: both splits are q_pos + 1
             return Chunk(q_pos, self.k.static_part(fk, t0, self.position), self.v.static_part(fv, t0, self.position))
         k_split = split_positions(self.k.spec, self.residual, q_pos)
         v_split = k_split if self.v.spec == self.k.spec else split_positions(self.v.spec, self.residual, q_pos)
         return Chunk(q_pos, self.k.static_part(fk, t0, k_split), self.v.static_part(fv, t0, v_split))
+
+    def _quantize_pair(self, xs: tuple[torch.Tensor, torch.Tensor], outs: tuple[dict, dict],
+                       row0: torch.Tensor | None = None) -> None:
+        """The quantize kernel over K's and V's leaving rows xs into their reserved arrays, one launch."""
+        from .kernels import quantize as kq
+
+        kq.quantize_pair(xs, self.k.spec, self.k.float_dtype, (self.k.basis, self.v.basis), outs, row0)
 
     def first_column(self) -> int:
         """The first position the next chunk's attention reads: 0, or where a trimmed window begins."""
@@ -470,8 +492,20 @@ class LayerStore:
         t0 = self.tokens
         self.k.check(k)  # both before either is stored, so a refusal leaves the layer as it was
         self.v.check(v)
-        fk, fk0 = self.k.append(k, checked=True)
-        fv, fv0 = self.v.append(v, checked=True)
+        # One spec: K's and V's quantize kernels (same rows, same layout) run as one launch.
+        pending = [] if self.k.spec == self.v.spec else None
+        fk, fk0 = self.k.append(k, checked=True, pending=pending)
+        k_kernel = bool(pending)
+        fv, fv0 = self.v.append(v, checked=True, pending=pending)
+        if pending and len(pending) == 2:
+            (xk, ok), (xv, ov) = pending
+            self._quantize_pair((xk, xv), (ok, ov))
+        elif pending:
+            # Same spec and tokens, but only one took the kernel path (a basis on another device).
+            from .kernels import quantize as kq
+
+            store = self.k if k_kernel else self.v
+            kq.quantize_rows(pending[0][0], store.spec, store.float_dtype, store.basis, out=pending[0][1])
         q_pos = torch.arange(t0, self.tokens, device=k.device)
         k_split = split_positions(self.k.spec, self.residual, q_pos)
         # Same spec, same splits: one set of ops fewer per layer and step.

@@ -6,6 +6,7 @@ twice in blocks of 16 rows (min/max first, then codes), so its registers stay bo
 Token-axis quantization of fewer than 16 rows runs programs of the next power of two rows: a decode
 step's single token (K and V, batch 8, 8 heads, D 128) took 13.3 us in 16-row programs on an H200
 and 8.6 us in 1-row ones (two empty launches: 5.1 us). Low-rank keeps 16 rows (tl.dot's minimum).
+K and V of a layer under one spec can share a launch (PAIR: grid axis 2 picks the tensor; 5.8 us there).
 """
 
 from __future__ import annotations
@@ -91,12 +92,17 @@ def _quantize_kernel(
     c_ptr, sc_b, sc_h, sc_t,
     s_ptr, b_ptr, ss_b, ss_h, ss_t,
     sign_ptr, basis_ptr, row0_ptr, H, M, rot_norm,
+    x2_ptr, c2_ptr, s2_ptr, b2_ptr, basis2_ptr,
     D: tl.constexpr, LOG_D: tl.constexpr, FLOAT: tl.constexpr, XFORM: tl.constexpr,
     RP: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, CHANNEL: tl.constexpr,
-    BT: tl.constexpr, ROW0: tl.constexpr,
+    BT: tl.constexpr, ROW0: tl.constexpr, PAIR: tl.constexpr,
 ):
     pid, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
+    if PAIR:
+        # Grid axis 2 picks the tensor: K (0) or V (1) of one layer, same spec, shapes and strides.
+        if tl.program_id(2) == 1:
+            x_ptr, c_ptr, s_ptr, b_ptr, basis_ptr = x2_ptr, c2_ptr, s2_ptr, b2_ptr, basis2_ptr
     # ROW0: the output rows start at a row read from the device (a static cache under a CUDA graph),
     # not at the pointers given; a negative row means nothing is written (no rows leave this step).
     if ROW0:
@@ -150,30 +156,59 @@ def _quantize_kernel(
             tl.store(b_ptr + sb, bias, mask=mask)
 
 
+def _operands(x: torch.Tensor, t: TensorSpec, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """(codes or coefficients, scales, biases) of `out` as the kernel takes them."""
+    codes = out["codes"] if quantizer(t) is not None else out["coeffs"]
+    scales, biases = (out["scales"], out["biases"]) if quantizer(t) is not None else (codes, codes)
+    if scales.stride() != biases.stride():
+        raise ValueError("scales and biases must have the same strides")
+    return codes, scales, biases
+
+
+def _strides(a: torch.Tensor) -> tuple[int, ...]:
+    """a's strides where they matter: along axes longer than 1 (a decode step's K and V come from
+    transformers with different strides along their one token)."""
+    return tuple(s if n > 1 else 0 for s, n in zip(a.stride(), a.shape))
+
+
+def same_layout(x: torch.Tensor, x2: torch.Tensor, t: TensorSpec, out: dict[str, torch.Tensor],
+                out2: dict[str, torch.Tensor]) -> bool:
+    """Whether one launch can quantize x and x2 (K and V of a layer): the same shape, dtype and
+    strides of the input and of every output array."""
+    if x.shape != x2.shape or x.dtype != x2.dtype or _strides(x) != _strides(x2):
+        return False
+    return all(a.shape == a2.shape and _strides(a) == _strides(a2)
+               for a, a2 in zip(_operands(x, t, out), _operands(x2, t, out2)))
+
+
 def quantize_rows_triton(x: torch.Tensor, t: TensorSpec, float_dtype: torch.dtype, out: dict[str, torch.Tensor],
                          signs: torch.Tensor | None, rot_norm: float, basis: torch.Tensor | None,
-                         row0: torch.Tensor | None = None) -> None:
+                         row0: torch.Tensor | None = None, second: tuple | None = None) -> None:
     """Launch over x [B, H, M, D] into `out` (kvspec.layout arrays of M rows; see quantize.quantize_rows),
-    or from row `row0` (int64 [1] on the device; negative: write nothing) of `out` when given."""
+    or from row `row0` (int64 [1] on the device; negative: write nothing) of `out` when given.
+    second: (x2, out2, basis2), a second tensor quantized in the same launch (`same_layout` as x)."""
     bsz, heads, m, d = x.shape
     xform = 2 if isinstance(t, LowRank) else (1 if signs is not None else 0)
     q = quantizer(t)
     width = t.rank if isinstance(t, LowRank) else d
     channel = q is not None and q.axis == "channel"
-    codes = out["codes"] if q is not None else out["coeffs"]
-    scales, biases = (out["scales"], out["biases"]) if q is not None else (codes, codes)
-    if scales.stride() != biases.stride():
-        raise ValueError("scales and biases must have the same strides")
+    codes, scales, biases = _operands(x, t, out)
     dummy = x.new_empty(1, dtype=torch.float32)
+    basis = basis if basis is not None else dummy
+    x2, codes2, scales2, biases2, basis2 = x, codes, scales, biases, basis
+    if second is not None:
+        x2, out2, basis2 = second
+        codes2, scales2, biases2 = _operands(x2, t, out2)
+        basis2 = basis2 if basis2 is not None else dummy
     bt = BT if channel or xform == 2 else min(BT, triton.next_power_of_2(m))
-    grid = (triton.cdiv(m, q.group if channel else bt), bsz * heads)
+    grid = (triton.cdiv(m, q.group if channel else bt), bsz * heads, 1 if second is None else 2)
     _quantize_kernel[grid](
         x, *x.stride()[:3], codes, *codes.stride()[:3], scales, biases, *scales.stride()[:3],
-        signs if signs is not None else dummy, basis if basis is not None else dummy,
-        row0 if row0 is not None else dummy, heads, m, rot_norm,
+        signs if signs is not None else dummy, basis, row0 if row0 is not None else dummy, heads, m, rot_norm,
+        x2, codes2, scales2, biases2, basis2,
         D=d, LOG_D=d.bit_length() - 1, FLOAT=tl.float16 if float_dtype == torch.float16 else tl.bfloat16,
         XFORM=xform, RP=padded(width) if isinstance(t, LowRank) else d, R=width, BITS=0 if q is None else q.bits,
-        GROUP=1 if q is None else q.group, CHANNEL=channel, BT=bt, ROW0=row0 is not None,
+        GROUP=1 if q is None else q.group, CHANNEL=channel, BT=bt, ROW0=row0 is not None, PAIR=second is not None,
         # No fused multiply-adds: kvspec rounds x * c (rotation) before subtracting the bias.
         enable_fp_fusion=False,
     )

@@ -17,6 +17,7 @@ reference projects in float64). Inputs must be finite and within the fp16 range:
 
 `quantize_rows_reference` is the same in plain torch ops; the dispatcher runs the Triton kernel
 where `refusal` is None (CUDA, or CPU under TRITON_INTERPRET=1; shapes in kernels.support).
+`quantize_pair` takes K and V of a layer under one spec in one launch (kvtorch.store's appends).
 """
 
 from __future__ import annotations
@@ -92,15 +93,47 @@ def quantize_rows(
         for name, arr in quantize_rows_reference(x, t, float_dtype, basis).items():
             out[name].copy_(arr)
         return out
+    _launch(x, t, float_dtype, basis, out, row0)
+    return out
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """x with a unit stride along D (the kernel indexes that axis directly)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def quantize_pair(xs: tuple[torch.Tensor, torch.Tensor], t: TensorSpec, float_dtype: str,
+                  bases: tuple[torch.Tensor | None, torch.Tensor | None], outs: tuple[dict, dict],
+                  row0: torch.Tensor | None = None) -> None:
+    """`quantize_rows` of K and V of one layer (xs, with their bases and `out` arrays) under one spec
+    t: one kernel launch where the kernel takes both and their layouts agree, else one call each.
+    row0 (as quantize_rows') applies to both."""
+    from ._quantize_triton import same_layout
+
+    (xk, xv), (bk, bv), (ok, ov) = (_unit_stride(x) for x in xs), bases, outs
+    if refusal(xk, t, bk) is None and refusal(xv, t, bv) is None and same_layout(xk, xv, t, ok, ov):
+        _launch(xk, t, float_dtype, bk, ok, row0, (xv, bv, ov))
+        return
+    quantize_rows(xk, t, float_dtype, bk, out=ok, row0=row0)
+    quantize_rows(xv, t, float_dtype, bv, out=ov, row0=row0)
+
+
+def _launch(x: torch.Tensor, t: TensorSpec, float_dtype: str, basis: torch.Tensor | None, out: dict,
+            row0: torch.Tensor | None, second: tuple | None = None) -> None:
+    """The kernel over x into out (and over second = (x2, basis2, out2) in the same launch)."""
     from ._quantize_triton import quantize_rows_triton
+
+    x = _unit_stride(x)
 
     signs, rot_norm = None, 1.0
     if isinstance(t, Quant) and t.rotation is not None:
         d = x.shape[-1]
         signs = rotation_signs(d, t.rotation, x.device)
         rot_norm = float(norm_factor(d))
-    basis32 = basis.float().contiguous() if isinstance(t, LowRank) else None
+    as32 = lambda p: p.float().contiguous() if isinstance(t, LowRank) else None  # noqa: E731
+    if second is not None:
+        x2, basis2, out2 = second
+        second = (x2, out2, as32(basis2))
     with on_device(x):
-        quantize_rows_triton(x, t, ops.float_dtype(float_dtype), out, signs, rot_norm, basis32, row0)
-    return out
+        quantize_rows_triton(x, t, ops.float_dtype(float_dtype), out, signs, rot_norm, as32(basis), row0, second)
 

@@ -167,3 +167,103 @@ def test_store_appends_through_the_kernel(text, sizes, monkeypatch):
             assert_close(deq.cpu(), R.compressed_values(ref), tolerance("hybrid", q.bits, "fp16"), f"{text} {which}")
         else:
             assert_bit_exact(got, ref, f"{text} {which}")
+
+
+PAIRS = [  # one spec for K and V: token axis, a decode step's 1 row, channel axis with rotation, low rank
+    (Quant(bits=4, group=64), 5), (Quant(bits=2, group=32), 1), (Quant(bits=3, group=32, axis="channel", rotation=5), 32),
+    (LowRank(rank=32, basis="random"), 7), (LowRank(rank=32, basis="random", coeff=Quant(bits=4, group=32)), 3),
+]
+
+
+def count_launches(monkeypatch) -> list:
+    from kvtorch.kernels import _quantize_triton
+
+    launches, original = [], _quantize_triton.quantize_rows_triton
+    monkeypatch.setattr(_quantize_triton, "quantize_rows_triton", lambda *a, **k: launches.append(1) or original(*a, **k))
+    return launches
+
+
+@pytest.mark.parametrize("t,rows", PAIRS, ids=str)
+def test_pair_is_one_launch_with_each_tensors_arrays(t, rows, monkeypatch):
+    """quantize_pair writes K's and V's arrays (their own bases, rows and device-held row) in one
+    launch, bit for bit as a launch each; mismatched layouts fall back to a launch each."""
+    from kvtorch.kernels.quantize import quantize_pair, stored_arrays
+
+    xs = tuple(history((1, 2, rows, 64), seed=s).to(DEVICE) for s in (rows, rows + 100))
+    bs = (tuple(torch.from_numpy(bases(2, 64, 32) if s == 0 else np.flip(bases(2, 64, 32), 0).copy()).float()
+                .to(DEVICE) for s in (0, 1)) if isinstance(t, LowRank) else (None, None))
+    want = [quantize_rows(x, t, "bf16", b) for x, b in zip(xs, bs)]
+    launches = count_launches(monkeypatch)
+    outs = tuple(stored_arrays(x, t, "bf16") for x in xs)
+    quantize_pair(xs, t, "bf16", bs, outs)
+    assert len(launches) == 1
+    for got, ref, which in zip(outs, want, "KV"):
+        assert all(torch.equal(got[n], ref[n]) for n in ref), f"{t} {which} differs from its own launch"
+    # A device-held row of whole storage (rows 32.. of 96; nothing at all for a negative row).
+    for row0 in (32, -1):
+        big = tuple(stored_arrays(history((1, 2, 96, 64), 0).to(DEVICE), t, "bf16") for _ in xs)
+        for arrays in big:
+            for a in arrays.values():
+                a.zero_()
+        sep = tuple({n: a.clone() for n, a in arrays.items()} for arrays in big)
+        pos = torch.tensor([row0], device=DEVICE)
+        quantize_pair(xs, t, "bf16", bs, big, row0=pos)
+        for x, b, arrays in zip(xs, bs, sep):
+            quantize_rows(x, t, "bf16", b, out=arrays, row0=pos)
+        assert all(torch.equal(g[n], s[n]) for g, s in zip(big, sep) for n in g), f"{t} row0 {row0}"
+    launches.clear()
+    # K and V as transformers hands them over in a decode step: one token, whose axis has another
+    # stride in each (a transposed projection, a RoPE output); one launch still.
+    if rows == 1:
+        launches.clear()
+        outs = tuple(stored_arrays(x, t, "bf16") for x in xs)
+        b, h, _, d = xs[1].shape
+        v = xs[1].clone().as_strided(xs[1].shape, (h * d, d, h * d, 1))  # [B, T, H, D] storage as [B, H, T, D]
+        assert v.stride() != xs[1].stride() and torch.equal(v, xs[1])
+        quantize_pair((xs[0], v), t, "bf16", bs, outs)
+        assert len(launches) == 1
+        assert all(torch.equal(got[n], ref[n]) for got, ref in zip(outs, want) for n in ref)
+        launches.clear()
+    # V as rows of a longer tensor (other strides), K with D not the unit-stride axis: same values.
+    wider = torch.cat([xs[1], xs[1]], dim=2)[:, :, :rows]
+    outs = tuple(stored_arrays(x, t, "bf16") for x in xs)
+    quantize_pair((xs[0].transpose(-1, -2).contiguous().transpose(-1, -2), wider), t, "bf16", bs, outs)
+    assert len(launches) == 2
+    assert all(torch.equal(got[n], ref[n]) for got, ref in zip(outs, want) for n in ref)
+
+
+@pytest.mark.parametrize("text", ["int4-res3", "k4v2-g32-res2", "int3-g32-chan-rot5", "rank16-random-q4"])
+def test_layer_quantizes_k_and_v_in_one_launch(text, monkeypatch):
+    """A LayerStore whose K and V share a spec flushes both through one launch (mixed specs: one
+    each), and stores what kvspec.reference.compress stores for each, with K's and V's own bases."""
+    import kvspec
+    from kvtorch.store import LayerStore
+
+    from .helpers import reference_arrays
+
+    spec = kvspec.parse(text)
+    sizes = [33, 1, 30, 1, 1]
+    k, v = (history((1, 2, sum(sizes), 64), seed=s) for s in (1, 2))
+    own = {w: np.flip(bases(2, 64, 16), 0).copy() if w == "v" else bases(2, 64, 16)
+           for w, t in spec.tensors().items() if isinstance(t, LowRank)}  # K's and V's differ
+    layer = LayerStore(spec.k, spec.v, spec.residual, spec.float_dtype,
+                       {w: torch.from_numpy(b).to(DEVICE) for w, b in own.items()}, kernels=True)
+    launches, flushes, pos = count_launches(monkeypatch), [0, 0], 0
+    for size in sizes:
+        n0 = layer.k.n, layer.v.n
+        layer.append(k[:, :, pos : pos + size].to(DEVICE), v[:, :, pos : pos + size].to(DEVICE))
+        flushes = [f + (store.n > n) for f, store, n in zip(flushes, (layer.k, layer.v), n0)]
+        pos += size
+    assert min(flushes) > 1
+    assert len(launches) == (flushes[0] if spec.k == spec.v else sum(flushes)), f"{text}: {flushes} flushes"
+    for which, x, store in (("k", k, layer.k), ("v", v, layer.v)):
+        t = spec.tensors()[which]
+        ref = R.compress(x.numpy(), t, spec.residual, spec.float_dtype, own.get(which))
+        got, want = store.export(), reference_arrays(ref)
+        if isinstance(t, LowRank):
+            q = t.coeff
+            deq = ops.dequantize(got["codes"], got["scales"], got["biases"], q.bits, q.group, "token", t.rank)
+            assert_close(deq.cpu(), R.compressed_values(ref), tolerance("hybrid", q.bits, "fp16"), f"{text} {which}")
+        else:
+            assert_bit_exact(got, ref, f"{text} {which}")
+        assert np.array_equal(got["tail"].float().cpu().numpy(), want["tail"]), f"{text} {which}: tail"
