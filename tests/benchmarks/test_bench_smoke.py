@@ -66,3 +66,27 @@ def test_bench_decode_e2e_smoke_runs_transformers_quantized_cache(tmp_path):
     data = _e2e_smoke(tmp_path, "quanto-int4")
     assert data["skipped"] == [] and [x["cache"] for x in data["rows"]] == ["quanto-int4", "quanto-int4"]
     assert all("append_share_pct" not in x for x in data["rows"])  # only kvtorch appends are timed
+
+
+def test_profile_report_reads_ncu_source_page(tmp_path):
+    """profile_decode_attention's report: stall shares, opcodes without predicates or modifiers, the
+    hottest instruction first; a CSV that is not ncu's source page is refused by name."""
+    import profile_decode_attention as pda
+
+    head = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed", "stall_wait",
+            "stall_short_sb", "stall_wait (Not Issued)"]
+    rows = [["0x10", "  IMAD.MOV.U32 R1, RZ, RZ, R2", "30", "1,000", "10", "20", "5"],
+            ["0x20", "@P1 HFMA2 R3, R4, R5, R6", "10", "3,000", "10", "0", "0"]]
+    path = tmp_path / "k.sass.csv"
+    path.write_text("\n".join(",".join(f'"{c}"' for c in r) for r in [["Kernel Name", "_split_kernel"], head, *rows]))
+    text = pda.report(path)
+    assert "40 warp samples, 4,000 warp instructions" in text
+    table = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith("  ")}
+    assert table["wait"] == ["50.0"] and table["short_sb"] == ["50.0"]  # "Not Issued" columns not counted
+    assert table["IMAD"] == ["25.0", "75.0"] and table["HFMA2"] == ["75.0", "25.0"]
+    hot = text.split("most-sampled instructions")[1].splitlines()[1]
+    assert hot.split()[:2] == ["75.0", "IMAD.MOV.U32"]
+    bad = tmp_path / "other.csv"
+    bad.write_text('"a","b"\n"1","2"\n')
+    with pytest.raises(ValueError, match="source page"):
+        pda.report(bad)
