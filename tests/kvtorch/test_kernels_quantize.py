@@ -139,7 +139,7 @@ def test_store_appends_through_the_kernel(text, sizes, monkeypatch):
     from kvtorch.kernels import _quantize_triton
     from kvtorch.store import TensorStore
 
-    from .helpers import bases_for, reference_arrays
+    from .helpers import bases_for
 
     launches = []
     original = _quantize_triton.quantize_rows_triton
@@ -155,18 +155,26 @@ def test_store_appends_through_the_kernel(text, sizes, monkeypatch):
             store.append(x[:, :, pos : pos + size].to(DEVICE))
             pos += size
         ref = R.compress(x.numpy(), t, spec.residual, spec.float_dtype, bases.get(which))
-        got = store.export()
         assert store.n == ref.n and len(launches) > before, f"{text} {which}: the kernel did not run"
-        want = reference_arrays(ref)
-        assert np.array_equal(got["tail"].float().cpu().numpy(), want["tail"]), f"{text} {which}: tail"
-        if "coeffs" in want:
-            assert_close(got["coeffs"].float().cpu(), want["coeffs"], tolerance("rank", 16, "fp16"), f"{text} {which}")
-        elif isinstance(t, LowRank):
-            q = t.coeff
-            deq = ops.dequantize(got["codes"], got["scales"], got["biases"], q.bits, q.group, "token", t.rank)
-            assert_close(deq.cpu(), R.compressed_values(ref), tolerance("hybrid", q.bits, "fp16"), f"{text} {which}")
-        else:
-            assert_bit_exact(got, ref, f"{text} {which}")
+        assert_stored_like_reference(store.export(), ref, t, f"{text} {which}")
+
+
+def assert_stored_like_reference(got, ref, t, what):
+    """A store's exported arrays vs kvspec.reference.compress's: the float tail and quantized codes
+    bit for bit, low-rank coefficients within the rank tolerance, hybrid codes (dequantized) within
+    the hybrid tolerance."""
+    from .helpers import reference_arrays
+
+    want = reference_arrays(ref)
+    assert np.array_equal(got["tail"].float().cpu().numpy(), want["tail"]), f"{what}: tail"
+    if "coeffs" in want:
+        assert_close(got["coeffs"].float().cpu(), want["coeffs"], tolerance("rank", 16, "fp16"), what)
+    elif isinstance(t, LowRank):
+        q = t.coeff
+        deq = ops.dequantize(got["codes"], got["scales"], got["biases"], q.bits, q.group, "token", t.rank)
+        assert_close(deq.cpu(), R.compressed_values(ref), tolerance("hybrid", q.bits, "fp16"), what)
+    else:
+        assert_bit_exact(got, ref, what)
 
 
 PAIRS = [  # one spec for K and V: token axis, a decode step's 1 row, channel axis with rotation, low rank
@@ -239,8 +247,6 @@ def test_layer_quantizes_k_and_v_in_one_launch(text, monkeypatch):
     import kvspec
     from kvtorch.store import LayerStore
 
-    from .helpers import reference_arrays
-
     spec = kvspec.parse(text)
     sizes = [33, 1, 30, 1, 1]
     k, v = (history((1, 2, sum(sizes), 64), seed=s) for s in (1, 2))
@@ -259,11 +265,4 @@ def test_layer_quantizes_k_and_v_in_one_launch(text, monkeypatch):
     for which, x, store in (("k", k, layer.k), ("v", v, layer.v)):
         t = spec.tensors()[which]
         ref = R.compress(x.numpy(), t, spec.residual, spec.float_dtype, own.get(which))
-        got, want = store.export(), reference_arrays(ref)
-        if isinstance(t, LowRank):
-            q = t.coeff
-            deq = ops.dequantize(got["codes"], got["scales"], got["biases"], q.bits, q.group, "token", t.rank)
-            assert_close(deq.cpu(), R.compressed_values(ref), tolerance("hybrid", q.bits, "fp16"), f"{text} {which}")
-        else:
-            assert_bit_exact(got, ref, f"{text} {which}")
-        assert np.array_equal(got["tail"].float().cpu().numpy(), want["tail"]), f"{text} {which}: tail"
+        assert_stored_like_reference(store.export(), ref, t, f"{text} {which}")
