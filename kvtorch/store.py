@@ -107,8 +107,8 @@ class TensorStore:
         """Append x [B, H, m, D]; returns the float tokens [start_before, T) (float dtype) and that start:
         the tail before the append plus the chunk, which the protocol's queries read in float.
         checked: `check(x)` already ran. pending: where the quantize kernel would run, its (rows,
-        out arrays) go here instead, reserved and counted, for the caller to launch (`LayerStore`
-        quantizes K and V in one launch)."""
+        out arrays, basis, row0 None) go here instead, reserved and counted, for the caller to launch
+        (`LayerStore` quantizes K and V in one launch)."""
         if not checked:
             self.check(x)
         chunk = ops.round_to(x, self.float_dtype).detach()
@@ -169,7 +169,7 @@ class TensorStore:
         out = {name: self.arrays[name].reserve(shape, _dtype(name, self.float_dtype), x.device)
                for name, shape in compressed_shapes(self.spec, b, h, m, d).items()}
         if pending is not None:
-            pending.append((x, out))
+            pending.append((x, out, self.basis, None))
         else:
             kq.quantize_rows(x, self.spec, self.float_dtype, self.basis, out=out)
         return True
@@ -247,7 +247,7 @@ class TensorStore:
         waits there, and the rows that leave the float tail (flush_rows of them, when the protocol's
         n_quantized grows) are compressed from the ring at rows the device computes. Host counters
         advance except while a CUDA graph is being captured (the graph's owner calls `advance`).
-        pending: as `append`'s, with the launch's row (rows, out arrays, row0)."""
+        pending: as `append`'s, with the launch's device-held row0."""
         chunk = ops.round_to(x, self.float_dtype).detach()
         torch.maximum(self._peak, ops.finite_peak(x, self.rotated), out=self._peak)  # in place: a graph replays it
         from .kernels import quantize as kq
@@ -265,7 +265,7 @@ class TensorStore:
             # A negative row tells the kernel that nothing leaves at this step.
             row0 = torch.where(n_new > split_positions(self.spec, self.residual, pos - 1), first, -1)
         if pending is not None:
-            pending.append((leaving, out, row0))
+            pending.append((leaving, out, self.basis, row0))
         else:
             kq.quantize_rows(leaving, self.spec, self.float_dtype, self.basis, out=out, row0=row0)
         if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -465,21 +465,24 @@ class LayerStore:
         pending = [] if self.k.spec == self.v.spec else None
         fk, fv = self.k.append_static(k, q_pos, pending), self.v.append_static(v, q_pos, pending)
         if pending:
-            # One spec and one position: K's row0 is V's (both from split_positions of q_pos).
-            (xk, ok, row0), (xv, ov, _) = pending
-            self._quantize_pair((xk, xv), (ok, ov), row0)
+            self._quantize(pending)
         if self.k.ring is None:  # every token compressed as it arrives: both splits are q_pos + 1
             return Chunk(q_pos, self.k.static_part(fk, t0, self.position), self.v.static_part(fv, t0, self.position))
         k_split = split_positions(self.k.spec, self.residual, q_pos)
         v_split = k_split if self.v.spec == self.k.spec else split_positions(self.v.spec, self.residual, q_pos)
         return Chunk(q_pos, self.k.static_part(fk, t0, k_split), self.v.static_part(fv, t0, v_split))
 
-    def _quantize_pair(self, xs: tuple[torch.Tensor, torch.Tensor], outs: tuple[dict, dict],
-                       row0: torch.Tensor | None = None) -> None:
-        """The quantize kernel over K's and V's leaving rows xs into their reserved arrays, one launch."""
+    def _quantize(self, pending: list) -> None:
+        """Launch the quantize kernels K and V left pending (same spec): one launch for both, or the
+        one that took the kernel path (a basis on another device sends the other to the reference).
+        A static layer's row0 is the same for K and V (one spec, one position)."""
         from .kernels import quantize as kq
 
-        kq.quantize_pair(xs, self.k.spec, self.k.float_dtype, (self.k.basis, self.v.basis), outs, row0)
+        xs, outs, bases, row0s = zip(*pending)
+        if len(pending) == 2:
+            kq.quantize_pair(xs, self.k.spec, self.k.float_dtype, bases, outs, row0s[0])
+        else:
+            kq.quantize_rows(xs[0], self.k.spec, self.k.float_dtype, bases[0], out=outs[0], row0=row0s[0])
 
     def first_column(self) -> int:
         """The first position the next chunk's attention reads: 0, or where a trimmed window begins."""
@@ -495,17 +498,9 @@ class LayerStore:
         # One spec: K's and V's quantize kernels (same rows, same layout) run as one launch.
         pending = [] if self.k.spec == self.v.spec else None
         fk, fk0 = self.k.append(k, checked=True, pending=pending)
-        k_kernel = bool(pending)
         fv, fv0 = self.v.append(v, checked=True, pending=pending)
-        if pending and len(pending) == 2:
-            (xk, ok), (xv, ov) = pending
-            self._quantize_pair((xk, xv), (ok, ov))
-        elif pending:
-            # Same spec and tokens, but only one took the kernel path (a basis on another device).
-            from .kernels import quantize as kq
-
-            store = self.k if k_kernel else self.v
-            kq.quantize_rows(pending[0][0], store.spec, store.float_dtype, store.basis, out=pending[0][1])
+        if pending:
+            self._quantize(pending)
         q_pos = torch.arange(t0, self.tokens, device=k.device)
         k_split = split_positions(self.k.spec, self.residual, q_pos)
         # Same spec, same splits: one set of ops fewer per layer and step.
