@@ -80,7 +80,7 @@ def compile_configs(spec: dict, method: str, configs: list[tuple[int, int, int]]
 
     from kvtorch.kernels import _attention_triton as at
 
-    base = dict(spec["constexprs"], MM_F32=False, PTX=method == "int4")
+    base = dict(spec["constexprs"], MM_F32=False, PTX=method in ("int4", "int8"))
     base["DOT"] = tl.bfloat16 if "bf" in base["DOT"] else tl.float16
     rows = []
     for bn, warps, stages in configs:

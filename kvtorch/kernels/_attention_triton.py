@@ -12,16 +12,18 @@ the lean loop's registers low. Reduce kernel, grid (B * Hq, Tq): one query head'
 once, acc_c mapped back (unrotate or times P_v^T), acc_f added, normalized.
 
 Packed tiles are dequantized in fp32 (code * scale + bias, codes turned into floats by the
-exponent trick) and fed to tl.dot in the float dtype with fp32 accumulation.
+exponent trick) and fed to tl.dot in the float dtype with fp32 accumulation; on CUDA with fp16 dots,
+4- and 8-bit token-axis tiles take inline PTX instead (two fp16 lanes per op, one rounding: _jit's
+dequant4_words / dequant8_words).
 
 Instruction budget (SASS of the lean loop compiled offline for sm_90 with Triton 3.6: triton.compile
 with GPUTarget("cuda", 90, 32), then the bundled cuobjdump; instructions per thread per loop
 iteration over the K and V elements a thread covers; D 128, group 64, GQA 4 padded to 16 rows):
 int4 PTX, BN 128, 8 warps: 6.75 per element (128 regs; PRMT 0.53, register moves 0.64, packed FMA
 0.5, LOP3/SHF 0.44, shared-memory traffic ~0.3, HMMA 0.125, the 16-row online softmax ~0.75);
-int4 without PTX, BN 64: 9.0; int8, BN 64: 7.9; int2, BN 128: 8.9; rank32 (bf16 coefficients):
-5.9 per coefficient. An H200 issues about 33e12 thread-instructions/s, so at 4.1 TB/s a 4.5-bit
-cache is memory-bound only below about 4.5 per element (int8: 9): int4 and int2 are issue-bound.
+int4 without PTX, BN 64: 9.0; int8, BN 64: 7.9 (2 warps: 9.15, or 7.47 with its PTX path); int2, BN
+128: 8.9; rank32 (bf16 coefficients): 5.9 per coefficient. An H200 issues about 33e12
+thread-instructions/s, so at 4.1 TB/s a 4.5-bit cache is memory-bound only below about 4.5 per element (int8: 9): int4 and int2 are issue-bound.
 Measured against what a factored loop would cost (never dequantize: scores = sum_g s_g (q_g . c_g)
 + b_g sum(q_g), values as (p s_g) . c_g + p . b_g, codes as 1024 + c in fp16 lanes, two per LOP3):
 unpacking 0.875 per element for K, 1.375 for V (V pairs two keys per mma register: one PRMT per
@@ -36,7 +38,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._jit import codes3, codes_of_words, dequant4_words, fwht_rows, load_words, round_bf16, spread_words
+from ._jit import (
+    codes3,
+    codes_of_words,
+    dequant4_words,
+    dequant8_words,
+    fwht_rows,
+    load_words,
+    round_bf16,
+    spread_words,
+)
 from .support import patch_interpreter
 
 patch_interpreter()
@@ -77,7 +88,7 @@ def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr,
           CHANNEL: tl.constexpr, DP: tl.constexpr, DREAL: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
           MM_F32: tl.constexpr, PTX: tl.constexpr):
     """Rows `offs` [BN] of a compressed tensor as a [BN, DP] tile in the dot dtype (0 where not ok;
-    fp32 under MM_F32, where `_mm` rounds). PTX: 4-bit token-axis tiles dequantize in inline PTX.
+    fp32 under MM_F32, where `_mm` rounds). PTX: 4- and 8-bit token-axis tiles dequantize in inline PTX.
 
     BITS 0: float coefficients [n, DREAL]. Otherwise codes [n, W] with fp16 scales/biases of shape
     [n, DREAL / GROUP] (token axis: given as gs, gb by `_group_scales`) or [n / GROUP, DREAL]
@@ -105,6 +116,10 @@ def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr,
         WP4: tl.constexpr = DP // 8
         words = load_words(c_ptr, offs, ok, sc_n, WP4, DREAL // 8).to(tl.int32, bitcast=True)
         x = dequant4_words(words, _per_word(gs, BN, WP4), _per_word(gb, BN, WP4))
+    elif PTX and BITS == 8:
+        WP8: tl.constexpr = DP // 4
+        words = load_words(c_ptr, offs, ok, sc_n, WP8, DREAL // 4).to(tl.int32, bitcast=True)
+        x = dequant8_words(words, _per_word(gs, BN, WP8), _per_word(gb, BN, WP8))
     else:
         # Token axis: a group spans whole words; each word's scale and bias are spread over its
         # codes in registers.

@@ -145,6 +145,22 @@ def _dequant4_ptx(magic: int, neg: int, one: int, fma: str) -> str:
 DEQUANT4_F16 = tl.constexpr(_dequant4_ptx(0x64006400, 0xE400E400, 0x3C003C00, "fma.rn.f16x2"))
 
 
+def _dequant8_ptx() -> str:
+    """PTX for the 4 codes of each of 2 words: byte k of both words is gathered into the two 16-bit
+    lanes with one prmt, lop3 sets their high bytes to 0x64 (magic 1024 + code in fp16), then
+    code = fma(x, 1, -1024) and value = fma(code, scale, bias), two lanes per op."""
+    lines = ["{", ".reg .b32 x, m, g, n, o;",
+             "mov.b32 m, 0x00FF00FF; mov.b32 g, 0x64006400; mov.b32 n, 0xE400E400; mov.b32 o, 0x3C003C00;"]
+    for k in range(4):
+        # selector: result byte 0 <- byte k of word 0, byte 2 <- byte k of word 1 (index 4 + k)
+        lines.append(f"prmt.b32 x, $4, $5, {(4 + k) << 8 | k:#06x}; lop3.b32 x, x, m, g, 0xEA;")
+        lines.append(f"fma.rn.f16x2 x, x, o, n; fma.rn.f16x2 ${k}, x, $6, $7;")
+    return " ".join(lines + ["}"])
+
+
+DEQUANT8_F16 = tl.constexpr(_dequant8_ptx())
+
+
 @triton.jit
 def dequant4_words(words, s, b):
     """4-bit words [BN, WP] (int32) with per-word fp16 scale and bias [BN, WP] -> fp16 values
@@ -158,3 +174,14 @@ def dequant4_words(words, s, b):
     # out k holds code k of each word; joins put them in stream order 8w + k (k = 4e0 + 2e1 + e2).
     x = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
     return tl.reshape(x, (words.shape[0], words.shape[1] * 8))
+
+
+@triton.jit
+def dequant8_words(words, s, b):
+    """8-bit words [BN, WP] (int32) with per-word fp16 scale and bias [BN, WP] -> fp16 values
+    [BN, WP * 4], as `dequant4_words` does for 4 bits (1024 + code is exact in fp16 up to 1023)."""
+    o0, o1, o2, o3 = tl.inline_asm_elementwise(
+        DEQUANT8_F16, "=r,=r,=r,=r,r,r,r,r", [words, s, b], dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+    # out k holds code k of each word; joins put them in stream order 4w + k (k = 2e0 + e1).
+    x = tl.join(tl.join(o0, o2), tl.join(o1, o3))
+    return tl.reshape(x, (words.shape[0], words.shape[1] * 4))

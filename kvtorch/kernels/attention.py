@@ -207,7 +207,7 @@ def fp16_operands(kspec, vspec) -> bool:
     """Whether bf16 caches' dots take fp16 operands: where K and V are both quantized, every value
     they hold is within fp16's range (kvspec refuses others), and fp16 keeps 3 more mantissa bits of
     q, of each dequantized value and of p than bf16 does; dequantization takes fp16 scales and
-    biases as stored (4-bit tiles: the packed PTX path). Low-rank coefficients have no such bound."""
+    biases as stored (4- and 8-bit tiles: the packed PTX path). Low-rank coefficients have no such bound."""
     return isinstance(kspec, Quant) and isinstance(vspec, Quant)
 
 
@@ -218,7 +218,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     of the lean launch (default: `default_block`). A single
     query with K and V fully compressed is taken as decode at the last position (the protocol's
     split n_quantized(end) = n), which needs the lean launch only. ptx:
-    dequantize 4-bit token-axis tiles with packed fp16 inline PTX (CUDA only; ignored under the
+    dequantize 4- and 8-bit token-axis tiles with packed fp16 inline PTX (CUDA only; ignored under the
     interpreter, and where the dots take bf16 operands: see `fp16_operands`)."""
     b, hq, tq, d = q.shape
     q, kf, vf = _unit_stride(q), _unit_stride(k.floats), _unit_stride(v.floats)

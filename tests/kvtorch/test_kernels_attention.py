@@ -232,10 +232,11 @@ def test_dispatcher_falls_back_where_kernels_refuse():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("text,ptx", [("int4", False), ("int4", True), ("int4-bf16", True), ("int8", False),
+                                      ("int8", True), ("int8-bf16", True), ("k8v4", True),
                                       ("int2-res64-bf16", False), ("rank32-random", False),
                                       ("k3v4-kg32-kchan-krot-res128", True)])
 def test_gpu_size_decode(text, ptx):
-    """Mistral-7B-sized heads (8 KV heads, GQA 4, D 128) over 2k tokens; ptx: 4-bit PTX dequantization
+    """Mistral-7B-sized heads (8 KV heads, GQA 4, D 128) over 2k tokens; ptx: 4-/8-bit PTX dequantization
     (fp16 operands: fp16 caches, and bf16 caches of quantized K and V, see fp16_operands)."""
     spec, q, q_pos, kp, vp, want = case(text, batch=2, kv_heads=8, rep=4, tokens=2051, dim=128)
     assert refusal(q, kp, vp) is None
