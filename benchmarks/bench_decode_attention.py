@@ -193,7 +193,7 @@ def run_shape(model, b, t, hq, hkv, d, args, flush, config, check):
         row["roof_x"] = base_bytes / moved if base_bytes else None
         if method not in ("sdpa-bf16", "dequant-sdpa"):
             row["config"] = list(config[method]) if method in config else list(
-                default_block(kp.spec, vp.spec, d, b * hkv)) + ["default"]
+                default_block(kp.spec, vp.spec, d, b * hkv, t)) + ["default"]
             if check:
                 row["rel_err_vs_reference"] = err
         if method == "sdpa-bf16":

@@ -14,21 +14,28 @@ once, acc_c mapped back (unrotate or times P_v^T), acc_f added, normalized.
 Packed tiles are dequantized in fp32 (code * scale + bias, codes turned into floats by the
 exponent trick) and fed to tl.dot in the float dtype with fp32 accumulation; on CUDA with fp16 dots,
 4- and 8-bit token-axis tiles take inline PTX instead (two fp16 lanes per op, one rounding: _jit's
-dequant4_words / dequant8_words).
+dequant4_pairs / dequant8_words). 4-bit tiles come in pair order (both lanes of a register from one
+word: no 16-bit shuffles), so q's key columns are put in that order first and the value accumulator
+back in stream order at the end (a dot over D does not depend on the order of D).
 
 Instruction budget (SASS of the lean loop compiled offline for sm_90 with Triton 3.6: triton.compile
 with GPUTarget("cuda", 90, 32), then the bundled cuobjdump; instructions per thread per loop
 iteration over the K and V elements a thread covers; D 128, group 64, GQA 4 padded to 16 rows):
 int4 PTX, BN 128, 8 warps: 6.75 per element (128 regs; PRMT 0.53, register moves 0.64, packed FMA
 0.5, LOP3/SHF 0.44, shared-memory traffic ~0.3, HMMA 0.125, the 16-row online softmax ~0.75);
-int4 without PTX, BN 64: 9.0; int8, BN 64: 7.9 (2 warps: 9.15, or 7.47 with its PTX path); int2, BN
-128: 8.9; rank32 (bf16 coefficients): 5.9 per coefficient. An H200 issues about 33e12
-thread-instructions/s, so at 4.1 TB/s a 4.5-bit cache is memory-bound only below about 4.5 per element (int8: 9): int4 and int2 are issue-bound.
+BN 64, 2 warps: 7.57, and 5.74 in pair order (PRMT 443 -> ~0 per warp and block); int4 without
+PTX, BN 64: 9.0; int8, BN 64: 7.9 (2 warps: 9.15, or 7.47 with its PTX path); int2, BN 128: 8.9;
+rank32 (bf16 coefficients): 5.9 per coefficient. An H200 issues about 33e12 thread-instructions/s,
+so at 4.1 TB/s a 4.5-bit cache is memory-bound only below about 4.5 per element (int8: 9). Yet the
+pair order's 24% fewer instructions moved int4's time by only -2..+3% on the H200 (b8 x 32k 0.2435
+-> 0.2392 ms at its best block): the loop waits on latencies at 1.9 warps per scheduler with 46% of
+issue slots busy (ncu, benchmarks/results/ncu_decode_attention_nvidia_h200.txt), so fewer
+instructions help only with more warps in flight.
 Measured against what a factored loop would cost (never dequantize: scores = sum_g s_g (q_g . c_g)
 + b_g sum(q_g), values as (p s_g) . c_g + p . b_g, codes as 1024 + c in fp16 lanes, two per LOP3):
 unpacking 0.875 per element for K, 1.375 for V (V pairs two keys per mma register: one PRMT per
-two codes), ~3.9 per element in all. Prototypes of it showed two traps: Triton's joins of 16-bit lanes compile
-to register moves (~1.4 per element), and a value dot with N = 16 (one group of lane-split columns)
+two codes), ~3.9 per element in all. Prototypes of it showed two traps: Triton's joins of 16-bit
+lanes compile to register moves (~1.4 per element), and a value dot with N = 16 (one group of lane-split columns)
 under 8 warps is computed redundantly by every warp (255 registers, spills): each dot must keep
 N >= 8 x warps, i.e. value codes unpacked to whole groups in stream order.
 """
@@ -41,12 +48,14 @@ import triton.language as tl
 from ._jit import (
     codes3,
     codes_of_words,
-    dequant4_words,
+    dequant4_pairs,
     dequant8_words,
     fwht_rows,
     load_words,
+    pair_order,
     round_bf16,
     spread_words,
+    stream_order,
 )
 from .support import patch_interpreter
 
@@ -115,7 +124,7 @@ def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr,
     elif PTX and BITS == 4:
         WP4: tl.constexpr = DP // 8
         words = load_words(c_ptr, offs, ok, sc_n, WP4, DREAL // 8).to(tl.int32, bitcast=True)
-        x = dequant4_words(words, _per_word(gs, BN, WP4), _per_word(gb, BN, WP4))
+        x = dequant4_pairs(words, _per_word(gs, BN, WP4), _per_word(gb, BN, WP4))
     elif PTX and BITS == 8:
         WP8: tl.constexpr = DP // 4
         words = load_words(c_ptr, offs, ok, sc_n, WP8, DREAL // 4).to(tl.int32, bitcast=True)
@@ -191,6 +200,8 @@ def _split_kernel(
         qk = tl.dot(q, basis, input_precision="tf32")  # rounded to the dot dtype next anyway
     else:
         qk = q
+    if PTX and K_BITS == 4 and not K_CHANNEL:
+        qk = pair_order(qk, ROWS, DK)  # the order of dequant4_pairs' key columns (a dot over D ignores it)
     qf = q
     # fp16 operands hold |x| <= 65504: a query whose entries could overflow there is scaled by a power
     # of two (exact), and its scores multiplied back by q_mul after each dot. Usually q_mul = 1.
@@ -291,6 +302,8 @@ def _split_kernel(
             acc_c = acc_c * alpha[:, None] + _mm(p, vt, DOT, MM_F32)
             m_i = m_new
         flag = tl.full([], 0, tl.int32)
+    if PTX and V_BITS == 4 and not V_CHANNEL:
+        acc_c = stream_order(acc_c, ROWS, DV)  # value columns came in dequant4_pairs' order
     tl.store(pm_ptr + idx, m_i, mask=row_ok)
     tl.store(pl_ptr + idx, l_i, mask=row_ok)
     tl.store(pc_ptr + idx[:, None] * DV + dv[None, :], acc_c, mask=row_ok[:, None])

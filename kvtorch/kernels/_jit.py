@@ -125,24 +125,21 @@ def pack_codes(c, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
         return tl.reduce(tl.reshape(c, (BT, DP // CPW, CPW)) << sh[None, None, :], 2, bit_or)
 
 
-def _dequant4_ptx(magic: int, neg: int, one: int, fma: str) -> str:
-    """PTX for 8 codes of each of 2 words: pairs (code k, code k + 4) of a word are cut out with
-    one lop3 into 16-bit lanes that read as magic + code, transposed with prmt to (word 0, word 1)
-    pairs, then code = fma(x, 1, -magic) and value = fma(code, scale, bias), two lanes per op."""
-    lines = ["{", ".reg .b32 a<4>, c<4>, x, m, g, n, o, lo, hi;",
-             f"mov.b32 m, 0x000F000F; mov.b32 g, {magic:#010x}; mov.b32 n, {neg:#010x}; mov.b32 o, {one:#010x};"]
-    for word, regs in ((8, "a"), (9, "c")):
-        lines.append(f"lop3.b32 {regs}0, ${word}, m, g, 0xEA;")
-        for k in range(1, 4):
-            lines.append(f"shr.b32 x, ${word}, {4 * k}; lop3.b32 {regs}{k}, x, m, g, 0xEA;")
+def _dequant4_pairs_ptx() -> str:
+    """PTX for the 8 codes of one word (given twice, as both elements of the pack): output k holds
+    codes (k, k + 4) in its two 16-bit lanes, cut out of the word shifted by 4k with one lop3 as
+    magic + code, then code = fma(x, 1, -1024) and value = fma(code, scale, bias)."""
+    lines = ["{", ".reg .b32 x, m, g, n, o;",
+             "mov.b32 m, 0x000F000F; mov.b32 g, 0x64006400; mov.b32 n, 0xE400E400; mov.b32 o, 0x3C003C00;"]
     for k in range(4):
-        lines.append(f"prmt.b32 lo, a{k}, c{k}, 0x5410; prmt.b32 hi, a{k}, c{k}, 0x7632;")
-        lines.append(f"{fma} lo, lo, o, n; {fma} ${k}, lo, $10, $11;")
-        lines.append(f"{fma} hi, hi, o, n; {fma} ${k + 4}, hi, $10, $11;")
+        word = "$4" if k == 0 else "x"
+        if k:
+            lines.append(f"shr.b32 x, $4, {4 * k};")
+        lines.append(f"lop3.b32 x, {word}, m, g, 0xEA; fma.rn.f16x2 x, x, o, n; fma.rn.f16x2 ${k}, x, $6, $7;")
     return " ".join(lines + ["}"])
 
 
-DEQUANT4_F16 = tl.constexpr(_dequant4_ptx(0x64006400, 0xE400E400, 0x3C003C00, "fma.rn.f16x2"))
+DEQUANT4_PAIRS_F16 = tl.constexpr(_dequant4_pairs_ptx())
 
 
 def _dequant8_ptx() -> str:
@@ -162,24 +159,35 @@ DEQUANT8_F16 = tl.constexpr(_dequant8_ptx())
 
 
 @triton.jit
-def dequant4_words(words, s, b):
+def dequant4_pairs(words, s, b):
     """4-bit words [BN, WP] (int32) with per-word fp16 scale and bias [BN, WP] -> fp16 values
-    [BN, WP * 8], by packed 16-bit arithmetic in inline PTX (CUDA only).
+    [BN, WP * 8] in pair order: column 8w + 2k + e holds code k + 4e of word w (`pair_order`).
 
-    The codes become 1024 + code in fp16 lanes (exact), and code * scale + bias is one fused
-    multiply-add rounded once to fp16.
-    """
-    o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-        DEQUANT4_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, b], dtype=(tl.float16,) * 8, is_pure=True, pack=2)
-    # out k holds code k of each word; joins put them in stream order 8w + k (k = 4e0 + 2e1 + e2).
-    x = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
-    return tl.reshape(x, (words.shape[0], words.shape[1] * 8))
+    Both lanes of each output register come from one word, so neighbouring columns share a
+    register and the tile reaches shared memory without 16-bit shuffles."""
+    o0, o1, o2, o3 = tl.inline_asm_elementwise(
+        DEQUANT4_PAIRS_F16, "=r,=r,=r,=r,r,r,r,r", [tl.join(words, words), tl.join(s, s), tl.join(b, b)],
+        dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+    x = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [BN, WP, e, a, b]: output k = 2a + b
+    return tl.reshape(tl.permute(x, (0, 1, 3, 4, 2)), (words.shape[0], words.shape[1] * 8))
+
+
+@triton.jit
+def pair_order(x, R: tl.constexpr, D: tl.constexpr):
+    """Columns of x [R, D] from stream order to `dequant4_pairs`' order (column 8w + 2k + e <- 8w + k + 4e)."""
+    return tl.reshape(tl.permute(tl.reshape(x, (R, D // 8, 2, 4)), (0, 1, 3, 2)), (R, D))
+
+
+@triton.jit
+def stream_order(x, R: tl.constexpr, D: tl.constexpr):
+    """The inverse of `pair_order`."""
+    return tl.reshape(tl.permute(tl.reshape(x, (R, D // 8, 4, 2)), (0, 1, 3, 2)), (R, D))
 
 
 @triton.jit
 def dequant8_words(words, s, b):
     """8-bit words [BN, WP] (int32) with per-word fp16 scale and bias [BN, WP] -> fp16 values
-    [BN, WP * 4], as `dequant4_words` does for 4 bits (1024 + code is exact in fp16 up to 1023)."""
+    [BN, WP * 4] in stream order (1024 + code is exact in fp16 up to 1023: the magic of the 4-bit path)."""
     o0, o1, o2, o3 = tl.inline_asm_elementwise(
         DEQUANT8_F16, "=r,=r,=r,=r,r,r,r,r", [words, s, b], dtype=(tl.float16,) * 4, is_pure=True, pack=2)
     # out k holds code k of each word; joins put them in stream order 4w + k (k = 2e0 + e1).

@@ -167,14 +167,14 @@ def _operands(part, device):
     return c, s, bias, aux, norm, meta
 
 
-def _splits(lo: int, hi: int, block: int, programs: int, want: int | None, sms: int) -> tuple[int, int]:
+def _splits(lo: int, hi: int, block: int, programs: int, want: int | None, sms: int,
+            per_sm: int = 4) -> tuple[int, int]:
     """(splits, chunk) covering keys [lo, hi) in chunks of whole blocks: `want` splits, or enough that
-    the `programs` programs of one split, times the splits, fill about 4 per multiprocessor (of `sms`)
-    with at most MAX_SPLITS (the reduce unrolls over them) and at least MIN_SPLIT_KEYS keys each.
-    With `default_block`'s 2/4/8-bit blocks that is ~8 warps per multiprocessor, where every fast
-    config measured on an H200 sat."""
+    the `programs` programs of one split, times the splits, fill about `per_sm` per multiprocessor (of
+    `sms`; see `programs_per_sm`) with at most MAX_SPLITS (the reduce unrolls over them) and at least
+    MIN_SPLIT_KEYS keys each."""
     blocks = max(1, -(-(hi - lo) // block))
-    splits = want if want is not None else min(MAX_SPLITS, 4 * sms // programs, (hi - lo) // MIN_SPLIT_KEYS)
+    splits = want if want is not None else min(MAX_SPLITS, per_sm * sms // programs, (hi - lo) // MIN_SPLIT_KEYS)
     splits = max(1, min(splits, blocks))
     chunk = -(-blocks // splits) * block
     return max(1, -(-(hi - lo) // chunk)), chunk
@@ -184,23 +184,45 @@ def _word_tokens(t) -> bool:
     return isinstance(t, Quant) and t.bits in (2, 4, 8) and t.axis == "token"
 
 
-def default_block(kspec, vspec, d: int, programs: int = 1) -> tuple[int, int, int]:
+def _int4_tokens(kspec, vspec) -> bool:
+    return all(_word_tokens(t) and t.bits == 4 for t in (kspec, vspec))
+
+
+# Keys from which 4-bit K and V take 4-warp blocks of 128 keys at any batch (`default_block`).
+LONG_KEYS = 16384
+
+
+def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0) -> tuple[int, int, int]:
     """(keys per block, warps, stages) of the lean launch for `programs` programs per split
-    (batch x KV heads x query blocks): the fastest measured on an H200 where measured.
+    (batch x KV heads x query blocks) over `keys` keys: the fastest measured on an H200 where measured.
     Token-axis 2/4/8-bit K and V: 4 warps over 128 keys where few programs need many splits
     (Mistral heads, 32k keys, batch 1: int4 0.0585 ms at 32 splits vs 0.0634 for (128, 8, 3) at 16),
-    2 warps over 64 keys otherwise (batch 8: int4 0.247 ms vs 0.290, int8 0.251 vs 0.343 for
-    (64, 4, 3); H200, 2026-11-30). At D 256 int4 keeps (128, 8, 3), the rest (64, 4, 3).
+    2 warps over 64 keys otherwise (batch 8: int8 0.206 vs 0.335 for (64, 4, 3)); 4-bit K and V over
+    LONG_KEYS or more keep 4 warps over 128 keys at every batch, with twice the splits
+    (`programs_per_sm`; b8 x 32k: 0.2392 ms vs 0.2516 for (64, 2, 3); b8 x 4k: (64, 2, 3) 0.0429 vs
+    0.0465). At D 256 int4 keeps (128, 8, 3), the rest (64, 4, 3). Low-rank K and V: 4 warps over 128
+    keys (rank 32, b8 x 32k: 0.0827 ms vs 0.0875 for (64, 4, 3); b1 x 32k: 0.0236 vs 0.0269).
     3-bit tiles gather their codes from two words each, which the pipeline stages multiply:
     (64, 4, 3) asks 284,672 B of shared memory at D 128 (an H200 has 232,448), (64, 4, 2) 153,600,
     and at D 256 (32, 4, 2) 156,672 (benchmarks/triton_smem.py, compiled offline for sm_90)."""
     if d <= 128 and _word_tokens(kspec) and _word_tokens(vspec):
-        return (128, 4, 3) if programs <= 16 else (64, 2, 3)
-    if d > 128 and all(_word_tokens(t) and t.bits == 4 for t in (kspec, vspec)):
+        long_int4 = _int4_tokens(kspec, vspec) and keys >= LONG_KEYS
+        return (128, 4, 3) if programs <= 16 or long_int4 else (64, 2, 3)
+    if d > 128 and _int4_tokens(kspec, vspec):
         return 128, 8, 3  # D 256: 4 warps over 128 keys took 1.3x as long (Gemma-3 heads, b8 x 32k)
+    if isinstance(kspec, LowRank) and isinstance(vspec, LowRank):
+        return 128, 4, 3
     if d > 64 and any(q is not None and q.bits == 3 for q in map(quantizer, (kspec, vspec))):
         return (64, 4, 2) if d <= 128 else (32, 4, 2)
     return 64, 4, 3
+
+
+def programs_per_sm(kspec, vspec, block: tuple[int, int, int]) -> int:
+    """Programs per multiprocessor the default splits aim for (`_splits`): 8 for 4-bit token-axis K
+    and V in 4-warp blocks of 128 keys (H200, Mistral heads: b8 x 32k 16 splits 0.2392 ms vs 8:
+    0.2513; b32 x 32k 4 vs 2: 0.904 vs 0.958), 4 otherwise (~8 warps per multiprocessor with the
+    2-warp blocks, where every fast config measured on an H200 sat)."""
+    return 8 if _int4_tokens(kspec, vspec) and block[:2] == (128, 4) else 4
 
 
 def fp16_operands(kspec, vspec) -> bool:
@@ -227,8 +249,6 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     gp = 1 << (g - 1).bit_length()
     bq = 1 if tq == 1 else max(1, 32 // gp)
     nqb = -(-tq // bq)
-    block = block or default_block(k.spec, v.spec, d, b * hkv * nqb)
-    block_n = block[0]
     end = k.float_start + k.floats.shape[-2]
     # Host-side bounds of the two regions: keys below min(n) may be all-compressed; keys from the
     # first float position on may need the float form (the kernels refine both per query block).
@@ -239,8 +259,11 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
         # A static cache's step (one query, everything compressed): plan over the whole storage; the
         # lean programs stop at the query's position, which they read on the device.
         end = n_fast = k.extent
+    block = block or default_block(k.spec, v.spec, d, b * hkv * nqb, n_fast)
+    block_n = block[0]
     sms = _sms(q.device)
-    s_fast, c_fast = _splits(0, n_fast, block_n, b * hkv * nqb, splits, sms)
+    per_sm = programs_per_sm(k.spec, v.spec, block)
+    s_fast, c_fast = _splits(0, n_fast, block_n, b * hkv * nqb, splits, sms, per_sm)
     s_gen, c_gen = _splits(g0, end, GENERAL_BLOCK[0], b * hkv * nqb, splits, sms)
     ring = (k.ring or 0) if static else 0
     if ring:

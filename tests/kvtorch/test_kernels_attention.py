@@ -291,18 +291,32 @@ def test_gpu_size_long_prefill_chunk_with_float_windows(text):
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), text)
 
 
-@pytest.mark.parametrize("text,d,programs,block", [
-    ("int4", 128, 8 * 8, (64, 2, 3)),  # batch 8 x 8 KV heads: many programs, 2-warp blocks
-    ("int8", 128, 1 * 8, (128, 4, 3)),  # batch 1: few programs, 4-warp blocks and more splits
-    ("int2", 64, 8 * 3, (64, 2, 3)),
-    ("int4", 256, 8, (128, 8, 3)),  # head dim 256 keeps the 8-warp block
-    ("int8", 256, 8, (64, 4, 3)),
-    ("int3", 128, 64, (64, 4, 2)),  # 3-bit tiles: the block that fits an H200's shared memory
-    ("int4-kchan", 128, 64, (64, 4, 3)),  # channel-axis keys: unchanged
+@pytest.mark.parametrize("text,d,programs,keys,block", [
+    ("int4", 128, 8 * 8, 4096, (64, 2, 3)),  # batch 8 x 8 KV heads: many programs, 2-warp blocks
+    ("int4", 128, 8 * 8, 32768, (128, 4, 3)),  # ... but 4-bit K and V over long contexts keep 4 warps
+    ("int8", 128, 8 * 8, 32768, (64, 2, 3)),
+    ("int8", 128, 1 * 8, 4096, (128, 4, 3)),  # batch 1: few programs, 4-warp blocks and more splits
+    ("int2", 64, 8 * 3, 32768, (64, 2, 3)),
+    ("int4", 256, 8, 4096, (128, 8, 3)),  # head dim 256 keeps the 8-warp block
+    ("int8", 256, 8, 4096, (64, 4, 3)),
+    ("int3", 128, 64, 4096, (64, 4, 2)),  # 3-bit tiles: the block that fits an H200's shared memory
+    ("int4-kchan", 128, 64, 32768, (64, 4, 3)),  # channel-axis keys: unchanged
+    ("rank32-random", 128, 64, 32768, (128, 4, 3)),
+    ("krank32v4-kq4-krandom", 128, 64, 32768, (64, 4, 3)),  # a hybrid: the general default
 ])
-def test_default_block_follows_the_launch_policy(text, d, programs, block):
+def test_default_block_follows_the_launch_policy(text, d, programs, keys, block):
     spec = kvspec.parse(text)
-    assert ka.default_block(spec.k, spec.v, d, programs) == block
+    assert ka.default_block(spec.k, spec.v, d, programs, keys) == block
+
+
+@pytest.mark.parametrize("text,block,per_sm", [
+    ("int4", (128, 4, 3), 8), ("int4", (64, 2, 3), 4), ("int8", (128, 4, 3), 4), ("rank32-random", (128, 4, 3), 4),
+])
+def test_programs_per_sm_doubles_only_for_4_bit_in_4_warp_blocks(text, block, per_sm):
+    spec = kvspec.parse(text)
+    assert ka.programs_per_sm(spec.k, spec.v, block) == per_sm
+    n, _ = ka._splits(0, 32768, block[0], 64, None, 132, per_sm)
+    assert n == per_sm * 132 // 64  # batch 8 x 8 KV heads over 32k keys: 16 or 8 splits
 
 
 @pytest.mark.parametrize("keys,programs,splits", [
