@@ -10,7 +10,7 @@ from rich.console import Console
 
 import kvspec
 from kvspec.budget import kv_bytes
-from kvspec.models import DEFAULT_MODEL
+from kvspec.models import DEFAULT_MODEL, resolve_alias
 
 from . import bases as basis_store
 from . import experiment
@@ -33,12 +33,10 @@ def chat(
     save_cache: Path = typer.Option(None, "--save-cache", help="Write the cache to this file when the chat ends."),
 ) -> None:
     """Chat with a model whose KV cache is compressed per --kv."""
+    alias = resolve_alias(model)
+    experiment.check_spec(kv, alias.shape.head_dim if alias else None)  # before the slow load
     runner = experiment.load_runner(backend, model, device)
-    try:
-        spec = kvspec.parse(kv)
-        spec.check_head_dim(runner.shape.head_dim)
-    except kvspec.SpecError as e:
-        raise typer.BadParameter(str(e), param_hint="--kv") from None
+    spec = experiment.check_spec(kv, runner.shape.head_dim)
     bases = experiment.ensure_bases(runner, [spec], data, 8192)
     spec_bases = basis_store.for_spec(bases, spec, runner.shape.layers) if bases is not None else None
     cache = runner.new_cache(spec, spec_bases) if load_cache is None else loaded(runner, load_cache, spec)

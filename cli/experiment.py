@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import kvspec
 from kvspec.budget import bits_per_element
+from kvspec.models import resolve_alias
 
 from . import backend as backends
 from . import bases as basis_store
@@ -66,8 +67,10 @@ def load_tokens(runner, data: str, max_tokens: int, part: str = "eval") -> np.nd
     return tokens
 
 
-def check_early(spec_texts: list[str], data: str, context: int, stride: int | None) -> None:
-    """Usage errors that need no model, raised before the (slow) model load."""
+def check_early(spec_texts: list[str], data: str, context: int, stride: int | None, model: str | None = None) -> None:
+    """Usage errors that need no model, raised before the (slow) model load: for an alias `model`,
+    also the specs against its head dim and the context against its length."""
+    alias = resolve_alias(model) if model else None
     if stride is not None and stride > context:
         raise typer.BadParameter(f"--stride {stride} exceeds --context {context}", param_hint="--stride")
     try:
@@ -75,18 +78,32 @@ def check_early(spec_texts: list[str], data: str, context: int, stride: int | No
     except corpora.CorpusError as e:
         raise typer.BadParameter(str(e), param_hint="--data") from None
     for text in spec_texts:
-        try:
-            kvspec.parse(text)
-        except kvspec.SpecError as e:
-            raise typer.BadParameter(str(e), param_hint="--kv") from None
+        check_spec(text, alias.shape.head_dim if alias else None)
+    if alias:
+        check_context(context, alias.max_positions)
+
+
+def check_spec(text: str, head_dim: int | None) -> kvspec.KVSpec:
+    """The parsed spec (checked against `head_dim` when given); a bad one is a usage error naming the fix."""
+    try:
+        spec = kvspec.parse(text)
+        if head_dim is not None:
+            spec.check_head_dim(head_dim)
+    except kvspec.SpecError as e:
+        raise typer.BadParameter(str(e), param_hint="--kv") from None
+    return spec
+
+
+def check_context(context: int, max_positions: int | None) -> None:
+    if max_positions and context > max_positions:
+        raise typer.BadParameter(f"--context {context} exceeds the model's {max_positions} positions", param_hint="--context")
 
 
 def make_setup(runner, data: str, max_tokens: int, context: int, stride: int | None, chunk: int, lastword: int, seed: int) -> Setup:
     stride = stride or context
     if stride > context:
         raise typer.BadParameter(f"--stride {stride} exceeds --context {context}", param_hint="--stride")
-    if runner.max_context and context > runner.max_context:
-        raise typer.BadParameter(f"--context {context} exceeds the model's {runner.max_context} positions", param_hint="--context")
+    check_context(context, runner.max_context)
     tokens = load_tokens(runner, data, max_tokens)
     setup = Setup(runner, data, tokens, min(context, len(tokens)), min(stride, len(tokens)), chunk, seed)
     if lastword:
@@ -99,11 +116,7 @@ def parse_specs(texts: list[str], head_dim: int) -> list[kvspec.KVSpec]:
     """fp16 first, then each distinct spec; a bad spec is a usage error naming the fix."""
     specs = [kvspec.parse("fp16")]
     for text in texts:
-        try:
-            spec = kvspec.parse(text)
-            spec.check_head_dim(head_dim)
-        except kvspec.SpecError as e:
-            raise typer.BadParameter(str(e), param_hint="--kv") from None
+        spec = check_spec(text, head_dim)
         if spec not in specs:
             specs.append(spec)
     return specs

@@ -50,7 +50,7 @@ def ppl(
                                  "MLX runs a model on one device (drop --device-map, or pass --backend torch)",
                                  param_hint="--device-map")
     given = [s for v in kv or [] for s in v.split(",") if s.strip()]
-    experiment.check_early(given, data, context, stride)
+    experiment.check_early(given, data, context, stride, model)
     runner = experiment.load_runner(backend, model, "auto" if device_map else device)
     texts = given or default_specs(runner.shape.head_dim)
     specs = experiment.parse_specs(texts, runner.shape.head_dim)

@@ -67,7 +67,7 @@ def sweep(
         raise typer.BadParameter("fans out over CUDA GPUs, which only the torch backend uses; "
                                  "pass --backend torch, or --workers N for MLX worker processes", param_hint="--gpus")
     devices = fanout_devices(gpus, workers, device)
-    experiment.check_early(list(extra or []), data, context, stride)
+    experiment.check_early(list(extra or []), data, context, stride, model)
     runner = experiment.load_runner(backend, model, "cpu" if devices else device)
     try:
         budget_list = [float(b) for b in budgets.split(",") if b.strip()]

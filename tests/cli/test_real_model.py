@@ -1,4 +1,9 @@
-"""`kvmlx ppl` and `kvmlx chat` end to end on the bundled SmolLM2, through both backends."""
+"""`kvmlx ppl` and `kvmlx chat` end to end on the bundled SmolLM2, through both backends.
+
+Each backend's model loads once for the module (commands here run in one process through typer's
+CliRunner): a load takes ~35 s on a CPU, and what a command does with the runner is under test, not
+the load itself (tests/kvtorch/test_runner.py, tests/kvmlx/test_gguf.py cover loading).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,28 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from kvmlx_cli import backend as backends
 from kvmlx_cli.app import app
 from kvspec.models import ALIASES, ModelNotAvailable
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def load_once():
+    """kvmlx_cli.backend.runner memoized by its arguments for this module's commands."""
+    loaded, load = {}, backends.runner
+
+    def memo(backend, model, **options):
+        key = (backends.resolve(backend), model, tuple(sorted(options.items())))
+        if key not in loaded:
+            loaded[key] = load(backend, model, **options)
+        return loaded[key]
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(backends, "runner", memo)
+        yield
 
 
 def needs(backend: str) -> None:
@@ -28,11 +50,13 @@ def flat(text: str) -> str:
     return " ".join(text.replace("│", " ").split())
 
 
-@pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_ppl_json_rows(backend):
+# MLX's CPU matmuls run at ~2.5 GFLOP/s (the wheel's reference BLAS; numpy here: ~110), so its run
+# is shorter and skips the final-word test (runner.greedy is checked in tests/conformance).
+@pytest.mark.parametrize("backend, tokens, lastword", [("torch", 80, 2), ("mlx", 40, 0)])
+def test_ppl_json_rows(backend, tokens, lastword):
     needs(backend)
-    r = runner.invoke(app, ["ppl", "--backend", backend, "--max-tokens", "80", "--context", "40", "--chunk", "16",
-                            "--kv", "int8,int4", "--kv", "rank16-random", "--lastword", "2", "--json"])
+    r = runner.invoke(app, ["ppl", "--backend", backend, "--max-tokens", str(tokens), "--context", "40", "--chunk", "16",
+                            "--kv", "int8,int4", "--kv", "rank16-random", "--lastword", str(lastword), "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     rows = report["results"]
@@ -40,9 +64,12 @@ def test_ppl_json_rows(backend):
     assert report["backend"] == backend and "decoding" in report["protocol"]
     assert report["command"].startswith("kvmlx ppl") and report["hardware"]
     for x in rows:
-        assert x["tokens"] == 79 and 1 < x["ppl"] < 1e6  # rank16 on a random basis ruins the model
+        assert x["tokens"] == tokens - 1 and 1 < x["ppl"] < 1e6  # rank16 on a random basis ruins the model
         assert x["ppl_ci"][0] < x["ppl"] < x["ppl_ci"][1]
-        assert x["lastword_n"] == 2 and 0 <= x["lastword_accuracy"] <= 1
+        if lastword:
+            assert x["lastword_n"] == lastword and 0 <= x["lastword_accuracy"] <= 1
+        else:
+            assert "lastword_n" not in x
     assert rows[0]["delta_ppl"] == 0 and rows[0]["bits_per_element"] == 16
     assert rows[1]["bits_per_element"] == 8.5 and abs(rows[1]["delta_ppl_pct"]) < 5
     assert rows[3]["kv_bytes"] < rows[1]["kv_bytes"] < rows[0]["kv_bytes"]
@@ -60,8 +87,6 @@ def test_chat_one_shot_answers(backend):
 @pytest.mark.parametrize(
     "args, fix",
     [
-        (["--kv", "int4-g128"], "use one of g32, g64"),
-        (["--context", "100000"], "exceeds the model's 8192 positions"),
         (["--model", "no-such-model"], "--model"),
         (["--data", "nowhere"], "use one of bbc"),
         (["--stride", "50", "--context", "20"], "exceeds --context"),

@@ -64,6 +64,8 @@ def test_same_model_facts(runners):
     torch_r, mlx_r = runners
     assert torch_r.fingerprint == mlx_r.fingerprint
     assert torch_r.shape == mlx_r.shape and torch_r.windows == mlx_r.windows
+    # the CLI checks --context against the alias before loading (kvmlx_cli.experiment.check_early)
+    assert torch_r.max_context == mlx_r.max_context == ALIASES["smollm2-135m"].max_positions
     assert torch_r.tokenize(PROMPT) == mlx_r.tokenize(PROMPT)
 
 
