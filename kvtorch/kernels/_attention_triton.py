@@ -167,7 +167,9 @@ def _float_tile(f_ptr, sf_n, f_start, offs, ok, D: tl.constexpr, RING: tl.conste
     return tl.load(f_ptr + i[:, None] * sf_n + d[None, :], mask=live[:, None], other=0.0)
 
 
-@triton.jit
+# Arguments that move with every decode step: Triton would specialize each on divisibility by 16 and
+# compile a new variant the first time it crosses a multiple (a stall of ~1 s mid-generation).
+@triton.jit(do_not_specialize=["k_fstart", "v_fstart", "T_end", "lo", "chunk", "slot0", "S"])
 def _split_kernel(
     q_ptr, sq_b, sq_h, sq_t, pos_ptr, ksplit_ptr, vsplit_ptr,
     kc_ptr, skc_b, skc_h, skc_n, ks_ptr, kb_ptr, sks_b, sks_h, sks_n, kf_ptr, skf_b, skf_h, skf_n, k_fstart,

@@ -291,6 +291,35 @@ def test_gpu_size_long_prefill_chunk_with_float_windows(text):
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), text)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compiled variants")
+def test_decoding_compiles_each_launch_once():
+    """Positions, splits and float starts move with every decode step; none of them may select a new
+    compiled variant of the split kernel (Triton specializes integers on divisibility by 16)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    import kvtorch
+    import kvtorch.kernels  # noqa: F401 - registers the kernels with kvtorch's dispatcher
+    from kvtorch.kernels import _attention_triton as kat
+
+    config = MistralConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=100, sliding_window=None)
+    model = MistralForCausalLM(config).eval().cuda().half()
+    cache = kvtorch.make_cache(model, "int4-res8")
+    tok = torch.randint(0, 100, (1, 1000), device="cuda")
+
+    def variants():
+        return sum(len(c[0]) for c in kat._split_kernel.device_caches.values())
+
+    with torch.no_grad():
+        for _ in range(3):  # the prefill and the first steps compile what decoding needs
+            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        before = variants()
+        for _ in range(40):  # crosses multiples of 16 in every moving argument
+            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    assert variants() == before
+
+
 @pytest.mark.parametrize("text,d,programs,keys,block", [
     ("int4", 128, 8 * 8, 4096, (64, 2, 3)),  # batch 8 x 8 KV heads: many programs, 2-warp blocks
     ("int4", 128, 8 * 8, 32768, (128, 4, 3)),  # ... but 4-bit K and V over long contexts keep 4 warps
