@@ -27,8 +27,8 @@ BN 64, 2 warps: 7.57, and 5.74 in pair order (PRMT 443 -> ~0 per warp and block)
 PTX, BN 64: 9.0; int8, BN 64: 7.9 (2 warps: 9.15, or 7.47 with its PTX path); int2, BN 128: 8.9;
 rank32 (bf16 coefficients): 5.9 per coefficient. An H200 issues about 33e12 thread-instructions/s,
 so at 4.1 TB/s a 4.5-bit cache is memory-bound only below about 4.5 per element (int8: 9). Yet the
-pair order's 24% fewer instructions moved int4's time by only -2..+3% on the H200 (b8 x 32k 0.2435
--> 0.2392 ms at its best block): the loop waits on latencies at 1.9 warps per scheduler with 46% of
+pair order's 24% fewer instructions moved int4's time by 1.3% on the H200 (b8 x 32k, each at its
+best block, A/B in one session: 0.2429 -> 0.2397 ms): the loop waits on latencies at 1.9 warps per scheduler with 46% of
 issue slots busy (ncu, benchmarks/results/ncu_decode_attention_nvidia_h200.txt), so fewer
 instructions help only with more warps in flight.
 Measured against what a factored loop would cost (never dequantize: scores = sum_g s_g (q_g . c_g)

@@ -125,37 +125,26 @@ def pack_codes(c, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
         return tl.reduce(tl.reshape(c, (BT, DP // CPW, CPW)) << sh[None, None, :], 2, bit_or)
 
 
-def _dequant4_pairs_ptx() -> str:
-    """PTX for the 8 codes of one word (given twice, as both elements of the pack): output k holds
-    codes (k, k + 4) in its two 16-bit lanes, cut out of the word shifted by 4k with one lop3 as
-    magic + code, then code = fma(x, 1, -1024) and value = fma(code, scale, bias)."""
+def _dequant_ptx(mask: int, cuts: list[str]) -> str:
+    """PTX that writes output k ($k) from cut k: the cut leaves two codes in the 16-bit lanes of x as
+    fp16 magic + code (lop3 with `mask` and 0x64 high bytes: 1024 + code, exact), then code =
+    fma(x, 1, -1024) and value = fma(code, scale, bias) with scales and biases in $6 and $7 (the
+    inputs are words $4, $5), two lanes per op."""
     lines = ["{", ".reg .b32 x, m, g, n, o;",
-             "mov.b32 m, 0x000F000F; mov.b32 g, 0x64006400; mov.b32 n, 0xE400E400; mov.b32 o, 0x3C003C00;"]
-    for k in range(4):
-        word = "$4" if k == 0 else "x"
-        if k:
-            lines.append(f"shr.b32 x, $4, {4 * k};")
-        lines.append(f"lop3.b32 x, {word}, m, g, 0xEA; fma.rn.f16x2 x, x, o, n; fma.rn.f16x2 ${k}, x, $6, $7;")
+             f"mov.b32 m, 0x{mask:08X}; mov.b32 g, 0x64006400; mov.b32 n, 0xE400E400; mov.b32 o, 0x3C003C00;"]
+    for k, cut in enumerate(cuts):
+        lines.append(f"{cut} fma.rn.f16x2 x, x, o, n; fma.rn.f16x2 ${k}, x, $6, $7;")
     return " ".join(lines + ["}"])
 
 
-DEQUANT4_PAIRS_F16 = tl.constexpr(_dequant4_pairs_ptx())
-
-
-def _dequant8_ptx() -> str:
-    """PTX for the 4 codes of each of 2 words: byte k of both words is gathered into the two 16-bit
-    lanes with one prmt, lop3 sets their high bytes to 0x64 (magic 1024 + code in fp16), then
-    code = fma(x, 1, -1024) and value = fma(code, scale, bias), two lanes per op."""
-    lines = ["{", ".reg .b32 x, m, g, n, o;",
-             "mov.b32 m, 0x00FF00FF; mov.b32 g, 0x64006400; mov.b32 n, 0xE400E400; mov.b32 o, 0x3C003C00;"]
-    for k in range(4):
-        # selector: result byte 0 <- byte k of word 0, byte 2 <- byte k of word 1 (index 4 + k)
-        lines.append(f"prmt.b32 x, $4, $5, {(4 + k) << 8 | k:#06x}; lop3.b32 x, x, m, g, 0xEA;")
-        lines.append(f"fma.rn.f16x2 x, x, o, n; fma.rn.f16x2 ${k}, x, $6, $7;")
-    return " ".join(lines + ["}"])
-
-
-DEQUANT8_F16 = tl.constexpr(_dequant8_ptx())
+# 4 bits, one word given twice (both elements of the pack): output k holds codes (k, k + 4), cut
+# out of the word shifted by 4k.
+DEQUANT4_PAIRS_F16 = tl.constexpr(_dequant_ptx(0x000F000F, ["lop3.b32 x, $4, m, g, 0xEA;"] + [
+    f"shr.b32 x, $4, {4 * k}; lop3.b32 x, x, m, g, 0xEA;" for k in range(1, 4)]))
+# 8 bits, two words: prmt gathers byte k of word 0 into result byte 0 and byte k of word 1 (index
+# 4 + k) into result byte 2.
+DEQUANT8_F16 = tl.constexpr(_dequant_ptx(0x00FF00FF, [
+    f"prmt.b32 x, $4, $5, {(4 + k) << 8 | k:#06x}; lop3.b32 x, x, m, g, 0xEA;" for k in range(4)]))
 
 
 @triton.jit
