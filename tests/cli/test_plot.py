@@ -7,12 +7,11 @@ from typer.testing import CliRunner
 
 from kvmlx_cli.app import app
 
+from .helpers import flat
+
 pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'kvmlx[plot]')")
 runner = CliRunner()
 
-
-def flat(text: str) -> str:
-    return " ".join(text.replace("│", " ").split())
 
 
 def sweep(tmp_path, model: str) -> str:

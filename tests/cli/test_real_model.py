@@ -17,6 +17,8 @@ from kvmlx_cli import backend as backends
 from kvmlx_cli.app import app
 from kvspec.models import ALIASES, ModelNotAvailable
 
+from .helpers import flat
+
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 
@@ -45,9 +47,6 @@ def needs(backend: str) -> None:
     except ModelNotAvailable as e:
         pytest.skip(str(e))
 
-
-def flat(text: str) -> str:
-    return " ".join(text.replace("│", " ").split())
 
 
 # MLX's CPU matmuls run at ~2.5 GFLOP/s (the wheel's reference BLAS; numpy here: ~110), so its run

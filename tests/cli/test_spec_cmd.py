@@ -6,12 +6,10 @@ from typer.testing import CliRunner
 
 from kvmlx_cli.app import app
 
+from .helpers import flat
+
 runner = CliRunner()
 
-
-def flat(text: str) -> str:
-    """Error text without rich's box drawing and line wrapping."""
-    return " ".join(text.replace("│", " ").split())
 
 
 def test_describe_issue_example():

@@ -8,11 +8,10 @@ from kvmlx_cli import experiment
 from kvmlx_cli.app import app
 from kvspec.models import ALIASES
 
+from .helpers import flat
+
 runner = CliRunner()
 
-
-def flat(text: str) -> str:
-    return " ".join(text.replace("│", " ").split())
 
 
 @pytest.fixture
