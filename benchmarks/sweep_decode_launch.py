@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["int4"], choices=["int8", "int4", "int2", "rank32"])
     ap.add_argument("--configs", nargs="+", default=["default"])
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--kernel", default="", help="what the records measure (a commit or a change), stored with them")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     configs = [(text, parse_config(text)) for text in args.configs]
@@ -98,7 +99,8 @@ def main() -> None:
                   f"{kernel.n_spills} spills, {kernel.metadata.shared:,} B shared, err {err:.1e}")
     gpu = torch.cuda.get_device_name().lower().replace(" ", "_")
     record = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  command="benchmarks/sweep_decode_launch.py " + " ".join(sys.argv[1:]), shape=args.shape,
+                  kernel=args.kernel, command="benchmarks/sweep_decode_launch.py " + " ".join(sys.argv[1:]),
+                  shape=args.shape,
                   sdpa_ms=sdpa, rows=rows)
     for folder in {args.out, *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])}:
         path = folder / f"decode_launch_{gpu}.json"

@@ -200,7 +200,8 @@ def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0) -> tup
     2 warps over 64 keys otherwise (batch 8: int8 0.206 vs 0.335 for (64, 4, 3)); 4-bit K and V over
     LONG_KEYS or more keep 4 warps over 128 keys at every batch, with twice the splits
     (`programs_per_sm`; b8 x 32k: 0.2392 ms vs 0.2516 for (64, 2, 3); b8 x 4k: (64, 2, 3) 0.0429 vs
-    0.0465). At D 256 int4 keeps (128, 8, 3), the rest (64, 4, 3). Low-rank K and V: 4 warps over 128
+    0.0465). At D 256 int4 takes (128, 8, 3), or (64, 4, 3) with 8+ programs over LONG_KEYS or more;
+    the rest (64, 4, 3). Low-rank K and V: 4 warps over 128
     keys (rank 32, b8 x 32k: 0.0827 ms vs 0.0875 for (64, 4, 3); b1 x 32k: 0.0236 vs 0.0269).
     3-bit tiles gather their codes from two words each, which the pipeline stages multiply:
     (64, 4, 3) asks 284,672 B of shared memory at D 128 (an H200 has 232,448), (64, 4, 2) 153,600,
@@ -209,7 +210,10 @@ def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0) -> tup
         long_int4 = _int4_tokens(kspec, vspec) and keys >= LONG_KEYS
         return (128, 4, 3) if programs <= 16 or long_int4 else (64, 2, 3)
     if d > 128 and _int4_tokens(kspec, vspec):
-        return 128, 8, 3  # D 256: 4 warps over 128 keys took 1.3x as long (Gemma-3 heads, b8 x 32k)
+        # D 256 (Gemma-3 heads): 4 warps over 128 keys took 1.3x as long; 4 warps over 64 keys win
+        # with 8+ programs over long contexts (b8 x 32k 0.1058 vs 0.1141 ms, b32 x 32k 0.372 vs
+        # 0.399) and lose with fewer keys or programs (b8 x 4k 0.0273 vs 0.0253, b1 x 32k 0.0727 vs 0.0585).
+        return (64, 4, 3) if programs >= 8 and keys >= LONG_KEYS else (128, 8, 3)
     if isinstance(kspec, LowRank) and isinstance(vspec, LowRank):
         return 128, 4, 3
     if d > 64 and any(q is not None and q.bits == 3 for q in map(quantizer, (kspec, vspec))):

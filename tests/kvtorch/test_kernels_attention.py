@@ -326,7 +326,9 @@ def test_decoding_compiles_each_launch_once():
     ("int8", 128, 8 * 8, 32768, (64, 2, 3)),
     ("int8", 128, 1 * 8, 4096, (128, 4, 3)),  # batch 1: few programs, 4-warp blocks and more splits
     ("int2", 64, 8 * 3, 32768, (64, 2, 3)),
-    ("int4", 256, 8, 4096, (128, 8, 3)),  # head dim 256 keeps the 8-warp block
+    ("int4", 256, 8, 4096, (128, 8, 3)),  # head dim 256 keeps the 8-warp block over short contexts ...
+    ("int4", 256, 1, 32768, (128, 8, 3)),  # ... and with few programs,
+    ("int4", 256, 8, 32768, (64, 4, 3)),  # but not with 8+ programs over long ones
     ("int8", 256, 8, 4096, (64, 4, 3)),
     ("int3", 128, 64, 4096, (64, 4, 2)),  # 3-bit tiles: the block that fits an H200's shared memory
     ("int4-kchan", 128, 64, 32768, (64, 4, 3)),  # channel-axis keys: unchanged
