@@ -48,6 +48,33 @@ def split_positions(t: TensorSpec, residual: int, q_pos: torch.Tensor) -> torch.
     return older
 
 
+# Positions 0, 1, 2, ... per device, shared by every layer: a chunk's positions and (past the
+# residual window) its token-axis splits are views of it, where computing them launched four
+# kernels per layer and step. Grown by doubling; views handed out keep older tables alive.
+_POSITIONS: dict[torch.device, torch.Tensor] = {}
+
+
+def position_range(lo: int, hi: int, device: torch.device) -> torch.Tensor:
+    """torch.arange(lo, hi) (int64 on `device`, 0 <= lo <= hi) as a view of a shared table: do not write to it."""
+    table = _POSITIONS.get(device)
+    if table is None or table.shape[0] < hi:
+        # A normal tensor even under inference mode, like the stores' buffers.
+        with torch.inference_mode(False):
+            table = torch.arange(max(hi, 2 * (0 if table is None else table.shape[0]), 4096), device=device)
+        _POSITIONS[device] = table
+    return table[lo:hi]
+
+
+def chunk_splits(t: TensorSpec, residual: int, t0: int, t1: int, q_pos: torch.Tensor) -> torch.Tensor:
+    """`split_positions` of the queries at positions [t0, t1) (q_pos), as a table view where it is one:
+    token-axis and low-rank tensors once every query is past the residual window (n_quantized(p + 1)
+    = p + 1 - residual)."""
+    first = t0 + 1 - residual
+    if first >= 0 and not isinstance(t, Float) and not (isinstance(t, Quant) and t.axis == "channel"):
+        return position_range(first, t1 + 1 - residual, q_pos.device)
+    return split_positions(t, residual, q_pos)
+
+
 def array_names(t: TensorSpec) -> tuple[str, ...]:
     """Names of the compressed arrays of a tensor spec (kvspec.layout)."""
     if isinstance(t, Float):
@@ -501,10 +528,11 @@ class LayerStore:
         fv, fv0 = self.v.append(v, checked=True, pending=pending)
         if pending:
             self._quantize(pending)
-        q_pos = torch.arange(t0, self.tokens, device=k.device)
-        k_split = split_positions(self.k.spec, self.residual, q_pos)
+        q_pos = position_range(t0, self.tokens, k.device)
+        k_split = chunk_splits(self.k.spec, self.residual, t0, self.tokens, q_pos)
         # Same spec, same splits: one set of ops fewer per layer and step.
-        v_split = k_split if self.v.spec == self.k.spec else split_positions(self.v.spec, self.residual, q_pos)
+        v_split = k_split if self.v.spec == self.k.spec else chunk_splits(self.v.spec, self.residual, t0,
+                                                                          self.tokens, q_pos)
         return Chunk(q_pos, self.k.part(fk, fk0, k_split), self.v.part(fv, fv0, v_split))
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -78,6 +78,7 @@ def compressed_rows(part, lo: int, hi: int) -> torch.Tensor:
                           a["biases"][:, :, lo // g : hi // g], q.bits, q.group, q.axis, width)
 
 
+@functools.lru_cache(maxsize=256)  # asked for K and V of every layer at every step; specs are frozen
 def tensor_refusal(t: TensorSpec, head_dim: int) -> str | None:
     """Why the kernels cannot read or write tensors of spec t at this head dim (None: they can).
 

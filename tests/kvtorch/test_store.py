@@ -17,7 +17,14 @@ from kvspec.reference.quant import NonFiniteError  # noqa: E402
 from kvspec.tolerances import assert_close, tolerance  # noqa: E402
 from kvtorch import ops  # noqa: E402
 from kvtorch.buffer import GROWTH, MAX_SPARE, SPARE, TokenBuffer  # noqa: E402
-from kvtorch.store import CHECK_EVERY, LayerStore, TensorStore, split_positions  # noqa: E402
+from kvtorch.store import (  # noqa: E402
+    CHECK_EVERY,
+    LayerStore,
+    TensorStore,
+    chunk_splits,
+    position_range,
+    split_positions,
+)
 
 from .helpers import SPECS, bases_for, chunking, reference_arrays  # noqa: E402
 
@@ -78,6 +85,24 @@ def test_split_positions_is_n_quantized_per_query():
         for t in spec.tensors().values():
             want = [n_quantized(t, spec.residual, p + 1) for p in range(300)]
             assert split_positions(t, spec.residual, pos).tolist() == want
+
+
+def test_chunk_splits_equal_split_positions_for_every_chunk():
+    # Chunks starting inside and past the residual window, single tokens and longer chunks.
+    for text in ("int4", "int2-kchan-g32-res8", "fp16", "rank16-random-res5", "int4-res130"):
+        spec = kvspec.parse(text)
+        for t in spec.tensors().values():
+            for t0, m in ((0, 1), (3, 1), (4, 7), (129, 1), (130, 1), (131, 5), (5000, 1), (9000, 300)):
+                q_pos = position_range(t0, t0 + m, torch.device("cpu"))
+                assert q_pos.tolist() == list(range(t0, t0 + m))
+                want = [n_quantized(t, spec.residual, p + 1) for p in range(t0, t0 + m)]
+                assert chunk_splits(t, spec.residual, t0, t0 + m, q_pos).tolist() == want, (text, t0, m)
+
+
+def test_position_views_stay_valid_when_the_table_grows():
+    early = position_range(10, 12, torch.device("cpu"))
+    late = position_range(100_000, 100_003, torch.device("cpu"))  # beyond any earlier table: it grows
+    assert early.tolist() == [10, 11] and late.tolist() == [100_000, 100_001, 100_002]
 
 
 def test_sliding_float_layer_keeps_its_window():
