@@ -28,9 +28,11 @@ PTX, BN 64: 9.0; int8, BN 64: 7.9 (2 warps: 9.15, or 7.47 with its PTX path); in
 rank32 (bf16 coefficients): 5.9 per coefficient. An H200 issues about 33e12 thread-instructions/s,
 so at 4.1 TB/s a 4.5-bit cache is memory-bound only below about 4.5 per element (int8: 9). Yet the
 pair order's 24% fewer instructions moved int4's time by 1.3% on the H200 (b8 x 32k, each at its
-best block, A/B in one session: 0.2429 -> 0.2397 ms): the loop waits on latencies at 1.9 warps per scheduler with 46% of
-issue slots busy (ncu, benchmarks/results/ncu_decode_attention_nvidia_h200.txt), so fewer
-instructions help only with more warps in flight.
+best block, A/B in one session: 0.2429 -> 0.2397 ms), and neither did 4 warps per scheduler at 128
+registers (keys on the MMA's M side, Hopper wgmma: 0.2416 ms): the L1/shared-memory unit is 79% busy
+(DRAM 27%) with the fp16 tiles' trip through shared memory, 1.8x int8's store wavefronts (narrower
+stores) and half of them bank conflicts (ncu, benchmarks/results/ncu_decode_attention_nvidia_h200.txt).
+Conflict-free 128-bit tile stores are the next lever.
 Measured against what a factored loop would cost (never dequantize: scores = sum_g s_g (q_g . c_g)
 + b_g sum(q_g), values as (p s_g) . c_g + p . b_g, codes as 1024 + c in fp16 lanes, two per LOP3):
 unpacking 0.875 per element for K, 1.375 for V (V pairs two keys per mma register: one PRMT per
