@@ -2,9 +2,12 @@
 kernel per (keys per block, warps, stages), compiled offline for a Hopper GPU (sm_90) on any machine:
 no GPU needed.
 
-Step 1 runs one decode call on CPU under TRITON_INTERPRET=1 to capture the kernel's argument types and
-constexprs for a method and shape; step 2 (a fresh process, without the interpreter) compiles that
-specialization with triton.compile for each config and prints what it asks for. An H200 gives a
+Step 1 runs one decode call on CPU under TRITON_INTERPRET=1 and records the lean launch's arguments and
+constexprs for a method and shape; step 2 (a fresh process, without the interpreter) specializes those
+arguments with Triton's own binder, as a launch on the device does (16-byte aligned pointers, integers
+divisible by 16), compiles that for each config and prints what it asks for: registers and shared
+memory as the H200 reported them for the same launches (int4 (128, 4, 3): 168 registers; int8
+(64, 2, 3): 188), the loop's instructions and its shared-memory accesses by width. An H200 gives a
 program at most 232,448 B of shared memory; a config above that fails at launch there with
 "OutOfResources: shared memory" (as int3 at D 128 with (64, 4, 3) did on 2026-11-29).
 
@@ -20,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +31,10 @@ H200_SMEM = 232_448
 OUT = ROOT / "benchmarks" / "results" / "triton_smem_sm90.json"
 
 
-def capture(method: str, d: int, g: int) -> dict:
-    """Argument types and constexprs of the lean split launch for `method` at head dim d, G heads."""
+def capture(method: str, d: int, g: int, out: str) -> None:
+    """Record the lean split launch (arguments, constexprs) for `method` at head dim d, G heads into `out`."""
     import torch
+    import triton.language as tl
 
     import benchmarks.bench_decode_attention as bda
     from kvtorch.kernels import _attention_triton as at
@@ -45,7 +50,8 @@ def capture(method: str, d: int, g: int) -> dict:
         def __getitem__(self, grid):
             def call(*args, **kw):
                 if not kw.get("GENERAL", True):
-                    seen.update(args=args, kw=kw)
+                    plain = {k: ("dtype", v.name) if isinstance(v, tl.dtype) else v for k, v in kw.items()}
+                    seen.update(args=args, kw=plain)
                 return self.fn[grid](*args, **kw)
             return call
 
@@ -54,51 +60,48 @@ def capture(method: str, d: int, g: int) -> dict:
     k, v = (bda.compressed_part(method, 1, 2, 300, d, gen) for _ in range(2))
     q = torch.randn(1, 2 * g, 1, d).bfloat16()
     ka.attend(q, torch.tensor([299]), k, v, scale=d ** -0.5, block=(16, 4, 1))
-    types = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
-             torch.int64: "*i64"}
-    names = at._split_kernel.fn.arg_names
-    signature, constexprs = {}, {}
-    for name, a in zip(names, seen["args"]):
-        if isinstance(a, torch.Tensor):
-            signature[name] = types[a.dtype]
-        elif isinstance(a, int):
-            signature[name] = "i64" if abs(a) >= 2**31 else "i32"
-        else:
-            signature[name] = "fp32"
-    for name in names[len(seen["args"]):]:
-        signature[name] = "constexpr"
-        value = seen["kw"][name]
-        constexprs[name] = str(value) if name == "DOT" else value
-    return {"signature": signature, "constexprs": constexprs}
+    torch.save(seen, out)
 
 
-def compile_configs(spec: dict, method: str, configs: list[tuple[int, int, int]]) -> list[dict]:
+def compile_configs(path: str, method: str, configs: list[tuple[int, int, int]]) -> list[dict]:
+    """triton.compile the recorded launch for sm_90 per config, its arguments specialized by Triton's own
+    binder as a launch on the device specializes them (16-byte aligned pointers, multiples of 16)."""
+    import torch
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
     from kvtorch.kernels import _attention_triton as at
 
-    base = dict(spec["constexprs"], MM_F32=False, PTX=method in ("int4", "int8"))
-    base["DOT"] = tl.bfloat16 if "bf" in base["DOT"] else tl.float16
+    seen = torch.load(path, weights_only=False)
+    kw = {k: getattr(tl, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[v[1]])
+          if isinstance(v, tuple) and v[:1] == ("dtype",) else v for k, v in seen["kw"].items()}
+    kw.update(MM_F32=False, PTX=method in ("int4", "int8"), DOT=tl.float16)
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    fn = at._split_kernel
     rows = []
     for bn, warps, stages in configs:
-        src = ASTSource(fn=at._split_kernel, signature=spec["signature"], constexprs=dict(base, BN=bn))
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        launch = dict(kw, BN=bn, num_warps=warps, num_stages=stages)
+        bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*seen["args"], **launch)
+        options, signature, constexprs, attrs = fn._pack_args(backend, launch, bound, spec, opts)
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
         loop = sass_loop(kernel.asm["cubin"])
-        per_element = loop["instructions"] * warps * 32 / (bn * (base["DK"] + base["DV"]))
+        per_element = loop["instructions"] * warps * 32 / (bn * (kw["DK"] + kw["DV"]))
         rows.append({"block": [bn, warps, stages], "shared_bytes": kernel.metadata.shared,
                      "fits_h200": kernel.metadata.shared <= H200_SMEM, "registers": loop["registers"],
                      "loop_instructions_per_warp": loop["instructions"],
-                     "loop_instructions_per_element": per_element, "loop_opcodes": loop["opcodes"]})
+                     "loop_instructions_per_element": per_element, "loop_opcodes": loop["opcodes"],
+                     "loop_shared_accesses": loop["shared"]})
     return rows
 
 
 def sass_loop(cubin: bytes) -> dict:
     """Registers per thread and the largest loop of a compiled kernel's SASS (the lean loop over key
-    blocks): instructions per warp per iteration and their opcodes, most frequent first. Offline
-    compiles lack the device's divisibility specialization, so loads count unvectorized here."""
+    blocks): instructions per warp per iteration, their opcodes (most frequent first) and the
+    shared-memory accesses by opcode with width (STS.128, LDSM...)."""
     import collections
     import re
     import tempfile
@@ -125,10 +128,11 @@ def sass_loop(cubin: bytes) -> dict:
         if m and labels.get(m.group(1), i + 1) <= i:
             best = max(best, (i - labels[m.group(1)] + 1, labels[m.group(1)], i))
     n, first, last = best
-    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
-                              for t in instructions[first:last + 1])
+    full = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in instructions[first:last + 1]]
+    ops = collections.Counter(op.split(".")[0] for op in full)
+    shared = collections.Counter(op for op in full if op.split(".")[0] in ("STS", "LDS", "LDSM", "STSM"))
     return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "instructions": n,
-            "opcodes": dict(ops.most_common(12))}
+            "opcodes": dict(ops.most_common(12)), "shared": dict(shared.most_common())}
 
 
 def main() -> None:
@@ -138,27 +142,30 @@ def main() -> None:
     ap.add_argument("g", type=int, help="query heads per KV head")
     ap.add_argument("configs", nargs="*", default=["64,4,3"], help="keys per block,warps,stages")
     ap.add_argument("--json", type=Path, default=OUT, help="file the records are appended to")
-    ap.add_argument("--capture", action="store_true", help=argparse.SUPPRESS)  # step 1, in the child
+    ap.add_argument("--capture", help=argparse.SUPPRESS)  # step 1, in the child: where to record the launch
     args = ap.parse_args()
     method, d, g, out_path = args.method, args.d, args.g, args.json
     if args.capture:
-        print(json.dumps(capture(method, d, g)))
+        capture(method, d, g, args.capture)
         return
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, __file__, method, str(d), str(g), "--capture"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, check=True)
-    spec = json.loads(out.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        launch = str(Path(tmp) / "launch.pt")
+        subprocess.run([sys.executable, __file__, method, str(d), str(g), "--capture", launch], env=env, cwd=ROOT,
+                       check=True, capture_output=True, text=True)
+        rows = compile_configs(launch, method, configs)
     import triton
 
     records = json.loads(out_path.read_text()) if out_path.exists() else []
-    for row in compile_configs(spec, method, configs):
-        record = {"method": method, "head_dim": d, "gqa": g, **row, "target": "cuda sm_90", "triton": triton.__version__}
+    for row in rows:
+        record = {"method": method, "head_dim": d, "gqa": g, **row, "target": "cuda sm_90", "specialized": "as a device launch (Triton binder)",
+                  "triton": triton.__version__}
         records.append(record)
         print(f"{method} D{d} G{g} block {tuple(row['block'])}: {row['shared_bytes']:,} B shared "
               f"({'fits' if row['fits_h200'] else 'exceeds'} the H200's {H200_SMEM:,}), {row['registers']} registers, "
               f"lean loop {row['loop_instructions_per_warp']} instructions per warp per block = "
-              f"{row['loop_instructions_per_element']:.2f} per K/V element")
+              f"{row['loop_instructions_per_element']:.2f} per K/V element; shared accesses {row['loop_shared_accesses']}")
     out_path.write_text(json.dumps(records, indent=1))
 
 

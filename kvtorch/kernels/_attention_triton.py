@@ -20,7 +20,9 @@ back in stream order at the end (a dot over D does not depend on the order of D)
 
 Instruction budget (SASS of the lean loop compiled offline for sm_90 with Triton 3.6: triton.compile
 with GPUTarget("cuda", 90, 32), then the bundled cuobjdump; instructions per thread per loop
-iteration over the K and V elements a thread covers; D 128, group 64, GQA 4 padded to 16 rows):
+iteration over the K and V elements a thread covers; D 128, group 64, GQA 4 padded to 16 rows;
+compiled without the device's argument specialization, which benchmarks/triton_smem.py now applies:
+with it int4 (128, 4, 3) counts 5.05, (64, 2, 3) 4.91, int8 (64, 2, 3) 5.46, registers as on the H200):
 int4 PTX, BN 128, 8 warps: 6.75 per element (128 regs; PRMT 0.53, register moves 0.64, packed FMA
 0.5, LOP3/SHF 0.44, shared-memory traffic ~0.3, HMMA 0.125, the 16-row online softmax ~0.75);
 BN 64, 2 warps: 7.57, and 5.74 in pair order (PRMT 443 -> ~0 per warp and block); int4 without
