@@ -172,8 +172,11 @@ def _float_tile(f_ptr, sf_n, f_start, offs, ok, D: tl.constexpr, RING: tl.conste
 
 
 # Arguments that move with every decode step: Triton would specialize each on divisibility by 16 and
-# compile a new variant the first time it crosses a multiple (a stall of ~1 s mid-generation).
-@triton.jit(do_not_specialize=["k_fstart", "v_fstart", "T_end", "lo", "chunk", "slot0", "S"])
+# compile a new variant the first time it crosses a multiple (a stall of ~1 s mid-generation). The
+# positions and splits are views of kvtorch.store's position table at the step's offset, so their
+# 16-byte alignment changes from step to step too.
+@triton.jit(do_not_specialize=["k_fstart", "v_fstart", "T_end", "lo", "chunk", "slot0", "S"],
+            do_not_specialize_on_alignment=["pos_ptr", "ksplit_ptr", "vsplit_ptr"])
 def _split_kernel(
     q_ptr, sq_b, sq_h, sq_t, pos_ptr, ksplit_ptr, vsplit_ptr,
     kc_ptr, skc_b, skc_h, skc_n, ks_ptr, kb_ptr, sks_b, sks_h, sks_n, kf_ptr, skf_b, skf_h, skf_n, k_fstart,
