@@ -34,7 +34,8 @@ best block, A/B in one session: 0.2429 -> 0.2397 ms), and neither did 4 warps pe
 registers (keys on the MMA's M side, Hopper wgmma: 0.2416 ms): the L1/shared-memory unit is 79% busy
 (DRAM 27%) with the fp16 tiles' trip through shared memory, 1.8x int8's store wavefronts (narrower
 stores) and half of them bank conflicts (ncu, benchmarks/results/ncu_decode_attention_nvidia_h200.txt).
-Conflict-free 128-bit tile stores are the next lever.
+The next lever: key tiles that reach the MMA from registers, as 8-bit ones already do (a thread's
+operand columns must be whole words: branch int4-keys-mma-order, benchmarks/README.md).
 Measured against what a factored loop would cost (never dequantize: scores = sum_g s_g (q_g . c_g)
 + b_g sum(q_g), values as (p s_g) . c_g + p . b_g, codes as 1024 + c in fp16 lanes, two per LOP3):
 unpacking 0.875 per element for K, 1.375 for V (V pairs two keys per mma register: one PRMT per
