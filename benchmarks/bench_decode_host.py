@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,18 +51,17 @@ def kvtorch_row(spec_text: str, b: int, hq: int, hkv: int, d: int, context: int,
     import kvtorch.kernels  # noqa: F401 (registers the attention kernel)
     import kvtorch.kernels._attention_triton as kat
     from kvspec import parse
+    from kvspec.budget import ModelShape
     from kvspec.cachefile import layer_tensor_spec
-    from kvspec.reference.lowrank import make_basis
-    from kvspec.spec import LowRank
     from kvtorch.attention import compressed_attention
+    from kvtorch.cache import resolve_bases
+    from kvtorch.model_info import ModelInfo
     from kvtorch.store import LayerStore
 
     spec = parse(spec_text)
-    bases = {}
-    for which, t in spec.tensors().items():
-        if isinstance(t, LowRank):  # the basis kind's per-head bases, as kvtorch.make_cache makes them
-            heads = [make_basis(t.basis, d, seed=h)[:, : t.rank] for h in range(hkv)]
-            bases[which] = torch.from_numpy(np.stack(heads)).float().cuda()
+    # Low-rank tensors: the basis kind's per-head bases, as kvtorch.make_cache makes them (one layer).
+    info = ModelInfo("bench", ModelShape(layers=1, kv_heads=hkv, head_dim=d), 0, (None,))
+    bases = {which: layers[0].cuda() for which, layers in resolve_bases(spec, info, None).items()}
     store = LayerStore(layer_tensor_spec(spec, None, "k"), layer_tensor_spec(spec, None, "v"), spec.residual,
                        spec.float_dtype, bases, where="layer 0")
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -34,11 +34,11 @@ OUT = ROOT / "benchmarks" / "results" / "triton_smem_sm90.json"
 def capture(method: str, d: int, g: int, out: str) -> None:
     """Record the lean split launch (arguments, constexprs) for `method` at head dim d, G heads into `out`."""
     import torch
-    import triton.language as tl
 
     import benchmarks.bench_decode_attention as bda
     from kvtorch.kernels import _attention_triton as at
     from kvtorch.kernels import attention as ka
+    from kvtorch.kernels.offline import plain
 
     bda.DEVICE = "cpu"
     seen = {}
@@ -50,8 +50,7 @@ def capture(method: str, d: int, g: int, out: str) -> None:
         def __getitem__(self, grid):
             def call(*args, **kw):
                 if not kw.get("GENERAL", True):
-                    plain = {k: ("dtype", v.name) if isinstance(v, tl.dtype) else v for k, v in kw.items()}
-                    seen.update(args=args, kw=plain)
+                    seen.update(args=args, kw=plain(kw))
                 return self.fn[grid](*args, **kw)
             return call
 
@@ -67,27 +66,18 @@ def compile_configs(path: str, method: str, configs: list[tuple[int, int, int]])
     """triton.compile the recorded launch for sm_90 per config, its arguments specialized by Triton's own
     binder as a launch on the device specializes them (16-byte aligned pointers, multiples of 16)."""
     import torch
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
 
     from kvtorch.kernels import _attention_triton as at
+    from kvtorch.kernels.offline import compile_launch, restored, specialize
 
     seen = torch.load(path, weights_only=False)
-    kw = {k: getattr(tl, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[v[1]])
-          if isinstance(v, tuple) and v[:1] == ("dtype",) else v for k, v in seen["kw"].items()}
+    kw = restored(seen["kw"])
     kw.update(MM_F32=False, PTX=method in ("int4", "int8"), DOT=tl.float16)
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    fn = at._split_kernel
     rows = []
     for bn, warps, stages in configs:
-        launch = dict(kw, BN=bn, num_warps=warps, num_stages=stages)
-        bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*seen["args"], **launch)
-        options, signature, constexprs, attrs = fn._pack_args(backend, launch, bound, spec, opts)
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        kernel = compile_launch(*specialize(at._split_kernel, seen["args"],
+                                            dict(kw, BN=bn, num_warps=warps, num_stages=stages)))
         loop = sass_loop(kernel.asm["cubin"])
         per_element = loop["instructions"] * warps * 32 / (bn * (kw["DK"] + kw["DV"]))
         rows.append({"block": [bn, warps, stages], "shared_bytes": kernel.metadata.shared,

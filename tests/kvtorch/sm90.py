@@ -65,6 +65,8 @@ SCENARIOS = {
 def capture(scenario: str, out: str) -> None:
     import importlib
 
+    from kvtorch.kernels.offline import plain
+
     seen = []
 
     class Recorder:
@@ -73,7 +75,7 @@ def capture(scenario: str, out: str) -> None:
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                seen.append((self.name, args, {k: _plain(v) for k, v in kwargs.items()}))
+                seen.append((self.name, args, plain(kwargs)))
                 return self.fn[grid](*args, **kwargs)
             return launch
 
@@ -85,39 +87,27 @@ def capture(scenario: str, out: str) -> None:
     torch.save(seen, out)
 
 
-def _plain(value):
-    """A constexpr as torch.save keeps it (Triton dtypes by name)."""
-    import triton.language as tl
-
-    return ("dtype", value.name) if isinstance(value, tl.dtype) else value
-
-
 def compile_all(path: str) -> list[str]:
     """triton.compile every distinct launch recorded in `path` for sm_90; one line per kernel."""
     import importlib
 
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
 
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
+    from kvtorch.kernels.offline import compile_launch, restored, specialize
+
     done, lines = set(), []
     for name, args, kwargs in torch.load(path, weights_only=False):
         fn = getattr(importlib.import_module(KERNELS[name]), name)
-        kw = {k: getattr(tl, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[v[1]])
-              if isinstance(v, tuple) and v[:1] == ("dtype",) else v for k, v in kwargs.items()}
+        kw = restored(kwargs)
         if "MM_F32" in kw:  # what attend passes off the interpreter (its default ptx=True)
             kw["MM_F32"], kw["PTX"] = False, kw["DOT"] == tl.float16
-        bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kw)
-        options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, opts)
-        key = (name, repr(sorted(signature.items())), repr(sorted(constexprs.items())), repr(sorted(attrs.items())))
+        source, options = specialize(fn, args, kw)
+        key = (name, repr(sorted(source.signature.items())), repr(sorted(source.constants.items())),
+               repr(sorted(source.attrs.items())))
         if key in done:
             continue
         done.add(key)
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        kernel = compile_launch(source, options)
         lines.append(f"{name}: {kernel.metadata.shared} B shared")
     return lines
 
