@@ -14,9 +14,11 @@ once, acc_c mapped back (unrotate or times P_v^T), acc_f added, normalized.
 Packed tiles are dequantized in fp32 (code * scale + bias, codes turned into floats by the
 exponent trick) and fed to tl.dot in the float dtype with fp32 accumulation; on CUDA with fp16 dots,
 4- and 8-bit token-axis tiles take inline PTX instead (two fp16 lanes per op, one rounding: _jit's
-dequant4_pairs / dequant8_words). 4-bit tiles come in pair order (both lanes of a register from one
-word: no 16-bit shuffles), so q's key columns are put in that order first and the value accumulator
-back in stream order at the end (a dot over D does not depend on the order of D).
+dequant4_mma, dequant4_pairs / dequant8_words). 4-bit value tiles come in pair order (both lanes of a
+register from one word: no 16-bit shuffles) and key tiles in MMA order (a thread's operand columns
+are whole words, so the key tile reaches the MMA from registers, not through shared memory), so q's
+key columns are put in that order first and the value accumulator back in stream order at the end
+(a dot over D does not depend on the order of D).
 
 Instruction budget (SASS of the lean loop compiled offline for sm_90 with Triton 3.6: triton.compile
 with GPUTarget("cuda", 90, 32), then the bundled cuobjdump; instructions per thread per loop
@@ -53,11 +55,12 @@ import triton.language as tl
 from ._jit import (
     codes3,
     codes_of_words,
+    dequant4_mma,
     dequant4_pairs,
     dequant8_words,
     fwht_rows,
     load_words,
-    pair_order,
+    mma_order,
     round_bf16,
     spread_words,
     stream_order,
@@ -100,9 +103,10 @@ def _per_word(x, BN: tl.constexpr, WP: tl.constexpr):
 @triton.jit
 def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr, GROUP: tl.constexpr,
           CHANNEL: tl.constexpr, DP: tl.constexpr, DREAL: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
-          MM_F32: tl.constexpr, PTX: tl.constexpr):
+          MM_F32: tl.constexpr, PTX: tl.constexpr, KEYS: tl.constexpr = False):
     """Rows `offs` [BN] of a compressed tensor as a [BN, DP] tile in the dot dtype (0 where not ok;
-    fp32 under MM_F32, where `_mm` rounds). PTX: 4- and 8-bit token-axis tiles dequantize in inline PTX.
+    fp32 under MM_F32, where `_mm` rounds). PTX: 4- and 8-bit token-axis tiles dequantize in inline PTX,
+    4-bit key tiles (KEYS) in `dequant4_mma`'s column order, 4-bit value tiles in pair order.
 
     BITS 0: float coefficients [n, DREAL]. Otherwise codes [n, W] with fp16 scales/biases of shape
     [n, DREAL / GROUP] (token axis: given as gs, gb by `_group_scales`) or [n / GROUP, DREAL]
@@ -129,7 +133,10 @@ def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr,
     elif PTX and BITS == 4:
         WP4: tl.constexpr = DP // 8
         words = load_words(c_ptr, offs, ok, sc_n, WP4, DREAL // 8).to(tl.int32, bitcast=True)
-        x = dequant4_pairs(words, _per_word(gs, BN, WP4), _per_word(gb, BN, WP4))
+        if KEYS:
+            x = dequant4_mma(words, _per_word(gs, BN, WP4), _per_word(gb, BN, WP4))
+        else:
+            x = dequant4_pairs(words, _per_word(gs, BN, WP4), _per_word(gb, BN, WP4))
     elif PTX and BITS == 8:
         WP8: tl.constexpr = DP // 4
         words = load_words(c_ptr, offs, ok, sc_n, WP8, DREAL // 4).to(tl.int32, bitcast=True)
@@ -211,7 +218,7 @@ def _split_kernel(
     else:
         qk = q
     if PTX and K_BITS == 4 and not K_CHANNEL:
-        qk = pair_order(qk, ROWS, DK)  # the order of dequant4_pairs' key columns (a dot over D ignores it)
+        qk = mma_order(qk, ROWS, DK)  # the order of dequant4_mma's key columns (a dot over D ignores it)
     qf = q
     # fp16 operands hold |x| <= 65504: a query whose entries could overflow there is scaled by a power
     # of two (exact), and its scores multiplied back by q_mul after each dot. Usually q_mul = 1.
@@ -263,7 +270,7 @@ def _split_kernel(
             kok = ok & (offs < sk_max)
             gs, gb = _group_scales(ks_ptr, kb_ptr, sks_n, offs, kok, BN, K_BITS, K_GROUP, K_CHANNEL, DK, DK_REAL)
             kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, kok, gs, gb, K_BITS, K_GROUP,
-                       K_CHANNEL, DK, DK_REAL, BN, DOT, MM_F32, PTX)
+                       K_CHANNEL, DK, DK_REAL, BN, DOT, MM_F32, PTX, True)
             kf = _float_tile(kf_ptr, skf_n, k_fstart, offs, ok & (offs >= sk_min), D, RING)
             s = tl.where(use_kc, _mm(qk, tl.trans(kt), DOT, MM_F32), _mm(qf, tl.trans(kf), DOT, MM_F32)) * q_mul
             s = tl.where(ok[None, :] & (offs[None, :] <= pos[:, None]), s, float("-inf"))
@@ -301,7 +308,7 @@ def _split_kernel(
             vs_n, vb_n = _group_scales(vs_ptr, vb_ptr, svs_n, nxt, nxt < fast_end, BN, V_BITS, V_GROUP, V_CHANNEL,
                                        DV, DV_REAL)
             kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, ok, ks_c, kb_c, K_BITS, K_GROUP, K_CHANNEL, DK,
-                       DK_REAL, BN, DOT, MM_F32, PTX)
+                       DK_REAL, BN, DOT, MM_F32, PTX, True)
             s = tl.where(ok[None, :], _mm(qk, tl.trans(kt), DOT, MM_F32) * q_mul, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)

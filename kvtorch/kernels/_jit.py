@@ -150,7 +150,7 @@ DEQUANT8_F16 = tl.constexpr(_dequant_ptx(0x00FF00FF, [
 @triton.jit
 def dequant4_pairs(words, s, b):
     """4-bit words [BN, WP] (int32) with per-word fp16 scale and bias [BN, WP] -> fp16 values
-    [BN, WP * 8] in pair order: column 8w + 2k + e holds code k + 4e of word w (`pair_order`).
+    [BN, WP * 8] in pair order: column 8w + 2k + e holds code k + 4e of word w (`stream_order` undoes it).
 
     Both lanes of each output register come from one word, so neighbouring columns share a
     register and the tile reaches shared memory without 16-bit shuffles."""
@@ -162,14 +162,43 @@ def dequant4_pairs(words, s, b):
 
 
 @triton.jit
-def pair_order(x, R: tl.constexpr, D: tl.constexpr):
-    """Columns of x [R, D] from stream order to `dequant4_pairs`' order (column 8w + 2k + e <- 8w + k + 4e)."""
-    return tl.reshape(tl.permute(tl.reshape(x, (R, D // 8, 2, 4)), (0, 1, 3, 2)), (R, D))
+def dequant4_mma(words, s, b):
+    """4-bit words [BN, WP] (int32) with per-word fp16 scale and bias [BN, WP] -> fp16 values
+    [BN, WP * 8] in MMA order (`mma_columns`): a key tile the MMA reads from registers.
+
+    The same PTX as dequant4_pairs; only the columns the outputs land in differ."""
+    o0, o1, o2, o3 = tl.inline_asm_elementwise(
+        DEQUANT4_PAIRS_F16, "=r,=r,=r,=r,r,r,r,r", [tl.join(words, words), tl.join(s, s), tl.join(b, b)],
+        dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+    return mma_columns(o0, o1, o2, o3)
+
+
+@triton.jit
+def mma_columns(o0, o1, o2, o3):
+    """Outputs k of DEQUANT4_PAIRS_F16 ([BN, WP, 2]: lane e holds code k + 4e of word w) -> [BN, WP * 8]
+    with code k + 4e of word w = 4a + c in column 32a + 16e + 4c + k. A dot operand of 16-bit values
+    (kWidth 4) gives a thread 4 consecutive columns of every 16: here those are 4 codes of one word,
+    so Triton carries the dot operand's layout back to the words' load and the tile skips shared
+    memory (as 8-bit words do in stream order); in pair order 8 consecutive columns from one word span
+    two threads' columns and the tile went through shared memory (benchmarks/triton_smem.py: STS.128
+    per warp and block 32 -> 16)."""
+    x = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [BN, WP, e, l, h]: output k = 2h + l
+    BN: tl.constexpr = o0.shape[0]
+    WP: tl.constexpr = o0.shape[1]
+    x = tl.reshape(x, (BN, WP // 4, 4, 2, 2, 2))  # [BN, a, c, e, l, h]
+    return tl.reshape(tl.permute(x, (0, 1, 3, 2, 5, 4)), (BN, WP * 8))
+
+
+@triton.jit
+def mma_order(x, R: tl.constexpr, D: tl.constexpr):
+    """Columns of x [R, D] from stream order (column 8w + k + 4e, w = 4a + c) to `mma_columns`' order."""
+    return tl.reshape(tl.permute(tl.reshape(x, (R, D // 32, 4, 2, 4)), (0, 1, 3, 2, 4)), (R, D))
 
 
 @triton.jit
 def stream_order(x, R: tl.constexpr, D: tl.constexpr):
-    """The inverse of `pair_order`."""
+    """Columns of x [R, D] from `dequant4_pairs`' order (column 8w + 2k + e holds stream column 8w + k + 4e)
+    back to stream order."""
     return tl.reshape(tl.permute(tl.reshape(x, (R, D // 8, 4, 2)), (0, 1, 3, 2)), (R, D))
 
 
