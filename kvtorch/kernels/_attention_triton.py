@@ -54,6 +54,7 @@ import triton.language as tl
 
 from ._jit import (
     codes3,
+    codes_mma,
     codes_of_words,
     dequant4_mma,
     dequant4_pairs,
@@ -70,6 +71,10 @@ from .support import patch_interpreter
 patch_interpreter()
 
 NEG = tl.constexpr(-1.0e30)  # a finite "minus infinity" for running maxima, so empty ranges give weights 0, not NaN
+# Column orders of a tile (`_tile`'s ORDER)
+STREAM = tl.constexpr(0)
+PAIRS = tl.constexpr(1)
+MMA = tl.constexpr(2)
 
 
 @triton.jit
@@ -103,10 +108,11 @@ def _per_word(x, BN: tl.constexpr, WP: tl.constexpr):
 @triton.jit
 def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr, GROUP: tl.constexpr,
           CHANNEL: tl.constexpr, DP: tl.constexpr, DREAL: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
-          MM_F32: tl.constexpr, PTX: tl.constexpr, KEYS: tl.constexpr = False):
+          MM_F32: tl.constexpr, PTX: tl.constexpr, ORDER: tl.constexpr):
     """Rows `offs` [BN] of a compressed tensor as a [BN, DP] tile in the dot dtype (0 where not ok;
-    fp32 under MM_F32, where `_mm` rounds). PTX: 4- and 8-bit token-axis tiles dequantize in inline PTX,
-    4-bit key tiles (KEYS) in `dequant4_mma`'s column order, 4-bit value tiles in pair order.
+    fp32 under MM_F32, where `_mm` rounds). PTX: 4- and 8-bit token-axis tiles dequantize in inline PTX.
+    ORDER of a token-axis tile's columns: STREAM, PAIRS (4-bit PTX: dequant4_pairs') or MMA (`mma_order`,
+    2- and 4-bit words, DP a multiple of 4 words).
 
     BITS 0: float coefficients [n, DREAL]. Otherwise codes [n, W] with fp16 scales/biases of shape
     [n, DREAL / GROUP] (token axis: given as gs, gb by `_group_scales`) or [n / GROUP, DREAL]
@@ -133,10 +139,12 @@ def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr,
     elif PTX and BITS == 4:
         WP4: tl.constexpr = DP // 8
         words = load_words(c_ptr, offs, ok, sc_n, WP4, DREAL // 8).to(tl.int32, bitcast=True)
-        if KEYS:
+        if ORDER == MMA:
             x = dequant4_mma(words, _per_word(gs, BN, WP4), _per_word(gb, BN, WP4))
         else:
             x = dequant4_pairs(words, _per_word(gs, BN, WP4), _per_word(gb, BN, WP4))
+            if ORDER == STREAM:
+                x = stream_order(x, BN, DP)
     elif PTX and BITS == 8:
         WP8: tl.constexpr = DP // 4
         words = load_words(c_ptr, offs, ok, sc_n, WP8, DREAL // 4).to(tl.int32, bitcast=True)
@@ -149,7 +157,10 @@ def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr,
         s = spread_words(_per_word(gs.to(tl.float32), BN, WP), LOGC)
         b = spread_words(_per_word(gb.to(tl.float32), BN, WP), LOGC)
         c = codes_of_words(load_words(c_ptr, offs, ok, sc_n, WP, DREAL * BITS // 32), BITS)
-        x = tl.reshape(c * s + b, (BN, DP))
+        if ORDER == MMA:
+            x = codes_mma(c * s + b, BN, WP, 32 // BITS)
+        else:
+            x = tl.reshape(c * s + b, (BN, DP))
     if MM_F32:
         return x
     return x.to(DOT)
@@ -217,8 +228,13 @@ def _split_kernel(
         qk = tl.dot(q, basis, input_precision="tf32")  # rounded to the dot dtype next anyway
     else:
         qk = q
-    if PTX and K_BITS == 4 and not K_CHANNEL:
-        qk = mma_order(qk, ROWS, DK)  # the order of dequant4_mma's key columns (a dot over D ignores it)
+    # Key tiles of 2- or 4-bit words in MMA order (whole words per thread: the tile reaches the MMA from
+    # registers); q's columns follow them (a dot over D ignores the order). Value tiles: pairs or stream.
+    K_ORDER: tl.constexpr = MMA if ((K_BITS == 2 and DK % 64 == 0) or (K_BITS == 4 and DK % 32 == 0)) \
+        and not K_CHANNEL else STREAM
+    V_ORDER: tl.constexpr = PAIRS if PTX and V_BITS == 4 and not V_CHANNEL else STREAM
+    if K_ORDER == MMA:
+        qk = mma_order(qk, ROWS, DK, 32 // K_BITS)
     qf = q
     # fp16 operands hold |x| <= 65504: a query whose entries could overflow there is scaled by a power
     # of two (exact), and its scores multiplied back by q_mul after each dot. Usually q_mul = 1.
@@ -270,7 +286,7 @@ def _split_kernel(
             kok = ok & (offs < sk_max)
             gs, gb = _group_scales(ks_ptr, kb_ptr, sks_n, offs, kok, BN, K_BITS, K_GROUP, K_CHANNEL, DK, DK_REAL)
             kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, kok, gs, gb, K_BITS, K_GROUP,
-                       K_CHANNEL, DK, DK_REAL, BN, DOT, MM_F32, PTX, True)
+                       K_CHANNEL, DK, DK_REAL, BN, DOT, MM_F32, PTX, K_ORDER)
             kf = _float_tile(kf_ptr, skf_n, k_fstart, offs, ok & (offs >= sk_min), D, RING)
             s = tl.where(use_kc, _mm(qk, tl.trans(kt), DOT, MM_F32), _mm(qf, tl.trans(kf), DOT, MM_F32)) * q_mul
             s = tl.where(ok[None, :] & (offs[None, :] <= pos[:, None]), s, float("-inf"))
@@ -281,7 +297,7 @@ def _split_kernel(
             vok = ok & (offs < sv_max)
             gs, gb = _group_scales(vs_ptr, vb_ptr, svs_n, offs, vok, BN, V_BITS, V_GROUP, V_CHANNEL, DV, DV_REAL)
             vt = _tile(vc_ptr, vs_ptr, vb_ptr, svc_n, svs_n, offs, vok, gs, gb, V_BITS, V_GROUP,
-                       V_CHANNEL, DV, DV_REAL, BN, DOT, MM_F32, PTX)
+                       V_CHANNEL, DV, DV_REAL, BN, DOT, MM_F32, PTX, V_ORDER)
             vf = _float_tile(vf_ptr, svf_n, v_fstart, offs, ok & (offs >= sv_min), D, RING)
             acc_c = acc_c * alpha[:, None] + _mm(tl.where(use_vc, p, 0.0), vt, DOT, MM_F32)
             acc_f = acc_f * alpha[:, None] + _mm(tl.where(use_vc, 0.0, p), vf, DOT, MM_F32)
@@ -308,18 +324,18 @@ def _split_kernel(
             vs_n, vb_n = _group_scales(vs_ptr, vb_ptr, svs_n, nxt, nxt < fast_end, BN, V_BITS, V_GROUP, V_CHANNEL,
                                        DV, DV_REAL)
             kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, ok, ks_c, kb_c, K_BITS, K_GROUP, K_CHANNEL, DK,
-                       DK_REAL, BN, DOT, MM_F32, PTX, True)
+                       DK_REAL, BN, DOT, MM_F32, PTX, K_ORDER)
             s = tl.where(ok[None, :], _mm(qk, tl.trans(kt), DOT, MM_F32) * q_mul, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             vt = _tile(vc_ptr, vs_ptr, vb_ptr, svc_n, svs_n, offs, ok, vs_c, vb_c, V_BITS, V_GROUP, V_CHANNEL, DV,
-                       DV_REAL, BN, DOT, MM_F32, PTX)
+                       DV_REAL, BN, DOT, MM_F32, PTX, V_ORDER)
             acc_c = acc_c * alpha[:, None] + _mm(p, vt, DOT, MM_F32)
             m_i = m_new
         flag = tl.full([], 0, tl.int32)
-    if PTX and V_BITS == 4 and not V_CHANNEL:
+    if V_ORDER == PAIRS:
         acc_c = stream_order(acc_c, ROWS, DV)  # value columns came in dequant4_pairs' order
     tl.store(pm_ptr + idx, m_i, mask=row_ok)
     tl.store(pl_ptr + idx, l_i, mask=row_ok)

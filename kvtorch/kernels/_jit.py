@@ -190,9 +190,21 @@ def mma_columns(o0, o1, o2, o3):
 
 
 @triton.jit
-def mma_order(x, R: tl.constexpr, D: tl.constexpr):
-    """Columns of x [R, D] from stream order (column 8w + k + 4e, w = 4a + c) to `mma_columns`' order."""
-    return tl.reshape(tl.permute(tl.reshape(x, (R, D // 32, 4, 2, 4)), (0, 1, 3, 2, 4)), (R, D))
+def mma_order(x, R: tl.constexpr, D: tl.constexpr, CPW: tl.constexpr):
+    """Columns of x [R, D] from stream order to the MMA order of key tiles whose words hold CPW codes:
+    stream column CPW w + 4t + r of word w = 4a + c goes to 4 CPW a + 16t + 4c + r, so a thread's 4
+    operand columns of each 16 (a 16-bit dot operand, kWidth 4) are 4 codes of one word. The order of
+    `mma_columns` (CPW 8) and `codes_mma`; CPW 4 (8-bit words) is stream order itself."""
+    T: tl.constexpr = CPW // 4
+    return tl.reshape(tl.permute(tl.reshape(x, (R, D // (4 * CPW), 4, T, 4)), (0, 1, 3, 2, 4)), (R, D))
+
+
+@triton.jit
+def codes_mma(x, BN: tl.constexpr, WP: tl.constexpr, CPW: tl.constexpr):
+    """Values [BN, WP, 2, ..., 2] in `codes_of_words`' shape (code j of word w at flat index j) ->
+    [BN, WP * CPW] in `mma_order`."""
+    T: tl.constexpr = CPW // 4
+    return tl.reshape(tl.permute(tl.reshape(x, (BN, WP // 4, 4, T, 4)), (0, 1, 3, 2, 4)), (BN, WP * CPW))
 
 
 @triton.jit

@@ -133,7 +133,7 @@ def _mma_kernel(o_ptr, cols_ptr, x_ptr, ordered_ptr, BN: tl.constexpr, WP: tl.co
     tl.store(cols_ptr + r[:, None] * (WP * 8) + j[None, :], cols)
     D: tl.constexpr = WP * 8
     xi = r[:, None] * D + j[None, :]
-    tl.store(ordered_ptr + xi, mma_order(tl.load(x_ptr + xi), BN, D))
+    tl.store(ordered_ptr + xi, mma_order(tl.load(x_ptr + xi), BN, D, 8))
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
