@@ -184,35 +184,43 @@ def _word_tokens(t) -> bool:
     return isinstance(t, Quant) and t.bits in (2, 4, 8) and t.axis == "token"
 
 
+def _bits_tokens(kspec, vspec, bits: int) -> bool:
+    return all(_word_tokens(t) and t.bits == bits for t in (kspec, vspec))
+
+
 def _int4_tokens(kspec, vspec) -> bool:
-    return all(_word_tokens(t) and t.bits == 4 for t in (kspec, vspec))
+    return _bits_tokens(kspec, vspec, 4)
 
 
-# Keys from which 4-bit K and V take 4-warp blocks of 128 keys at any batch (`default_block`).
+# Keys from which 4-bit K and V at D 256 take 4-warp blocks of 64 keys with 8+ programs (`default_block`).
 LONG_KEYS = 16384
 
 
 def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0) -> tuple[int, int, int]:
     """(keys per block, warps, stages) of the lean launch for `programs` programs per split
-    (batch x KV heads x query blocks) over `keys` keys: the fastest measured on an H200 where measured.
-    Token-axis 2/4/8-bit K and V: 4 warps over 128 keys where few programs need many splits
-    (Mistral heads, 32k keys, batch 1: int4 0.0585 ms at 32 splits vs 0.0634 for (128, 8, 3) at 16),
-    2 warps over 64 keys otherwise (batch 8: int8 0.206 vs 0.335 for (64, 4, 3)); 4-bit K and V over
-    LONG_KEYS or more keep 4 warps over 128 keys at every batch, with twice the splits
-    (`programs_per_sm`; b8 x 32k: 0.2392 ms vs 0.2516 for (64, 2, 3); b8 x 4k: (64, 2, 3) 0.0429 vs
-    0.0465). At D 256 int4 takes (128, 8, 3), or (64, 4, 3) with 8+ programs over LONG_KEYS or more;
-    the rest (64, 4, 3). Low-rank K and V: 4 warps over 128
-    keys (rank 32, b8 x 32k: 0.0827 ms vs 0.0875 for (64, 4, 3); b1 x 32k: 0.0236 vs 0.0269).
+    (batch x KV heads x query blocks) over `keys` keys: the fastest measured on an H200 where measured
+    (benchmarks/results/decode_launch_nvidia_h200.json, kernel "mma-order-346daf6": key tiles in MMA order).
+    4-bit K and V at D <= 128: 4 warps over 128 keys for up to 8 programs (Mistral heads b1 x 32k: 0.0396
+    ms vs 0.0434 for (64, 2, 3)), 2 warps over 64 keys above (b8 x 32k 0.185 vs 0.206 for (128, 4, 3);
+    b32 x 32k 0.688 vs 0.769; Qwen2.5 heads, 16 programs: 0.0459 vs 0.0587). 2-bit K and V: 4 warps over
+    64 keys at D 128 (b8 x 32k 0.279 vs 0.291 for (64, 2, 3); b1 x 32k 0.0506, b8 x 4k 0.0457: best of 5),
+    over 128 keys at D 64 (SmolLM2 heads b8 x 32k 0.0636 vs 0.0670 for (64, 2, 3)). Other token-axis
+    2/4/8-bit K and V: 4 warps over 128 keys for up to 16 programs, 2 warps over 64 keys above (int8 b8 x
+    32k: 0.206 vs 0.335 for (64, 4, 3)). At D 256 int4 takes (128, 8, 3), or (64, 4, 3) with 8+ programs
+    over LONG_KEYS or more (b8 x 32k 0.0777 vs 0.0813; b1 x 32k: 0.0432 vs 0.0573). Low-rank K and V: 4
+    warps over 128 keys (rank 32, b8 x 32k: 0.0827 ms vs 0.0875 for (64, 4, 3); b1 x 32k: 0.0236 vs 0.0269).
     3-bit tiles gather their codes from two words each, which the pipeline stages multiply:
     (64, 4, 3) asks 284,672 B of shared memory at D 128 (an H200 has 232,448), (64, 4, 2) 153,600,
     and at D 256 (32, 4, 2) 156,672 (benchmarks/triton_smem.py, compiled offline for sm_90)."""
+    if d <= 128 and _bits_tokens(kspec, vspec, 2):
+        return (64, 4, 3) if d > 64 else (128, 4, 3)
+    if d <= 128 and _int4_tokens(kspec, vspec):
+        return (128, 4, 3) if programs <= 8 else (64, 2, 3)
     if d <= 128 and _word_tokens(kspec) and _word_tokens(vspec):
-        long_int4 = _int4_tokens(kspec, vspec) and keys >= LONG_KEYS
-        return (128, 4, 3) if programs <= 16 or long_int4 else (64, 2, 3)
+        return (128, 4, 3) if programs <= 16 else (64, 2, 3)
     if d > 128 and _int4_tokens(kspec, vspec):
-        # D 256 (Gemma-3 heads): 4 warps over 128 keys took 1.3x as long; 4 warps over 64 keys win
-        # with 8+ programs over long contexts (b8 x 32k 0.1058 vs 0.1141 ms, b32 x 32k 0.372 vs
-        # 0.399) and lose with fewer keys or programs (b8 x 4k 0.0273 vs 0.0253, b1 x 32k 0.0727 vs 0.0585).
+        # D 256 (Gemma-3 heads): 4 warps over 64 keys win with 8+ programs over long contexts and
+        # lose with fewer keys or programs (b8 x 4k 0.0273 vs 0.0253 ms in pair order).
         return (64, 4, 3) if programs >= 8 and keys >= LONG_KEYS else (128, 8, 3)
     if isinstance(kspec, LowRank) and isinstance(vspec, LowRank):
         return 128, 4, 3

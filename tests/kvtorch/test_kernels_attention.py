@@ -322,10 +322,14 @@ def test_decoding_compiles_each_launch_once():
 
 @pytest.mark.parametrize("text,d,programs,keys,block", [
     ("int4", 128, 8 * 8, 4096, (64, 2, 3)),  # batch 8 x 8 KV heads: many programs, 2-warp blocks
-    ("int4", 128, 8 * 8, 32768, (128, 4, 3)),  # ... but 4-bit K and V over long contexts keep 4 warps
+    ("int4", 128, 8 * 8, 32768, (64, 2, 3)),  # ... over long contexts too (key tiles in MMA order)
+    ("int4", 128, 1 * 8, 32768, (128, 4, 3)),  # batch 1: 4-warp blocks and more splits
+    ("int4", 128, 8 * 2, 32768, (64, 2, 3)),  # Qwen2.5 heads at batch 8: 16 programs are many for 4-bit
     ("int8", 128, 8 * 8, 32768, (64, 2, 3)),
     ("int8", 128, 1 * 8, 4096, (128, 4, 3)),  # batch 1: few programs, 4-warp blocks and more splits
-    ("int2", 64, 8 * 3, 32768, (64, 2, 3)),
+    ("int2", 64, 8 * 3, 32768, (128, 4, 3)),  # 2-bit K and V: 4 warps, 128 keys at D 64 ...
+    ("int2", 128, 8 * 8, 32768, (64, 4, 3)),  # ... 64 at D 128, at every batch
+    ("int2", 128, 1 * 8, 4096, (64, 4, 3)),
     ("int4", 256, 8, 4096, (128, 8, 3)),  # head dim 256 keeps the 8-warp block over short contexts ...
     ("int4", 256, 1, 32768, (128, 8, 3)),  # ... and with few programs,
     ("int4", 256, 8, 32768, (64, 4, 3)),  # but not with 8+ programs over long ones
