@@ -77,7 +77,7 @@ def compile_configs(path: str, method: str, configs: list[tuple[int, int, int]])
     rows = []
     for bn, warps, stages in configs:
         kernel = compile_launch(*specialize(at._split_kernel, seen["args"],
-                                            dict(kw, BN=bn, num_warps=warps, num_stages=stages)))
+                                            dict(kw, BN=bn, WARPS=warps, num_warps=warps, num_stages=stages)))
         loop = sass_loop(kernel.asm["cubin"])
         per_element = loop["instructions"] * warps * 32 / (bn * (kw["DK"] + kw["DV"]))
         rows.append({"block": [bn, warps, stages], "shared_bytes": kernel.metadata.shared,

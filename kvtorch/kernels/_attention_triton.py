@@ -14,11 +14,13 @@ once, acc_c mapped back (unrotate or times P_v^T), acc_f added, normalized.
 Packed tiles are dequantized in fp32 (code * scale + bias, codes turned into floats by the
 exponent trick) and fed to tl.dot in the float dtype with fp32 accumulation; on CUDA with fp16 dots,
 4- and 8-bit token-axis tiles take inline PTX instead (two fp16 lanes per op, one rounding: _jit's
-dequant4_mma, dequant4_pairs / dequant8_words). 4-bit value tiles come in pair order (both lanes of a
-register from one word: no 16-bit shuffles) and key tiles in MMA order (a thread's operand columns
-are whole words, so the key tile reaches the MMA from registers, not through shared memory), so q's
-key columns are put in that order first and the value accumulator back in stream order at the end
-(a dot over D does not depend on the order of D).
+dequant4_mma, dequant4_pairs, dequant4_words, dequant8_words). Key tiles of 2- and 4-bit words come in
+MMA order (a thread's operand columns are whole words, so the key tile reaches the MMA from registers,
+not through shared memory), and q's key columns are put in that order first (a dot over D does not
+depend on the order of D). Value tiles come in value order where a thread's output columns can be 8
+stream neighbours (D = 64 x warps: 2- and 8-bit words, 4-bit at D 256; the tile skips shared memory
+too), else 4-bit ones in pair order (both lanes of a register from one word); the value accumulator
+goes back to stream order at the end.
 
 Instruction budget (SASS of the lean loop compiled offline for sm_90 with Triton 3.6: triton.compile
 with GPUTarget("cuda", 90, 32), then the bundled cuobjdump; instructions per thread per loop
@@ -36,8 +38,11 @@ best block, A/B in one session: 0.2429 -> 0.2397 ms), and neither did 4 warps pe
 registers (keys on the MMA's M side, Hopper wgmma: 0.2416 ms): the L1/shared-memory unit is 79% busy
 (DRAM 27%) with the fp16 tiles' trip through shared memory, 1.8x int8's store wavefronts (narrower
 stores) and half of them bank conflicts (ncu, benchmarks/results/ncu_decode_attention_nvidia_h200.txt).
-The next lever: key tiles that reach the MMA from registers, as 8-bit ones already do (a thread's
-operand columns must be whole words: branch int4-keys-mma-order, benchmarks/README.md).
+Key tiles in MMA order took int4 from 0.240 to 0.185 ms (b8 x 32k, (64, 2, 3)); value tiles in value
+order took int8 from 0.208 to 0.195 (ncu: shared-store wavefronts 10.9M -> 1.9M, L1 67% -> 47%, DRAM
+57% -> 63%). 4-bit value tiles in value order need a PTX whose lanes read their own words
+(dequant4_words: one PRMT per output register more than dequant4_pairs, whose two lanes assume one
+word given twice, which Triton's layout there does not keep: wrong values) and lost (0.189 vs 0.185).
 Measured against what a factored loop would cost (never dequantize: scores = sum_g s_g (q_g . c_g)
 + b_g sum(q_g), values as (p s_g) . c_g + p . b_g, codes as 1024 + c in fp16 lanes, two per LOP3):
 unpacking 0.875 per element for K, 1.375 for V (V pairs two keys per mma register: one PRMT per
@@ -58,6 +63,7 @@ from ._jit import (
     codes_of_words,
     dequant4_mma,
     dequant4_pairs,
+    dequant4_words,
     dequant8_words,
     fwht_rows,
     load_words,
@@ -65,6 +71,8 @@ from ._jit import (
     round_bf16,
     spread_words,
     stream_order,
+    value_order,
+    value_stream_order,
 )
 from .support import patch_interpreter
 
@@ -75,6 +83,7 @@ NEG = tl.constexpr(-1.0e30)  # a finite "minus infinity" for running maxima, so 
 STREAM = tl.constexpr(0)
 PAIRS = tl.constexpr(1)
 MMA = tl.constexpr(2)
+VALUES = tl.constexpr(3)
 
 
 @triton.jit
@@ -108,7 +117,7 @@ def _per_word(x, BN: tl.constexpr, WP: tl.constexpr):
 @triton.jit
 def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr, GROUP: tl.constexpr,
           CHANNEL: tl.constexpr, DP: tl.constexpr, DREAL: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
-          MM_F32: tl.constexpr, PTX: tl.constexpr, ORDER: tl.constexpr):
+          MM_F32: tl.constexpr, PTX: tl.constexpr, ORDER: tl.constexpr, WARPS: tl.constexpr):
     """Rows `offs` [BN] of a compressed tensor as a [BN, DP] tile in the dot dtype (0 where not ok;
     fp32 under MM_F32, where `_mm` rounds). PTX: 4- and 8-bit token-axis tiles dequantize in inline PTX.
     ORDER of a token-axis tile's columns: STREAM, PAIRS (4-bit PTX: dequant4_pairs') or MMA (`mma_order`,
@@ -141,10 +150,10 @@ def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr,
         words = load_words(c_ptr, offs, ok, sc_n, WP4, DREAL // 8).to(tl.int32, bitcast=True)
         if ORDER == MMA:
             x = dequant4_mma(words, _per_word(gs, BN, WP4), _per_word(gb, BN, WP4))
-        else:
+        elif ORDER == PAIRS:
             x = dequant4_pairs(words, _per_word(gs, BN, WP4), _per_word(gb, BN, WP4))
-            if ORDER == STREAM:
-                x = stream_order(x, BN, DP)
+        else:
+            x = dequant4_words(words, _per_word(gs, BN, WP4), _per_word(gb, BN, WP4))
     elif PTX and BITS == 8:
         WP8: tl.constexpr = DP // 4
         words = load_words(c_ptr, offs, ok, sc_n, WP8, DREAL // 4).to(tl.int32, bitcast=True)
@@ -161,6 +170,8 @@ def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr,
             x = codes_mma(c * s + b, BN, WP, 32 // BITS)
         else:
             x = tl.reshape(c * s + b, (BN, DP))
+    if ORDER == VALUES:
+        x = value_order(x, BN, DP, WARPS)
     if MM_F32:
         return x
     return x.to(DOT)
@@ -206,7 +217,7 @@ def _split_kernel(
     BN: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_CHANNEL: tl.constexpr,
     K_XFORM: tl.constexpr, DK: tl.constexpr, DK_REAL: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, V_CHANNEL: tl.constexpr, DV: tl.constexpr, DV_REAL: tl.constexpr, DOT: tl.constexpr,
-    MM_F32: tl.constexpr, GENERAL: tl.constexpr, PTX: tl.constexpr, RING: tl.constexpr,
+    MM_F32: tl.constexpr, GENERAL: tl.constexpr, PTX: tl.constexpr, RING: tl.constexpr, WARPS: tl.constexpr,
 ):
     pid_s, bh, pid_q = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (bh // Hkv).to(tl.int64)
@@ -229,10 +240,16 @@ def _split_kernel(
     else:
         qk = q
     # Key tiles of 2- or 4-bit words in MMA order (whole words per thread: the tile reaches the MMA from
-    # registers); q's columns follow them (a dot over D ignores the order). Value tiles: pairs or stream.
+    # registers); q's columns follow them (a dot over D ignores the order). Value tiles in value order
+    # where each thread's columns are 8 neighbours (D = 64 x warps) and it was measured faster on an
+    # H200 (b8 x 32k: int8 D 128 0.194-0.196 ms vs 0.207-0.208, int4 D 256 0.0745 vs 0.0777, int2
+    # (64, 2, 3) 0.282 vs 0.291; int4 D 128 lost: 0.189 vs 0.185, dequant4_words' prmt costs more
+    # than the shared-memory trip it saves), else pairs (4-bit PTX) or stream order.
     K_ORDER: tl.constexpr = MMA if ((K_BITS == 2 and DK % 64 == 0) or (K_BITS == 4 and DK % 32 == 0)) \
         and not K_CHANNEL else STREAM
-    V_ORDER: tl.constexpr = PAIRS if PTX and V_BITS == 4 and not V_CHANNEL else STREAM
+    V_WORDS: tl.constexpr = (V_BITS == 2 or V_BITS == 8 or (V_BITS == 4 and DV > 128)) and not V_CHANNEL
+    V_ORDER: tl.constexpr = VALUES if V_WORDS and DV == 64 * WARPS \
+        else (PAIRS if PTX and V_BITS == 4 and not V_CHANNEL else STREAM)
     if K_ORDER == MMA:
         qk = mma_order(qk, ROWS, DK, 32 // K_BITS)
     qf = q
@@ -286,7 +303,7 @@ def _split_kernel(
             kok = ok & (offs < sk_max)
             gs, gb = _group_scales(ks_ptr, kb_ptr, sks_n, offs, kok, BN, K_BITS, K_GROUP, K_CHANNEL, DK, DK_REAL)
             kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, kok, gs, gb, K_BITS, K_GROUP,
-                       K_CHANNEL, DK, DK_REAL, BN, DOT, MM_F32, PTX, K_ORDER)
+                       K_CHANNEL, DK, DK_REAL, BN, DOT, MM_F32, PTX, K_ORDER, WARPS)
             kf = _float_tile(kf_ptr, skf_n, k_fstart, offs, ok & (offs >= sk_min), D, RING)
             s = tl.where(use_kc, _mm(qk, tl.trans(kt), DOT, MM_F32), _mm(qf, tl.trans(kf), DOT, MM_F32)) * q_mul
             s = tl.where(ok[None, :] & (offs[None, :] <= pos[:, None]), s, float("-inf"))
@@ -297,7 +314,7 @@ def _split_kernel(
             vok = ok & (offs < sv_max)
             gs, gb = _group_scales(vs_ptr, vb_ptr, svs_n, offs, vok, BN, V_BITS, V_GROUP, V_CHANNEL, DV, DV_REAL)
             vt = _tile(vc_ptr, vs_ptr, vb_ptr, svc_n, svs_n, offs, vok, gs, gb, V_BITS, V_GROUP,
-                       V_CHANNEL, DV, DV_REAL, BN, DOT, MM_F32, PTX, V_ORDER)
+                       V_CHANNEL, DV, DV_REAL, BN, DOT, MM_F32, PTX, V_ORDER, WARPS)
             vf = _float_tile(vf_ptr, svf_n, v_fstart, offs, ok & (offs >= sv_min), D, RING)
             acc_c = acc_c * alpha[:, None] + _mm(tl.where(use_vc, p, 0.0), vt, DOT, MM_F32)
             acc_f = acc_f * alpha[:, None] + _mm(tl.where(use_vc, 0.0, p), vf, DOT, MM_F32)
@@ -324,19 +341,21 @@ def _split_kernel(
             vs_n, vb_n = _group_scales(vs_ptr, vb_ptr, svs_n, nxt, nxt < fast_end, BN, V_BITS, V_GROUP, V_CHANNEL,
                                        DV, DV_REAL)
             kt = _tile(kc_ptr, ks_ptr, kb_ptr, skc_n, sks_n, offs, ok, ks_c, kb_c, K_BITS, K_GROUP, K_CHANNEL, DK,
-                       DK_REAL, BN, DOT, MM_F32, PTX, K_ORDER)
+                       DK_REAL, BN, DOT, MM_F32, PTX, K_ORDER, WARPS)
             s = tl.where(ok[None, :], _mm(qk, tl.trans(kt), DOT, MM_F32) * q_mul, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             vt = _tile(vc_ptr, vs_ptr, vb_ptr, svc_n, svs_n, offs, ok, vs_c, vb_c, V_BITS, V_GROUP, V_CHANNEL, DV,
-                       DV_REAL, BN, DOT, MM_F32, PTX, V_ORDER)
+                       DV_REAL, BN, DOT, MM_F32, PTX, V_ORDER, WARPS)
             acc_c = acc_c * alpha[:, None] + _mm(p, vt, DOT, MM_F32)
             m_i = m_new
         flag = tl.full([], 0, tl.int32)
     if V_ORDER == PAIRS:
         acc_c = stream_order(acc_c, ROWS, DV)  # value columns came in dequant4_pairs' order
+    elif V_ORDER == VALUES:
+        acc_c = value_stream_order(acc_c, ROWS, DV, WARPS)
     tl.store(pm_ptr + idx, m_i, mask=row_ok)
     tl.store(pl_ptr + idx, l_i, mask=row_ok)
     tl.store(pc_ptr + idx[:, None] * DV + dv[None, :], acc_c, mask=row_ok[:, None])

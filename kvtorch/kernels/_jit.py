@@ -128,23 +128,30 @@ def pack_codes(c, BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
 def _dequant_ptx(mask: int, cuts: list[str]) -> str:
     """PTX that writes output k ($k) from cut k: the cut leaves two codes in the 16-bit lanes of x as
     fp16 magic + code (lop3 with `mask` and 0x64 high bytes: 1024 + code, exact), then code =
-    fma(x, 1, -1024) and value = fma(code, scale, bias) with scales and biases in $6 and $7 (the
-    inputs are words $4, $5), two lanes per op."""
+    fma(x, 1, -1024) and value = fma(code, scale, bias), two lanes per op. With n cuts the inputs are
+    words $n and $n+1 ({w0}, {w1} in a cut), scales $n+2 and biases $n+3."""
+    n = len(cuts)
     lines = ["{", ".reg .b32 x, m, g, n, o;",
              f"mov.b32 m, 0x{mask:08X}; mov.b32 g, 0x64006400; mov.b32 n, 0xE400E400; mov.b32 o, 0x3C003C00;"]
     for k, cut in enumerate(cuts):
-        lines.append(f"{cut} fma.rn.f16x2 x, x, o, n; fma.rn.f16x2 ${k}, x, $6, $7;")
+        lines.append(f"{cut.format(w0=f'${n}', w1=f'${n + 1}')} fma.rn.f16x2 x, x, o, n; "
+                     f"fma.rn.f16x2 ${k}, x, ${n + 2}, ${n + 3};")
     return " ".join(lines + ["}"])
 
 
 # 4 bits, one word given twice (both elements of the pack): output k holds codes (k, k + 4), cut
 # out of the word shifted by 4k.
-DEQUANT4_PAIRS_F16 = tl.constexpr(_dequant_ptx(0x000F000F, ["lop3.b32 x, $4, m, g, 0xEA;"] + [
-    f"shr.b32 x, $4, {4 * k}; lop3.b32 x, x, m, g, 0xEA;" for k in range(1, 4)]))
+DEQUANT4_PAIRS_F16 = tl.constexpr(_dequant_ptx(0x000F000F, ["lop3.b32 x, {w0}, m, g, 0xEA;"] + [
+    f"shr.b32 x, {{w0}}, {4 * k}; lop3.b32 x, x, m, g, 0xEA;" for k in range(1, 4)]))
 # 8 bits, two words: prmt gathers byte k of word 0 into result byte 0 and byte k of word 1 (index
 # 4 + k) into result byte 2.
 DEQUANT8_F16 = tl.constexpr(_dequant_ptx(0x00FF00FF, [
-    f"prmt.b32 x, $4, $5, {(4 + k) << 8 | k:#06x}; lop3.b32 x, x, m, g, 0xEA;" for k in range(4)]))
+    f"prmt.b32 x, {{w0}}, {{w1}}, {(4 + k) << 8 | k:#06x}; lop3.b32 x, x, m, g, 0xEA;" for k in range(4)]))
+# 4 bits, two words: output j holds code j of each (byte j // 2 of both gathered as for 8 bits, the
+# high nibble shifted down for odd j), so each lane depends on its own word only.
+DEQUANT4_F16 = tl.constexpr(_dequant_ptx(0x000F000F, [
+    f"prmt.b32 x, {{w0}}, {{w1}}, {(4 + j // 2) << 8 | j // 2:#06x};" + (" shr.b32 x, x, 4;" if j % 2 else "")
+    + " lop3.b32 x, x, m, g, 0xEA;" for j in range(8)]))
 
 
 @triton.jit
@@ -153,7 +160,11 @@ def dequant4_pairs(words, s, b):
     [BN, WP * 8] in pair order: column 8w + 2k + e holds code k + 4e of word w (`stream_order` undoes it).
 
     Both lanes of each output register come from one word, so neighbouring columns share a
-    register and the tile reaches shared memory without 16-bit shuffles."""
+    register and the tile reaches shared memory without 16-bit shuffles. The lanes assume the pack
+    Triton forms is the joined word's two copies; in a layout that pairs other elements the values
+    are wrong (value tiles in `value_order` at D 128: relative error 5e-3 on the H200), which
+    `dequant4_words` does not assume. dequant4_mma shares the PTX and is checked bit for bit on the
+    GPU in the key tiles' layout (tests/kvtorch/test_dequant_ptx.py, test_kernels_attention.py)."""
     o0, o1, o2, o3 = tl.inline_asm_elementwise(
         DEQUANT4_PAIRS_F16, "=r,=r,=r,=r,r,r,r,r", [tl.join(words, words), tl.join(s, s), tl.join(b, b)],
         dtype=(tl.float16,) * 4, is_pure=True, pack=2)
@@ -208,10 +219,42 @@ def codes_mma(x, BN: tl.constexpr, WP: tl.constexpr, CPW: tl.constexpr):
 
 
 @triton.jit
+def value_order(x, R: tl.constexpr, D: tl.constexpr, WARPS: tl.constexpr):
+    """Columns of a value tile x [R, D] from stream order to the order in which a P V dot over WARPS
+    warps (all along the output columns) hands them out: each warp takes every WARPS-th 8 columns and
+    thread g of 8 column g of each, so stream columns S (8 w + g) + r (S = D / (8 WARPS)) go to
+    8 (WARPS r + w) + g: a thread's columns are S neighbours of one stream row, which (S = 8 4-bit
+    codes or 2 8-bit words) it loads whole. `value_stream_order` undoes it on the accumulator."""
+    S: tl.constexpr = D // (8 * WARPS)
+    return tl.reshape(tl.permute(tl.reshape(x, (R, WARPS, 8, S)), (0, 3, 1, 2)), (R, D))
+
+
+@triton.jit
+def value_stream_order(x, R: tl.constexpr, D: tl.constexpr, WARPS: tl.constexpr):
+    """The inverse of `value_order`."""
+    S: tl.constexpr = D // (8 * WARPS)
+    return tl.reshape(tl.permute(tl.reshape(x, (R, S, WARPS, 8)), (0, 2, 3, 1)), (R, D))
+
+
+@triton.jit
 def stream_order(x, R: tl.constexpr, D: tl.constexpr):
     """Columns of x [R, D] from `dequant4_pairs`' order (column 8w + 2k + e holds stream column 8w + k + 4e)
     back to stream order."""
     return tl.reshape(tl.permute(tl.reshape(x, (R, D // 8, 4, 2)), (0, 1, 3, 2)), (R, D))
+
+
+@triton.jit
+def dequant4_words(words, s, b):
+    """4-bit words [BN, WP] (int32) with per-word fp16 scale and bias [BN, WP] -> fp16 values
+    [BN, WP * 8] in stream order. Each lane of the PTX reads its own word, so Triton may pair any two
+    elements of a thread (dequant4_pairs' lanes assume the pair is one word twice): value tiles in
+    `value_order` need that freedom."""
+    o = tl.inline_asm_elementwise(
+        DEQUANT4_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, b], dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+    # out j holds code j of each word; joins put them in stream order 8w + j (j = 4a + 2b + c for the
+    # inner, middle and outer join's index).
+    x = tl.join(tl.join(tl.join(o[0], o[4]), tl.join(o[2], o[6])), tl.join(tl.join(o[1], o[5]), tl.join(o[3], o[7])))
+    return tl.reshape(x, (words.shape[0], words.shape[1] * 8))
 
 
 @triton.jit

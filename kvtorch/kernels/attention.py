@@ -324,7 +324,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
                 K_BITS=km["BITS"], K_GROUP=km["GROUP"], K_CHANNEL=km["CHANNEL"], K_XFORM=km["XFORM"], DK=km["DP"],
                 DK_REAL=km["DREAL"], V_BITS=vm["BITS"], V_GROUP=vm["GROUP"], V_CHANNEL=vm["CHANNEL"], DV=vm["DP"],
                 DV_REAL=vm["DREAL"], DOT=dot, MM_F32=interpreting() and dot == tl.bfloat16, GENERAL=general,
-                PTX=ptx and not interpreting() and dot == tl.float16, RING=ring,
+                PTX=ptx and not interpreting() and dot == tl.float16, RING=ring, WARPS=warps,
                 num_warps=warps, num_stages=stages,
             )
         sp = 1 << (slots - 1).bit_length()

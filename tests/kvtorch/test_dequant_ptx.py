@@ -5,7 +5,7 @@ rounded to fp16 gives (the product and sum of a code below 256 and two fp16 valu
 float64), so the kernels' values must equal numpy's bit for bit: every code value, fresh seeds,
 constant groups (scale 0), scales and biases at fp16's extremes (where the result overflows to inf
 both ways), subnormals. Inline PTX runs only on a CUDA GPU: skipped elsewhere. The column orders
-that 4-bit tiles are read in (mma_columns / mma_order for keys, stream_order for values) run
+that 4-bit tiles are read in (mma_columns / mma_order for keys, value_order for values) run
 everywhere (interpreted on a CPU).
 """
 
@@ -23,10 +23,13 @@ import triton.language as tl  # noqa: E402
 from kvtorch.kernels._jit import (  # noqa: E402
     dequant4_mma,
     dequant4_pairs,
+    dequant4_words,
     dequant8_words,
     mma_columns,
     mma_order,
     stream_order,
+    value_order,
+    value_stream_order,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,7 +37,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, b_ptr, out_ptr, BN: tl.constexpr, WP: tl.constexpr, BITS: tl.constexpr,
-                    MMA: tl.constexpr):
+                    ORDER: tl.constexpr):
     r, c = tl.arange(0, BN), tl.arange(0, WP)
     words = tl.load(w_ptr + r[:, None] * WP + c[None, :])
     s = tl.load(s_ptr + r[:, None] * WP + c[None, :])
@@ -42,10 +45,12 @@ def _dequant_kernel(w_ptr, s_ptr, b_ptr, out_ptr, BN: tl.constexpr, WP: tl.const
     CPW: tl.constexpr = 32 // BITS
     if BITS == 8:
         x = dequant8_words(words, s, b)
-    elif MMA:
+    elif ORDER == "mma":
         x = dequant4_mma(words, s, b)
-    else:
+    elif ORDER == "pairs":
         x = dequant4_pairs(words, s, b)
+    else:
+        x = dequant4_words(words, s, b)
     j = tl.arange(0, WP * CPW)
     tl.store(out_ptr + r[:, None] * (WP * CPW) + j[None, :], x)
 
@@ -56,12 +61,13 @@ def mma_stream_columns(d: int) -> list[int]:
     return [8 * (4 * a + c) + k + 4 * e for a in range(d // 32) for e in range(2) for c in range(4) for k in range(4)]
 
 
-def expected(words: np.ndarray, s: np.ndarray, b: np.ndarray, bits: int, mma: bool = False) -> np.ndarray:
-    """fp16 values [BN, WP * 32 / bits]: 8 bits in stream order (code i at bits [i*bits, i*bits + bits)),
-    4 bits in dequant4_pairs' order (column 2k + e of a word holds its code k + 4e) or, with mma, in
-    dequant4_mma's (`mma_stream_columns`)."""
+def expected(words: np.ndarray, s: np.ndarray, b: np.ndarray, bits: int, order: str = "stream") -> np.ndarray:
+    """fp16 values [BN, WP * 32 / bits]: in stream order (code i at bits [i*bits, i*bits + bits)), 4 bits
+    in dequant4_pairs' order ("pairs": column 2k + e of a word holds its code k + 4e) or in
+    dequant4_mma's ("mma": `mma_stream_columns`)."""
+    mma = order == "mma"
     cpw = 32 // bits
-    order = np.arange(cpw) if bits == 8 or mma else np.array([k + 4 * e for k in range(4) for e in range(2)])
+    order = np.array([k + 4 * e for k in range(4) for e in range(2)]) if order == "pairs" else np.arange(cpw)
     shifts = order.astype(np.uint32) * bits
     codes = (words.view(np.uint32)[..., None] >> shifts) & ((1 << bits) - 1)
     exact = codes.astype(np.float64) * s.astype(np.float64)[..., None] + b.astype(np.float64)[..., None]
@@ -70,11 +76,11 @@ def expected(words: np.ndarray, s: np.ndarray, b: np.ndarray, bits: int, mma: bo
     return values[:, mma_stream_columns(values.shape[1])] if mma else values
 
 
-def run(words, s, b, bits, mma=False):
+def run(words, s, b, bits, order="stream"):
     bn, wp = words.shape
     out = torch.empty(bn, wp * 32 // bits, dtype=torch.float16, device="cuda")
     args = [torch.from_numpy(np.ascontiguousarray(x)).cuda() for x in (words, s, b)]
-    _dequant_kernel[(1,)](*args, out, BN=bn, WP=wp, BITS=bits, MMA=mma)
+    _dequant_kernel[(1,)](*args, out, BN=bn, WP=wp, BITS=bits, ORDER=order)
     return out.cpu().numpy()
 
 
@@ -89,11 +95,11 @@ def scales_and_biases(rng, shape, kind):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("bits,mma", [(4, False), (4, True), (8, False)])
+@pytest.mark.parametrize("bits,order", [(4, "pairs"), (4, "mma"), (4, "stream"), (8, "stream")])
 @pytest.mark.parametrize("kind", ["random", "constant", "extreme"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: inline PTX")
-def test_ptx_dequantization_is_one_rounding_of_the_exact_value(bits, mma, kind):
+def test_ptx_dequantization_is_one_rounding_of_the_exact_value(bits, order, kind):
     seed = np.random.SeedSequence().entropy % 2**32
     rng = np.random.default_rng(seed)
     bn, wp = 64, 16
@@ -101,7 +107,7 @@ def test_ptx_dequantization_is_one_rounding_of_the_exact_value(bits, mma, kind):
     words[0] = -1  # every code at its largest value
     words[1] = 0
     s, b = scales_and_biases(rng, (bn, wp), kind)
-    got, want = run(words, s, b, bits, mma), expected(words, s, b, bits, mma)
+    got, want = run(words, s, b, bits, order), expected(words, s, b, bits, order)
     same = (got.view(np.uint16) == want.view(np.uint16)) | (np.isnan(got) & np.isnan(want))
     assert same.all(), f"seed {seed}: {(~same).sum()} of {same.size} values differ, first at {np.argwhere(~same)[0]}"
 
@@ -147,3 +153,24 @@ def test_mma_columns_and_mma_order_put_stream_columns_in_the_same_place(d):
     _mma_kernel[(1,)](o.contiguous(), cols, stream, ordered, BN=bn, WP=wp)
     assert torch.equal(cols, stream[:, mma_stream_columns(d)])
     assert torch.equal(ordered, cols)
+
+
+@triton.jit
+def _value_order_kernel(x_ptr, ordered_ptr, back_ptr, R: tl.constexpr, D: tl.constexpr, WARPS: tl.constexpr):
+    idx = tl.arange(0, R)[:, None] * D + tl.arange(0, D)[None, :]
+    ordered = value_order(tl.load(x_ptr + idx), R, D, WARPS)
+    tl.store(ordered_ptr + idx, ordered)
+    tl.store(back_ptr + idx, value_stream_order(ordered, R, D, WARPS))
+
+
+@pytest.mark.parametrize("d,warps", [(64, 2), (64, 8), (128, 2), (128, 4), (256, 4)])
+def test_value_order_hands_each_thread_neighbouring_stream_columns(d, warps):
+    """Column 8 (warps r + w) + g holds stream column S (8 w + g) + r (S = d / (8 warps)); value_stream_order
+    undoes it."""
+    span = d // (8 * warps)
+    where = [span * (8 * w + g) + r for r in range(span) for w in range(warps) for g in range(8)]
+    x = torch.randn(16, d, device=DEVICE)
+    ordered, back = torch.empty_like(x), torch.empty_like(x)
+    _value_order_kernel[(1,)](x, ordered, back, R=16, D=d, WARPS=warps)
+    assert torch.equal(ordered, x[:, where])
+    assert torch.equal(back, x)

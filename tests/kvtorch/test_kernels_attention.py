@@ -106,6 +106,16 @@ def test_decode_matches_the_oracle(text, rep, splits):
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), text)
 
 
+@pytest.mark.parametrize("text,dim,block", [("int4", 256, (64, 4, 3)), ("k8v2-res3", 128, (64, 2, 3)),
+                                             ("k4v8-bf16", 64, (32, 1, 2)), ("int2-g32", 64, (32, 1, 2))])
+def test_value_tiles_in_value_order_match_the_oracle(text, dim, block):
+    """Blocks whose warps split the value columns into 64-column spans (D = 64 x warps) read 2- and
+    8-bit value tiles (4-bit at D 256) in `value_order` and put the accumulator back at the end."""
+    spec, q, q_pos, kp, vp, want = case(text, rep=4, tokens=133, dim=dim, seed=dim)
+    got = attend(q, q_pos, kp, vp, scale=dim ** -0.5, block=block)
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), text)
+
+
 @pytest.mark.parametrize("text,tokens,queries", [("int4-kchan-g32-res3", 75, 9), ("int2-res4-bf16", 12, 12)])
 def test_chunked_prefill_matches_the_oracle(text, tokens, queries):
     """Each query of a chunk reads its own split between compressed and float forms."""
