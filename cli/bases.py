@@ -1,8 +1,9 @@
 """Low-rank bases per model: calibrated once by PCA on calibration text, kept in the user cache.
 
-File: ~/.cache/kvmlx/bases/<model>-<fingerprint[:16]>.safetensors with tensors k.<layer> and
-v.<layer> [Hkv, D, D] (full bases, columns by decreasing energy, so any rank takes the first r) and
-energy.k.<layer> / energy.v.<layer> [Hkv, D]; metadata names the model, fingerprint and tokens used.
+File: bases/<model>-<fingerprint[:16]>.safetensors in kvspec.paths.cache_root() (~/.cache/kvmlx by
+default) with tensors k.<layer> and v.<layer> [Hkv, D, D] (full bases, columns by decreasing energy,
+so any rank takes the first r) and energy.k.<layer> / energy.v.<layer> [Hkv, D]; metadata names the
+model, fingerprint and tokens used.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from kvspec import safetensors_io
+from kvspec.paths import cache_root
 from kvspec.reference.lowrank import pca_basis
 from kvspec.spec import KVSpec, LowRank
-
-BASES_DIR = Path.home() / ".cache" / "kvmlx" / "bases"
 
 
 def bases_path(model: str, fingerprint: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model)[-80:]
-    return BASES_DIR / f"{safe}-{fingerprint[:16]}.safetensors"
+    return cache_root() / "bases" / f"{safe}-{fingerprint[:16]}.safetensors"
 
 
 def calibrate(activations: dict[str, list[np.ndarray]], progress: Callable[[], None] | None = None) -> dict[str, np.ndarray]:

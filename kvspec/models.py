@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .budget import ModelShape
+from .paths import cache_root
 
 
 class ModelNotAvailable(LookupError):
@@ -30,13 +31,14 @@ class Alias:
     max_positions: int | None = None  # the checkpoint's context length, checked before the slow load
 
     def gguf_path(self, cache_dir: Path | None = None) -> Path:
-        """The local GGUF file (parts are joined once into `cache_dir`); raise ModelNotAvailable."""
+        """The local GGUF file (parts are joined once into `cache_dir`, default kvspec.paths.cache_root());
+        raise ModelNotAvailable."""
         if not self.gguf_parts:
             raise ModelNotAvailable(f"{self.name} is not bundled; it loads from the hub as {self.hub_id}")
         files = [_installed_file(dist, rel, self) for dist, rel in self.gguf_parts]
         if len(files) == 1:
             return files[0]
-        cache_dir = cache_dir or Path.home() / ".cache" / "kvmlx"
+        cache_dir = cache_dir or cache_root()
         out = cache_dir / f"{self.name}.gguf"
         size = sum(f.stat().st_size for f in files)
         if not out.is_file() or out.stat().st_size != size:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from kvspec.models import check_hub_reachable, resolve_alias
+from kvspec.paths import cache_root
 
 # The oldest transformers whose GGUF loading gives a correct model, per architecture. Measured here
 # (plain transformers, bf16, Gemma-3-270m Q4_K_M, first 768 BBC tokens): 5.17 gives PPL 372, 5.18-5.22
@@ -166,10 +167,8 @@ _UNWRITABLE: set[Path] = set()
 
 
 def model_cache_dir() -> Path:
-    """$KVMLX_CACHE_DIR/models, else $XDG_CACHE_HOME/kvmlx/models, else ~/.cache/kvmlx/models."""
-    if os.environ.get("KVMLX_CACHE_DIR"):
-        return Path(os.environ["KVMLX_CACHE_DIR"]).expanduser() / "models"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "kvmlx" / "models"
+    """models/ in kvspec.paths.cache_root() ($KVMLX_CACHE_DIR, else $XDG_CACHE_HOME/kvmlx, else ~/.cache/kvmlx)."""
+    return cache_root() / "models"
 
 
 def cache_key(path: Path, dtype: torch.dtype, transformers_version: str) -> str:

@@ -1,4 +1,5 @@
-"""One converted-model cache (kvtorch.loading) for the whole test run, in a temporary directory.
+"""One kvmlx cache (kvspec.paths.cache_root: converted models, bases, corpora, joined GGUF parts) for
+the whole test run, in a temporary directory.
 
 Several modules load SmolLM2 from its GGUF file (~35 s each on 2 cores): sharing the cache makes
 every load after the first take about a second, and nothing is written to the user's ~/.cache.
