@@ -120,8 +120,9 @@ def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr,
           MM_F32: tl.constexpr, PTX: tl.constexpr, ORDER: tl.constexpr, WARPS: tl.constexpr):
     """Rows `offs` [BN] of a compressed tensor as a [BN, DP] tile in the dot dtype (0 where not ok;
     fp32 under MM_F32, where `_mm` rounds). PTX: 4- and 8-bit token-axis tiles dequantize in inline PTX.
-    ORDER of a token-axis tile's columns: STREAM, PAIRS (4-bit PTX: dequant4_pairs') or MMA (`mma_order`,
-    2- and 4-bit words, DP a multiple of 4 words).
+    ORDER of a token-axis tile's columns: STREAM, PAIRS (4-bit PTX: dequant4_pairs'), MMA (`mma_order`,
+    2- and 4-bit words, DP a multiple of 4 words) or VALUES (`value_order` for a P V dot over WARPS
+    warps, DP = 64 x WARPS).
 
     BITS 0: float coefficients [n, DREAL]. Otherwise codes [n, W] with fp16 scales/biases of shape
     [n, DREAL / GROUP] (token axis: given as gs, gb by `_group_scales`) or [n / GROUP, DREAL]
