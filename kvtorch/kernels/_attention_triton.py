@@ -59,7 +59,6 @@ import triton.language as tl
 
 from ._jit import (
     codes3,
-    codes_mma,
     codes_of_words,
     dequant4_mma,
     dequant4_pairs,
@@ -167,10 +166,9 @@ def _tile(c_ptr, s_ptr, b_ptr, sc_n, ss_n, offs, ok, gs, gb, BITS: tl.constexpr,
         s = spread_words(_per_word(gs.to(tl.float32), BN, WP), LOGC)
         b = spread_words(_per_word(gb.to(tl.float32), BN, WP), LOGC)
         c = codes_of_words(load_words(c_ptr, offs, ok, sc_n, WP, DREAL * BITS // 32), BITS)
+        x = tl.reshape(c * s + b, (BN, DP))
         if ORDER == MMA:
-            x = codes_mma(c * s + b, BN, WP, 32 // BITS)
-        else:
-            x = tl.reshape(c * s + b, (BN, DP))
+            x = mma_order(x, BN, DP, 32 // BITS)
     if ORDER == VALUES:
         x = value_order(x, BN, DP, WARPS)
     if MM_F32:

@@ -155,6 +155,14 @@ DEQUANT4_F16 = tl.constexpr(_dequant_ptx(0x000F000F, [
 
 
 @triton.jit
+def _dequant4_pair_outputs(words, s, b):
+    """DEQUANT4_PAIRS_F16 on each word given twice: outputs k [BN, WP, 2], lane e = code k + 4e."""
+    return tl.inline_asm_elementwise(
+        DEQUANT4_PAIRS_F16, "=r,=r,=r,=r,r,r,r,r", [tl.join(words, words), tl.join(s, s), tl.join(b, b)],
+        dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+
+
+@triton.jit
 def dequant4_pairs(words, s, b):
     """4-bit words [BN, WP] (int32) with per-word fp16 scale and bias [BN, WP] -> fp16 values
     [BN, WP * 8] in pair order: column 8w + 2k + e holds code k + 4e of word w (`stream_order` undoes it).
@@ -165,9 +173,7 @@ def dequant4_pairs(words, s, b):
     are wrong (value tiles in `value_order` at D 128: relative error 5e-3 on the H200), which
     `dequant4_words` does not assume. dequant4_mma shares the PTX and is checked bit for bit on the
     GPU in the key tiles' layout (tests/kvtorch/test_dequant_ptx.py, test_kernels_attention.py)."""
-    o0, o1, o2, o3 = tl.inline_asm_elementwise(
-        DEQUANT4_PAIRS_F16, "=r,=r,=r,=r,r,r,r,r", [tl.join(words, words), tl.join(s, s), tl.join(b, b)],
-        dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+    o0, o1, o2, o3 = _dequant4_pair_outputs(words, s, b)
     x = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # [BN, WP, e, a, b]: output k = 2a + b
     return tl.reshape(tl.permute(x, (0, 1, 3, 4, 2)), (words.shape[0], words.shape[1] * 8))
 
@@ -178,9 +184,7 @@ def dequant4_mma(words, s, b):
     [BN, WP * 8] in MMA order (`mma_columns`): a key tile the MMA reads from registers.
 
     The same PTX as dequant4_pairs; only the columns the outputs land in differ."""
-    o0, o1, o2, o3 = tl.inline_asm_elementwise(
-        DEQUANT4_PAIRS_F16, "=r,=r,=r,=r,r,r,r,r", [tl.join(words, words), tl.join(s, s), tl.join(b, b)],
-        dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+    o0, o1, o2, o3 = _dequant4_pair_outputs(words, s, b)
     return mma_columns(o0, o1, o2, o3)
 
 
@@ -205,17 +209,9 @@ def mma_order(x, R: tl.constexpr, D: tl.constexpr, CPW: tl.constexpr):
     """Columns of x [R, D] from stream order to the MMA order of key tiles whose words hold CPW codes:
     stream column CPW w + 4t + r of word w = 4a + c goes to 4 CPW a + 16t + 4c + r, so a thread's 4
     operand columns of each 16 (a 16-bit dot operand, kWidth 4) are 4 codes of one word. The order of
-    `mma_columns` (CPW 8) and `codes_mma`; CPW 4 (8-bit words) is stream order itself."""
+    `mma_columns` (CPW 8); CPW 4 (8-bit words) is stream order itself."""
     T: tl.constexpr = CPW // 4
     return tl.reshape(tl.permute(tl.reshape(x, (R, D // (4 * CPW), 4, T, 4)), (0, 1, 3, 2, 4)), (R, D))
-
-
-@triton.jit
-def codes_mma(x, BN: tl.constexpr, WP: tl.constexpr, CPW: tl.constexpr):
-    """Values [BN, WP, 2, ..., 2] in `codes_of_words`' shape (code j of word w at flat index j) ->
-    [BN, WP * CPW] in `mma_order`."""
-    T: tl.constexpr = CPW // 4
-    return tl.reshape(tl.permute(tl.reshape(x, (BN, WP // 4, 4, T, 4)), (0, 1, 3, 2, 4)), (BN, WP * CPW))
 
 
 @triton.jit
