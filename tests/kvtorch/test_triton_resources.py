@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+# As in every kvtorch test module: on a CPU, triton must be imported with the interpreter on, or a
+# later module's interpreted kernels fail in this worker. The compiles run in subprocesses without it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed: no kernels to compile")
 
 from kvspec.grammar import parse  # noqa: E402
