@@ -75,8 +75,10 @@ def report(path: Path, top: int = 15) -> str:
     return "\n".join(out)
 
 
-def launch(method: str, batch: int, context: int) -> None:
-    """Three decode attentions of `method` at Mistral-7B heads (ncu profiles the third)."""
+def launch(method: str, batch: int, context: int, block: tuple[int, int, int] | None = None,
+           splits: int | None = None) -> None:
+    """Three decode attentions of `method` at Mistral-7B heads (ncu profiles the third); block and
+    splits as kvtorch.kernels.attention.attend takes them (default: its launch policy)."""
     import torch
     import torch.nn.functional as F
 
@@ -94,7 +96,7 @@ def launch(method: str, batch: int, context: int) -> None:
     else:
         kp, vp = (bda.compressed_part(method, batch, hkv, context, d, gen) for _ in range(2))
         qpos = torch.tensor([context - 1], device="cuda")
-        fn = lambda: bda.attend(q, qpos, kp, vp, scale=d**-0.5)  # noqa: E731
+        fn = lambda: bda.attend(q, qpos, kp, vp, scale=d**-0.5, block=block, splits=splits)  # noqa: E731
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -107,12 +109,15 @@ def main() -> None:
     lp.add_argument("method", choices=["int8", "int4", "int2", "rank32", "sdpa"])
     lp.add_argument("--batch", type=int, default=8)
     lp.add_argument("--context", type=int, default=32768)
+    lp.add_argument("--block", help="keys per block, warps, stages: '32,1,3' (default: the launch policy)")
+    lp.add_argument("--splits", type=int, help="key splits (default: the launch policy)")
     rp = sub.add_parser("report", help="tables from ncu's source-page CSV")
     rp.add_argument("csv", type=Path)
     rp.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
     if args.command == "launch":
-        launch(args.method, args.batch, args.context)
+        block = tuple(int(x) for x in args.block.split(",")) if args.block else None
+        launch(args.method, args.batch, args.context, block, args.splits)
     else:
         print(report(args.csv, args.top))
 

@@ -11,7 +11,7 @@ memory as the H200 reported them for the same launches (int4 (128, 4, 3): 168 re
 program at most 232,448 B of shared memory; a config above that fails at launch there with
 "OutOfResources: shared memory" (as int3 at D 128 with (64, 4, 3) did on 2026-11-29).
 
-    python benchmarks/triton_smem.py int3 128 4 64,4,3 64,4,2 [--json PATH]
+    python benchmarks/triton_smem.py int3 128 4 64,4,3 64,4,2 [--json PATH] [--dump DIR]
     (method int2/int3/int4/int8/rank32, head dim, query heads per KV head, configs)
 Appends one record per config to PATH (default benchmarks/results/triton_smem_sm90.json).
 """
@@ -62,9 +62,10 @@ def capture(method: str, d: int, g: int, out: str) -> None:
     torch.save(seen, out)
 
 
-def compile_configs(path: str, method: str, configs: list[tuple[int, int, int]]) -> list[dict]:
+def compile_configs(path: str, method: str, configs: list[tuple[int, int, int]], dump: Path | None = None) -> list[dict]:
     """triton.compile the recorded launch for sm_90 per config, its arguments specialized by Triton's own
-    binder as a launch on the device specializes them (16-byte aligned pointers, multiples of 16)."""
+    binder as a launch on the device specializes them (16-byte aligned pointers, multiples of 16).
+    dump: a folder that gets each config's TTGIR, PTX and SASS (METHOD-BN-WARPS-STAGES.ttgir, ...)."""
     import torch
     import triton.language as tl
 
@@ -79,6 +80,11 @@ def compile_configs(path: str, method: str, configs: list[tuple[int, int, int]])
         kernel = compile_launch(*specialize(at._split_kernel, seen["args"],
                                             dict(kw, BN=bn, WARPS=warps, num_warps=warps, num_stages=stages)))
         loop = sass_loop(kernel.asm["cubin"])
+        if dump:
+            stem = dump / f"{method}-{bn}-{warps}-{stages}"
+            stem.with_suffix(".ttgir").write_text(kernel.asm["ttgir"])
+            stem.with_suffix(".ptx").write_text(kernel.asm["ptx"])
+            stem.with_suffix(".sass").write_text(disassemble(kernel.asm["cubin"]))
         per_element = loop["instructions"] * warps * 32 / (bn * (kw["DK"] + kw["DV"]))
         rows.append({"block": [bn, warps, stages], "shared_bytes": kernel.metadata.shared,
                      "fits_h200": kernel.metadata.shared <= H200_SMEM, "registers": loop["registers"],
@@ -88,23 +94,32 @@ def compile_configs(path: str, method: str, configs: list[tuple[int, int, int]])
     return rows
 
 
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS of a cubin (the nvdisasm bundled with Triton)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
 def sass_loop(cubin: bytes) -> dict:
     """Registers per thread and the largest loop of a compiled kernel's SASS (the lean loop over key
     blocks): instructions per warp per iteration, their opcodes (most frequent first) and the
     shared-memory accesses by opcode with width (STS.128, LDSM...)."""
     import collections
     import re
-    import tempfile
 
-    import triton
-
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    sass = disassemble(cubin)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([str(bin_dir / "nvdisasm"), "-c", f.name], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([str(bin_dir / "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
                                text=True, check=True).stdout
     instructions, labels = [], {}
     for line in sass.splitlines():
@@ -132,6 +147,7 @@ def main() -> None:
     ap.add_argument("g", type=int, help="query heads per KV head")
     ap.add_argument("configs", nargs="*", default=["64,4,3"], help="keys per block,warps,stages")
     ap.add_argument("--json", type=Path, default=OUT, help="file the records are appended to")
+    ap.add_argument("--dump", type=Path, help="folder for each config's TTGIR, PTX and SASS")
     ap.add_argument("--capture", help=argparse.SUPPRESS)  # step 1, in the child: where to record the launch
     args = ap.parse_args()
     method, d, g, out_path = args.method, args.d, args.g, args.json
@@ -144,7 +160,9 @@ def main() -> None:
         launch = str(Path(tmp) / "launch.pt")
         subprocess.run([sys.executable, __file__, method, str(d), str(g), "--capture", launch], env=env, cwd=ROOT,
                        check=True, capture_output=True, text=True)
-        rows = compile_configs(launch, method, configs)
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+        rows = compile_configs(launch, method, configs, args.dump)
     import triton
 
     records = json.loads(out_path.read_text()) if out_path.exists() else []
