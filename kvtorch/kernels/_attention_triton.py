@@ -18,9 +18,9 @@ dequant4_mma, dequant4_pairs, dequant4_words, dequant8_words). Key tiles of 2- a
 MMA order (a thread's operand columns are whole words, so the key tile reaches the MMA from registers,
 not through shared memory), and q's key columns are put in that order first (a dot over D does not
 depend on the order of D). Value tiles come in value order where a thread's output columns can be 8
-stream neighbours (D = 64 x warps: 2- and 8-bit words, 4-bit at D 256; the tile skips shared memory
-too), else 4-bit ones in pair order (both lanes of a register from one word); the value accumulator
-goes back to stream order at the end.
+stream neighbours (D = 64 x warps: 2- and 8-bit words, 4-bit at D 128 and 256; the tile skips shared
+memory too), else 4-bit ones in pair order (both lanes of a register from one word); the value
+accumulator goes back to stream order at the end.
 
 Instruction budget (SASS of the lean loop compiled offline for sm_90 with Triton 3.6: triton.compile
 with GPUTarget("cuda", 90, 32), then the bundled cuobjdump; instructions per thread per loop
@@ -42,7 +42,12 @@ Key tiles in MMA order took int4 from 0.240 to 0.185 ms (b8 x 32k, (64, 2, 3)); 
 order took int8 from 0.208 to 0.195 (ncu: shared-store wavefronts 10.9M -> 1.9M, L1 67% -> 47%, DRAM
 57% -> 63%). 4-bit value tiles in value order need a PTX whose lanes read their own words
 (dequant4_words: one PRMT per output register more than dequant4_pairs, whose two lanes assume one
-word given twice, which Triton's layout there does not keep: wrong values) and lost (0.189 vs 0.185).
+word given twice, which Triton's layout there does not keep: wrong values) and lost at 8 splits (0.189
+vs 0.185), but their 22.5 KB of shared memory (38.9 in pair order) let 6 programs share a
+multiprocessor, and at 12 splits they win: 0.176 ms (ncu: L1 69% -> 54%, issue 0.51 -> 0.62 per
+scheduler, shared-store requests 1.65M -> 0.49M). A PTX taking codes 2k and 2k + 1 of one word per
+register (no repacking before the MMA: 1193 loop instructions vs 1240) made ptxas take 255 registers
+and lost at D 128 (keys: 0.197 vs 0.186 ms) while winning at D 256 b8 x 32k (0.068 vs 0.0745); not kept.
 Measured against what a factored loop would cost (never dequantize: scores = sum_g s_g (q_g . c_g)
 + b_g sum(q_g), values as (p s_g) . c_g + p . b_g, codes as 1024 + c in fp16 lanes, two per LOP3):
 unpacking 0.875 per element for K, 1.375 for V (V pairs two keys per mma register: one PRMT per
@@ -242,11 +247,11 @@ def _split_kernel(
     # registers); q's columns follow them (a dot over D ignores the order). Value tiles in value order
     # where each thread's columns are 8 neighbours (D = 64 x warps) and it was measured faster on an
     # H200 (b8 x 32k: int8 D 128 0.194-0.196 ms vs 0.207-0.208, int4 D 256 0.0745 vs 0.0777, int2
-    # (64, 2, 3) 0.282 vs 0.291; int4 D 128 lost: 0.189 vs 0.185, dequant4_words' prmt costs more
-    # than the shared-memory trip it saves), else pairs (4-bit PTX) or stream order.
+    # (64, 2, 3) 0.282 vs 0.291; int4 D 128 0.176 vs 0.187 at 12 splits, which its smaller shared
+    # memory allows), else pairs (4-bit PTX) or stream order.
     K_ORDER: tl.constexpr = MMA if ((K_BITS == 2 and DK % 64 == 0) or (K_BITS == 4 and DK % 32 == 0)) \
         and not K_CHANNEL else STREAM
-    V_WORDS: tl.constexpr = (V_BITS == 2 or V_BITS == 8 or (V_BITS == 4 and DV > 128)) and not V_CHANNEL
+    V_WORDS: tl.constexpr = (V_BITS == 2 or V_BITS == 8 or (V_BITS == 4 and DV >= 128)) and not V_CHANNEL
     V_ORDER: tl.constexpr = VALUES if V_WORDS and DV == 64 * WARPS \
         else (PAIRS if PTX and V_BITS == 4 and not V_CHANNEL else STREAM)
     if K_ORDER == MMA:

@@ -192,8 +192,12 @@ def _int4_tokens(kspec, vspec) -> bool:
     return _bits_tokens(kspec, vspec, 4)
 
 
-# Keys from which 4-bit K and V at D 256 take 4-warp blocks of 64 keys with 8+ programs (`default_block`).
+# Keys from which 4-bit K and V at D 256 take 4-warp blocks of 64 keys with 8+ programs (`default_block`),
+# and at D 128 aim for VALUE_ORDER_PER_SM programs per multiprocessor (`programs_per_sm`).
 LONG_KEYS = 16384
+VALUE_ORDER_PER_SM = 6
+# Programs per split (batch x KV heads) from which 2-bit K and V at D 128 take 1-warp blocks of 16 keys.
+TINY_BLOCK_PROGRAMS = 32
 
 
 def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0) -> tuple[int, int, int]:
@@ -202,9 +206,12 @@ def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0) -> tup
     (benchmarks/results/decode_launch_nvidia_h200.json, kernel "mma-order-346daf6": key tiles in MMA order).
     4-bit K and V at D <= 128: 4 warps over 128 keys for up to 8 programs (Mistral heads b1 x 32k: 0.0396
     ms vs 0.0434 for (64, 2, 3)), 2 warps over 64 keys above (b8 x 32k 0.185 vs 0.206 for (128, 4, 3);
-    b32 x 32k 0.688 vs 0.769; Qwen2.5 heads, 16 programs: 0.0459 vs 0.0587). 2-bit K and V: 4 warps over
-    64 keys at D 128 (b8 x 32k 0.279 vs 0.291 for (64, 2, 3); b1 x 32k 0.0506, b8 x 4k 0.0457: best of 5),
-    over 128 keys at D 64 (SmolLM2 heads b8 x 32k 0.0636 vs 0.0670 for (64, 2, 3)). Other token-axis
+    b32 x 32k 0.688 vs 0.769; Qwen2.5 heads, 16 programs: 0.0459 vs 0.0587). 2-bit K and V at D 128: one
+    warp over 16 keys from TINY_BLOCK_PROGRAMS programs, with MAX_SPLITS splits (kernel "session23 value
+    order int4 D128, int2 1-warp blocks": b8 x 32k 0.249 vs 0.280 ms for (64, 4, 3); b32 x 32k 0.888 vs
+    1.080; b4 x 32k 0.133 vs 0.145; b8 x 8k 0.074 vs 0.080; b8 x 128k 0.945 vs 1.075 for (64, 2, 3)), 4
+    warps over 64 keys below (b2 x 32k 0.0805 vs 0.0984; b1 x 32k 0.050 vs 0.095); over 128 keys at D 64
+    (SmolLM2 heads b8 x 32k 0.0636 vs 0.0670 for (64, 2, 3) and 0.0907 for (16, 1, 3)). Other token-axis
     2/4/8-bit K and V: 4 warps over 128 keys for up to 16 programs, 2 warps over 64 keys above (int8 b8 x
     32k: 0.206 vs 0.335 for (64, 4, 3)). At D 256 int4 takes (128, 8, 3), or (64, 4, 3) with 8+ programs
     over LONG_KEYS or more (b8 x 32k 0.0777 vs 0.0813; b1 x 32k: 0.0432 vs 0.0573). Low-rank K and V: 4
@@ -213,7 +220,9 @@ def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0) -> tup
     (64, 4, 3) asks 284,672 B of shared memory at D 128 (an H200 has 232,448), (64, 4, 2) 153,600,
     and at D 256 (32, 4, 2) 156,672 (benchmarks/triton_smem.py, compiled offline for sm_90)."""
     if d <= 128 and _bits_tokens(kspec, vspec, 2):
-        return (64, 4, 3) if d > 64 else (128, 4, 3)
+        if d > 64:
+            return (16, 1, 3) if programs >= TINY_BLOCK_PROGRAMS else (64, 4, 3)
+        return 128, 4, 3
     if d <= 128 and _int4_tokens(kspec, vspec):
         return (128, 4, 3) if programs <= 8 else (64, 2, 3)
     if d <= 128 and _word_tokens(kspec) and _word_tokens(vspec):
@@ -229,12 +238,23 @@ def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0) -> tup
     return 64, 4, 3
 
 
-def programs_per_sm(kspec, vspec, block: tuple[int, int, int]) -> int:
-    """Programs per multiprocessor the default splits aim for (`_splits`): 8 for 4-bit token-axis K
-    and V in 4-warp blocks of 128 keys (H200, Mistral heads: b8 x 32k 16 splits 0.2392 ms vs 8:
-    0.2513; b32 x 32k 4 vs 2: 0.904 vs 0.958), 4 otherwise (~8 warps per multiprocessor with the
-    2-warp blocks, where every fast config measured on an H200 sat)."""
-    return 8 if _int4_tokens(kspec, vspec) and block[:2] == (128, 4) else 4
+def programs_per_sm(kspec, vspec, block: tuple[int, int, int], d: int = 0, keys: int = 0) -> int:
+    """Programs per multiprocessor the default splits aim for (`_splits`), for head dim d over `keys`
+    keys: 32 for 1-warp blocks, i.e. MAX_SPLITS up to 132 programs (int2 (16, 1, 3), H200, Mistral
+    heads: b8 x 32k 32 splits 0.249 ms, 16: 0.253, 8: 0.343; b32 x 32k 32: 0.888, 8: 0.943); 8 for 4-bit
+    token-axis K and V in 4-warp blocks of 128 keys (b8 x 32k 16 splits 0.2392 ms vs 8: 0.2513; b32 x 32k
+    4 vs 2: 0.904 vs 0.958); VALUE_ORDER_PER_SM for them in 2-warp blocks at D 128 over LONG_KEYS or
+    more: their value tiles skip shared memory (22.5 KB a program), so 6 programs fit a multiprocessor
+    by registers (b8 x 32k 12 splits 0.176 ms vs 8: 0.189; b8 x 128k 0.650 vs 0.704; b32 x 32k 3: 0.650
+    vs 2: 0.709; b4 x 32k 24: 0.098 vs 16: 0.100; but b8 x 4k 12: 0.037 vs 8: 0.035); 4 otherwise (~8
+    warps per multiprocessor with the 2-warp blocks, where every fast config measured on an H200 sat)."""
+    if block[1] == 1:
+        return 32
+    if _int4_tokens(kspec, vspec) and block[:2] == (128, 4):
+        return 8
+    if _int4_tokens(kspec, vspec) and block[:2] == (64, 2) and d == 128 and keys >= LONG_KEYS:
+        return VALUE_ORDER_PER_SM
+    return 4
 
 
 def fp16_operands(kspec, vspec) -> bool:
@@ -274,7 +294,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     block = block or default_block(k.spec, v.spec, d, b * hkv * nqb, n_fast)
     block_n = block[0]
     sms = _sms(q.device)
-    per_sm = programs_per_sm(k.spec, v.spec, block)
+    per_sm = programs_per_sm(k.spec, v.spec, block, d, n_fast)
     s_fast, c_fast = _splits(0, n_fast, block_n, b * hkv * nqb, splits, sms, per_sm)
     s_gen, c_gen = _splits(g0, end, GENERAL_BLOCK[0], b * hkv * nqb, splits, sms)
     ring = (k.ring or 0) if static else 0

@@ -338,8 +338,10 @@ def test_decoding_compiles_each_launch_once():
     ("int8", 128, 8 * 8, 32768, (64, 2, 3)),
     ("int8", 128, 1 * 8, 4096, (128, 4, 3)),  # batch 1: few programs, 4-warp blocks and more splits
     ("int2", 64, 8 * 3, 32768, (128, 4, 3)),  # 2-bit K and V: 4 warps, 128 keys at D 64 ...
-    ("int2", 128, 8 * 8, 32768, (64, 4, 3)),  # ... 64 at D 128, at every batch
+    ("int2", 128, 2 * 8, 32768, (64, 4, 3)),  # ... 64 at D 128 with few programs,
     ("int2", 128, 1 * 8, 4096, (64, 4, 3)),
+    ("int2", 128, 4 * 8, 32768, (16, 1, 3)),  # 1 warp over 16 keys with 32+ programs
+    ("int2", 128, 8 * 8, 4096, (16, 1, 3)),
     ("int4", 256, 8, 4096, (128, 8, 3)),  # head dim 256 keeps the 8-warp block over short contexts ...
     ("int4", 256, 1, 32768, (128, 8, 3)),  # ... and with few programs,
     ("int4", 256, 8, 32768, (64, 4, 3)),  # but not with 8+ programs over long ones
@@ -354,14 +356,20 @@ def test_default_block_follows_the_launch_policy(text, d, programs, keys, block)
     assert ka.default_block(spec.k, spec.v, d, programs, keys) == block
 
 
-@pytest.mark.parametrize("text,block,per_sm", [
-    ("int4", (128, 4, 3), 8), ("int4", (64, 2, 3), 4), ("int8", (128, 4, 3), 4), ("rank32-random", (128, 4, 3), 4),
+@pytest.mark.parametrize("text,block,d,keys,per_sm", [
+    ("int4", (128, 4, 3), 128, 32768, 8),  # 4-bit in 4-warp blocks: twice the programs
+    ("int4", (64, 2, 3), 128, 32768, 6),  # 2-warp blocks at D 128 (value order) over long contexts: 6
+    ("int4", (64, 2, 3), 128, 4096, 4),  # ... not over short ones,
+    ("int4", (64, 2, 3), 64, 32768, 4),  # ... nor at D 64 (values in stream order)
+    ("int8", (128, 4, 3), 128, 32768, 4), ("rank32-random", (128, 4, 3), 128, 32768, 4),
+    ("int2", (16, 1, 3), 128, 32768, 32),  # 1-warp blocks: as many splits as MAX_SPLITS allows
 ])
-def test_programs_per_sm_doubles_only_for_4_bit_in_4_warp_blocks(text, block, per_sm):
+def test_programs_per_sm_follows_the_launch_policy(text, block, d, keys, per_sm):
     spec = kvspec.parse(text)
-    assert ka.programs_per_sm(spec.k, spec.v, block) == per_sm
-    n, _ = ka._splits(0, 32768, block[0], 64, None, 132, per_sm)
-    assert n == per_sm * 132 // 64  # batch 8 x 8 KV heads over 32k keys: 16 or 8 splits
+    assert ka.programs_per_sm(spec.k, spec.v, block, d, keys) == per_sm
+    n, _ = ka._splits(0, keys, block[0], 64, None, 132, per_sm)
+    # batch 8 x 8 KV heads: per_sm x 132 / 64 splits, within MAX_SPLITS and MIN_SPLIT_KEYS keys each
+    assert n == min(per_sm * 132 // 64, ka.MAX_SPLITS, keys // ka.MIN_SPLIT_KEYS)
 
 
 @pytest.mark.parametrize("keys,programs,splits", [
