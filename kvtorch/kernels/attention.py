@@ -48,6 +48,8 @@ LOG2E = 1.4426950408889634
 # loop holds twice the tiles, so it keeps a small block whatever the lean launch uses.
 GENERAL_BLOCK = (16, 4, 2)
 MAX_SPLITS = 32
+# The cap for 2-warp blocks of 64 keys of 4- and 8-bit words over LONG_KEYS or more (`max_splits`).
+LONG_MAX_SPLITS = 64
 # Fewest keys one split covers: shorter ones cost more in the reduce than they add in parallelism
 # (H200, Mistral heads, batch 1 x 4k: 32 splits of 128 keys 0.028-0.031 ms, 16 of 256 0.022-0.026).
 MIN_SPLIT_KEYS = 256
@@ -168,13 +170,13 @@ def _operands(part, device):
 
 
 def _splits(lo: int, hi: int, block: int, programs: int, want: int | None, sms: int,
-            per_sm: int = 4) -> tuple[int, int]:
+            per_sm: int = 4, cap: int = MAX_SPLITS) -> tuple[int, int]:
     """(splits, chunk) covering keys [lo, hi) in chunks of whole blocks: `want` splits, or enough that
     the `programs` programs of one split, times the splits, fill about `per_sm` per multiprocessor (of
-    `sms`; see `programs_per_sm`) with at most MAX_SPLITS (the reduce unrolls over them) and at least
-    MIN_SPLIT_KEYS keys each."""
+    `sms`; see `programs_per_sm`) with at most `cap` (the reduce loads every split's partials at once;
+    see `max_splits`) and at least MIN_SPLIT_KEYS keys each."""
     blocks = max(1, -(-(hi - lo) // block))
-    splits = want if want is not None else min(MAX_SPLITS, per_sm * sms // programs, (hi - lo) // MIN_SPLIT_KEYS)
+    splits = want if want is not None else min(cap, per_sm * sms // programs, (hi - lo) // MIN_SPLIT_KEYS)
     splits = max(1, min(splits, blocks))
     chunk = -(-blocks // splits) * block
     return max(1, -(-(hi - lo) // chunk)), chunk
@@ -204,16 +206,21 @@ def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0) -> tup
     """(keys per block, warps, stages) of the lean launch for `programs` programs per split
     (batch x KV heads x query blocks) over `keys` keys: the fastest measured on an H200 where measured
     (benchmarks/results/decode_launch_nvidia_h200.json, kernel "mma-order-346daf6": key tiles in MMA order).
-    4-bit K and V at D <= 128: 4 warps over 128 keys for up to 8 programs (Mistral heads b1 x 32k: 0.0396
-    ms vs 0.0434 for (64, 2, 3)), 2 warps over 64 keys above (b8 x 32k 0.185 vs 0.206 for (128, 4, 3);
-    b32 x 32k 0.688 vs 0.769; Qwen2.5 heads, 16 programs: 0.0459 vs 0.0587). 2-bit K and V at D 128: one
+    4-bit K and V at D <= 128: 4 warps over 128 keys for up to 8 programs over fewer than LONG_KEYS keys
+    (Mistral heads b1 x 4k: 0.0155 ms vs 0.0183 for (64, 2, 3)), 2 warps over 64 keys otherwise (b8 x 32k
+    0.185 vs 0.206 for (128, 4, 3); b32 x 32k 0.688 vs 0.769; Qwen2.5 heads, 16 programs: 0.0459 vs
+    0.0587), at few programs with up to LONG_MAX_SPLITS splits (kernel "main 6f5e365": b1 x 32k 0.0382
+    vs 0.0395 for (128, 4, 3), b1 x 128k 0.1045 vs 0.1176; Qwen2.5 heads b1 x 32k 0.0212 vs 0.0257,
+    SmolLM2 heads 0.0228 vs 0.0261; 32 splits lost: b1 x 32k 0.0436). 2-bit K and V at D 128: one
     warp over 16 keys from TINY_BLOCK_PROGRAMS programs, with MAX_SPLITS splits (kernel "session23 value
     order int4 D128, int2 1-warp blocks": b8 x 32k 0.249 vs 0.280 ms for (64, 4, 3); b32 x 32k 0.888 vs
     1.080; b4 x 32k 0.133 vs 0.145; b8 x 8k 0.074 vs 0.080; b8 x 128k 0.945 vs 1.075 for (64, 2, 3)), 4
     warps over 64 keys below (b2 x 32k 0.0805 vs 0.0984; b1 x 32k 0.050 vs 0.095); over 128 keys at D 64
     (SmolLM2 heads b8 x 32k 0.0636 vs 0.0670 for (64, 2, 3) and 0.0907 for (16, 1, 3)). Other token-axis
-    2/4/8-bit K and V: 4 warps over 128 keys for up to 16 programs, 2 warps over 64 keys above (int8 b8 x
-    32k: 0.206 vs 0.335 for (64, 4, 3)). At D 256 int4 takes (128, 8, 3), or (64, 4, 3) with 8+ programs
+    2/4/8-bit K and V: 4 warps over 128 keys for up to 16 programs over fewer than LONG_KEYS keys, 2
+    warps over 64 keys otherwise (int8 b8 x 32k: 0.206 vs 0.335 for (64, 4, 3); b1 x 32k with 64 splits
+    0.0410 vs 0.0442, b1 x 128k 0.1096 vs 0.1285; b1 x 4k 0.0170 vs 0.0188; 9-16 programs over long
+    contexts not measured). At D 256 int4 takes (128, 8, 3), or (64, 4, 3) with 8+ programs
     over LONG_KEYS or more (b8 x 32k 0.0777 vs 0.0813; b1 x 32k: 0.0432 vs 0.0573). Low-rank K and V: 4
     warps over 128 keys (rank 32, b8 x 32k: 0.0827 ms vs 0.0875 for (64, 4, 3); b1 x 32k: 0.0236 vs 0.0269).
     3-bit tiles gather their codes from two words each, which the pipeline stages multiply:
@@ -224,9 +231,9 @@ def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0) -> tup
             return (16, 1, 3) if programs >= TINY_BLOCK_PROGRAMS else (64, 4, 3)
         return 128, 4, 3
     if d <= 128 and _int4_tokens(kspec, vspec):
-        return (128, 4, 3) if programs <= 8 else (64, 2, 3)
+        return (128, 4, 3) if programs <= 8 and keys < LONG_KEYS else (64, 2, 3)
     if d <= 128 and _word_tokens(kspec) and _word_tokens(vspec):
-        return (128, 4, 3) if programs <= 16 else (64, 2, 3)
+        return (128, 4, 3) if programs <= 16 and keys < LONG_KEYS else (64, 2, 3)
     if d > 128 and _int4_tokens(kspec, vspec):
         # D 256 (Gemma-3 heads): 4 warps over 64 keys win with 8+ programs over long contexts and
         # lose with fewer keys or programs (b8 x 4k 0.0273 vs 0.0253 ms in pair order).
@@ -255,6 +262,15 @@ def programs_per_sm(kspec, vspec, block: tuple[int, int, int], d: int = 0, keys:
     if _int4_tokens(kspec, vspec) and block[:2] == (64, 2) and d == 128 and keys >= LONG_KEYS:
         return VALUE_ORDER_PER_SM
     return 4
+
+
+def max_splits(kspec, vspec, block: tuple[int, int, int], keys: int) -> int:
+    """The most splits the default takes (`_splits`' cap): LONG_MAX_SPLITS for 2-warp blocks of 64 keys
+    of 4- and 8-bit token-axis words over LONG_KEYS or more keys, whose few-program launches (batch 1)
+    want ~512 programs (Mistral heads b1 x 32k int4: 64 splits 0.0382 ms, 48: 0.0444, 32: 0.0436);
+    MAX_SPLITS otherwise."""
+    words48 = all(_word_tokens(t) and t.bits in (4, 8) for t in (kspec, vspec))
+    return LONG_MAX_SPLITS if words48 and block[:2] == (64, 2) and keys >= LONG_KEYS else MAX_SPLITS
 
 
 def fp16_operands(kspec, vspec) -> bool:
@@ -295,7 +311,8 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     block_n = block[0]
     sms = _sms(q.device)
     per_sm = programs_per_sm(k.spec, v.spec, block, d, n_fast)
-    s_fast, c_fast = _splits(0, n_fast, block_n, b * hkv * nqb, splits, sms, per_sm)
+    s_fast, c_fast = _splits(0, n_fast, block_n, b * hkv * nqb, splits, sms, per_sm,
+                             max_splits(k.spec, v.spec, block, n_fast))
     s_gen, c_gen = _splits(g0, end, GENERAL_BLOCK[0], b * hkv * nqb, splits, sms)
     ring = (k.ring or 0) if static else 0
     if ring:

@@ -333,10 +333,13 @@ def test_decoding_compiles_each_launch_once():
 @pytest.mark.parametrize("text,d,programs,keys,block", [
     ("int4", 128, 8 * 8, 4096, (64, 2, 3)),  # batch 8 x 8 KV heads: many programs, 2-warp blocks
     ("int4", 128, 8 * 8, 32768, (64, 2, 3)),  # ... over long contexts too (key tiles in MMA order)
-    ("int4", 128, 1 * 8, 32768, (128, 4, 3)),  # batch 1: 4-warp blocks and more splits
+    ("int4", 128, 1 * 8, 4096, (128, 4, 3)),  # batch 1 over short contexts: 4-warp blocks and more splits,
+    ("int4", 128, 1 * 8, 32768, (64, 2, 3)),  # over long ones 2-warp blocks and up to 64 splits
+    ("int4", 64, 1 * 2, 32768, (64, 2, 3)),  # (Qwen2.5 heads too)
     ("int4", 128, 8 * 2, 32768, (64, 2, 3)),  # Qwen2.5 heads at batch 8: 16 programs are many for 4-bit
     ("int8", 128, 8 * 8, 32768, (64, 2, 3)),
     ("int8", 128, 1 * 8, 4096, (128, 4, 3)),  # batch 1: few programs, 4-warp blocks and more splits
+    ("int8", 128, 1 * 8, 131072, (64, 2, 3)),  # ... but 2-warp blocks over long contexts
     ("int2", 64, 8 * 3, 32768, (128, 4, 3)),  # 2-bit K and V: 4 warps, 128 keys at D 64 ...
     ("int2", 128, 2 * 8, 32768, (64, 4, 3)),  # ... 64 at D 128 with few programs,
     ("int2", 128, 1 * 8, 4096, (64, 4, 3)),
@@ -370,6 +373,22 @@ def test_programs_per_sm_follows_the_launch_policy(text, block, d, keys, per_sm)
     n, _ = ka._splits(0, keys, block[0], 64, None, 132, per_sm)
     # batch 8 x 8 KV heads: per_sm x 132 / 64 splits, within MAX_SPLITS and MIN_SPLIT_KEYS keys each
     assert n == min(per_sm * 132 // 64, ka.MAX_SPLITS, keys // ka.MIN_SPLIT_KEYS)
+
+
+@pytest.mark.parametrize("text,block,keys,cap", [
+    ("int4", (64, 2, 3), 32768, 64),  # 4- and 8-bit words in 2-warp blocks over long contexts: 64
+    ("int8", (64, 2, 3), 131072, 64),
+    ("k8v4", (64, 2, 3), 32768, 64),
+    ("int4", (64, 2, 3), 4096, 32),  # short contexts,
+    ("int4", (128, 4, 3), 32768, 32),  # other blocks,
+    ("int2", (64, 4, 3), 32768, 32),  # other widths: 32
+    ("rank32-random", (128, 4, 3), 32768, 32),
+])
+def test_max_splits_doubles_only_for_long_4_and_8_bit_in_2_warp_blocks(text, block, keys, cap):
+    spec = kvspec.parse(text)
+    assert ka.max_splits(spec.k, spec.v, block, keys) == cap
+    n, _ = ka._splits(0, keys, block[0], 8, None, 132, 4, cap)
+    assert n == min(cap, 4 * 132 // 8, keys // ka.MIN_SPLIT_KEYS)  # batch 1 x 8 KV heads: 64, 32 or 16 splits
 
 
 @pytest.mark.parametrize("keys,programs,splits", [
