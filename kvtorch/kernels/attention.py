@@ -202,20 +202,22 @@ VALUE_ORDER_PER_SM = 6
 TINY_BLOCK_PROGRAMS = 32
 
 
-def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0) -> tuple[int, int, int]:
+def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0, queries: int = 1) -> tuple[int, int, int]:
     """(keys per block, warps, stages) of the lean launch for `programs` programs per split
-    (batch x KV heads x query blocks) over `keys` keys: the fastest measured on an H200 where measured
+    (batch x KV heads x query blocks) over `keys` keys, for `queries` queries per sequence (1: decode):
+    the fastest measured on an H200 where measured
     (benchmarks/results/decode_launch_nvidia_h200.json, kernel "mma-order-346daf6": key tiles in MMA order).
     4-bit K and V at D <= 128: 4 warps over 128 keys for up to 8 programs over fewer than LONG_KEYS keys
     (Mistral heads b1 x 4k: 0.0155 ms vs 0.0183 for (64, 2, 3)), 2 warps over 64 keys otherwise (b8 x 32k
     0.185 vs 0.206 for (128, 4, 3); b32 x 32k 0.688 vs 0.769; Qwen2.5 heads, 16 programs: 0.0459 vs
     0.0587), at few programs with up to LONG_MAX_SPLITS splits (kernel "main 6f5e365": b1 x 32k 0.0382
     vs 0.0395 for (128, 4, 3), b1 x 128k 0.1045 vs 0.1176; Qwen2.5 heads b1 x 32k 0.0212 vs 0.0257,
-    SmolLM2 heads 0.0228 vs 0.0261; 32 splits lost: b1 x 32k 0.0436). 2-bit K and V at D 128: one
-    warp over 16 keys from TINY_BLOCK_PROGRAMS programs, with MAX_SPLITS splits (kernel "session23 value
+    SmolLM2 heads 0.0228 vs 0.0261; 32 splits lost: b1 x 32k 0.0436). 2-bit K and V at D 128, decoding:
+    one warp over 16 keys from TINY_BLOCK_PROGRAMS programs, with MAX_SPLITS splits (kernel "session23 value
     order int4 D128, int2 1-warp blocks": b8 x 32k 0.249 vs 0.280 ms for (64, 4, 3); b32 x 32k 0.888 vs
     1.080; b4 x 32k 0.133 vs 0.145; b8 x 8k 0.074 vs 0.080; b8 x 128k 0.945 vs 1.075 for (64, 2, 3)), 4
-    warps over 64 keys below (b2 x 32k 0.0805 vs 0.0984; b1 x 32k 0.050 vs 0.095); over 128 keys at D 64
+    warps over 64 keys below (b2 x 32k 0.0805 vs 0.0984; b1 x 32k 0.050 vs 0.095) and for query chunks
+    (prefill with 1-warp blocks not measured); over 128 keys at D 64
     (SmolLM2 heads b8 x 32k 0.0636 vs 0.0670 for (64, 2, 3) and 0.0907 for (16, 1, 3)). Other token-axis
     2/4/8-bit K and V: 4 warps over 128 keys for up to 16 programs over fewer than LONG_KEYS keys, 2
     warps over 64 keys otherwise (int8 b8 x 32k: 0.206 vs 0.335 for (64, 4, 3); b1 x 32k with 64 splits
@@ -228,7 +230,7 @@ def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0) -> tup
     and at D 256 (32, 4, 2) 156,672 (benchmarks/triton_smem.py, compiled offline for sm_90)."""
     if d <= 128 and _bits_tokens(kspec, vspec, 2):
         if d > 64:
-            return (16, 1, 3) if programs >= TINY_BLOCK_PROGRAMS else (64, 4, 3)
+            return (16, 1, 3) if programs >= TINY_BLOCK_PROGRAMS and queries == 1 else (64, 4, 3)
         return 128, 4, 3
     if d <= 128 and _int4_tokens(kspec, vspec):
         return (128, 4, 3) if programs <= 8 and keys < LONG_KEYS else (64, 2, 3)
@@ -307,7 +309,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
         # A static cache's step (one query, everything compressed): plan over the whole storage; the
         # lean programs stop at the query's position, which they read on the device.
         end = n_fast = k.extent
-    block = block or default_block(k.spec, v.spec, d, b * hkv * nqb, n_fast)
+    block = block or default_block(k.spec, v.spec, d, b * hkv * nqb, n_fast, tq)
     block_n = block[0]
     sms = _sms(q.device)
     per_sm = programs_per_sm(k.spec, v.spec, block, d, n_fast)

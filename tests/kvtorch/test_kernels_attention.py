@@ -359,6 +359,13 @@ def test_default_block_follows_the_launch_policy(text, d, programs, keys, block)
     assert ka.default_block(spec.k, spec.v, d, programs, keys) == block
 
 
+def test_2_bit_query_chunks_keep_4_warp_blocks():
+    """1-warp blocks were measured for decoding only: a chunk of queries (prefill) keeps (64, 4, 3)."""
+    spec = kvspec.parse("int2")
+    assert ka.default_block(spec.k, spec.v, 128, 8 * 32, 4096, queries=1) == (16, 1, 3)
+    assert ka.default_block(spec.k, spec.v, 128, 8 * 32, 4096, queries=256) == (64, 4, 3)
+
+
 @pytest.mark.parametrize("text,block,d,keys,per_sm", [
     ("int4", (128, 4, 3), 128, 32768, 8),  # 4-bit in 4-warp blocks: twice the programs
     ("int4", (64, 2, 3), 128, 32768, 6),  # 2-warp blocks at D 128 (value order) over long contexts: 6
