@@ -79,12 +79,13 @@ def compile_configs(path: str, method: str, configs: list[tuple[int, int, int]],
     for bn, warps, stages in configs:
         kernel = compile_launch(*specialize(at._split_kernel, seen["args"],
                                             dict(kw, BN=bn, WARPS=warps, num_warps=warps, num_stages=stages)))
-        loop = sass_loop(kernel.asm["cubin"])
+        sass = disassemble(kernel.asm["cubin"])
+        loop = sass_loop(kernel.asm["cubin"], sass)
         if dump:
             stem = dump / f"{method}-{bn}-{warps}-{stages}"
             stem.with_suffix(".ttgir").write_text(kernel.asm["ttgir"])
             stem.with_suffix(".ptx").write_text(kernel.asm["ptx"])
-            stem.with_suffix(".sass").write_text(disassemble(kernel.asm["cubin"]))
+            stem.with_suffix(".sass").write_text(sass)
         per_element = loop["instructions"] * warps * 32 / (bn * (kw["DK"] + kw["DV"]))
         rows.append({"block": [bn, warps, stages], "shared_bytes": kernel.metadata.shared,
                      "fits_h200": kernel.metadata.shared <= H200_SMEM, "registers": loop["registers"],
@@ -108,14 +109,13 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def sass_loop(cubin: bytes) -> dict:
-    """Registers per thread and the largest loop of a compiled kernel's SASS (the lean loop over key
+def sass_loop(cubin: bytes, sass: str) -> dict:
+    """Registers per thread (from the cubin) and the largest loop of its SASS `sass` (the lean loop over key
     blocks): instructions per warp per iteration, their opcodes (most frequent first) and the
     shared-memory accesses by opcode with width (STS.128, LDSM...)."""
     import collections
     import re
 
-    sass = disassemble(cubin)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
