@@ -221,8 +221,9 @@ def default_block(kspec, vspec, d: int, programs: int = 1, keys: int = 0, querie
     (SmolLM2 heads b8 x 32k 0.0636 vs 0.0670 for (64, 2, 3) and 0.0907 for (16, 1, 3)). Other token-axis
     2/4/8-bit K and V: 4 warps over 128 keys for up to 16 programs over fewer than LONG_KEYS keys, 2
     warps over 64 keys otherwise (int8 b8 x 32k: 0.206 vs 0.335 for (64, 4, 3); b1 x 32k with 64 splits
-    0.0410 vs 0.0442, b1 x 128k 0.1096 vs 0.1285; b1 x 4k 0.0170 vs 0.0188; 9-16 programs over long
-    contexts not measured). At D 256 int4 takes (128, 8, 3), or (64, 4, 3) with 8+ programs
+    0.0410 vs 0.0442, b1 x 128k 0.1096 vs 0.1285; b1 x 4k 0.0170 vs 0.0188; 16 programs, b2 x 32k:
+    0.0617 vs 0.0773; at the LONG_KEYS boundary, b1 x 16k, int8 0.0296 vs 0.0300 and int4 0.0270 vs 0.0264,
+    within 2% either way). At D 256 int4 takes (128, 8, 3), or (64, 4, 3) with 8+ programs
     over LONG_KEYS or more (b8 x 32k 0.0777 vs 0.0813; b1 x 32k: 0.0432 vs 0.0573). Low-rank K and V: 4
     warps over 128 keys (rank 32, b8 x 32k: 0.0827 ms vs 0.0875 for (64, 4, 3); b1 x 32k: 0.0236 vs 0.0269).
     3-bit tiles gather their codes from two words each, which the pipeline stages multiply:
