@@ -69,7 +69,7 @@ def test_two_cpu_workers_match_one_process(tmp_path):
     except ModelNotAvailable as e:
         pytest.skip(str(e))
     common = ["sweep", "--backend", "torch", "--device", "cpu", "--budgets", "8.5", "--max-tokens", "40",
-              "--context", "20", "--chunk", "8", "--kv", "rank8-random"]
+              "--context", "20", "--chunk", "8", "--kv", "rank8-random", "--calib-tokens", "64"]
     runner = CliRunner()
     # Output prefixes with a dot of their own (like "sweep-qwen2.5-0.5b-bbc") keep it.
     one = runner.invoke(app, [*common, "--out", str(tmp_path / "one-0.5b")])

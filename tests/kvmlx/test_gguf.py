@@ -74,9 +74,26 @@ def gguf_path(alias: str) -> Path:
 LOGIT_ATOL = {"smollm2-135m": 1e-3, "qwen2.5-0.5b": 1e-3, "gemma3-270m": 0.15}
 
 
+@pytest.fixture
+def one_parse_per_file(monkeypatch):
+    """gguf.GGUFReader with one reader per file: transformers' loader parses a GGUF twice (config, then
+    weights) and ours once more, ~28 s each for Qwen2.5's 151k-token vocabulary on 2 cores. Readers
+    are read-only views of the file, so every loader still reads it as its own parse would."""
+    readers, parse = {}, gguf.GGUFReader
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = parse(path, mode)
+        return readers[key]
+
+    monkeypatch.setattr(gguf, "GGUFReader", reader)
+    return readers
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("alias", sorted(LOGIT_ATOL))
-def test_logits_match_transformers_gguf_loader(alias):
+def test_logits_match_transformers_gguf_loader(alias, one_parse_per_file):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -99,6 +116,7 @@ def test_logits_match_transformers_gguf_loader(alias):
 
     shape = ModelShape(cfg.num_hidden_layers, cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     assert fingerprint(model) == config_fingerprint(cfg.model_type, shape, cfg.vocab_size, windows)
+    assert len(one_parse_per_file) == 1  # both loaders read the one file through the shared reader
 
 
 @pytest.mark.slow
