@@ -116,7 +116,7 @@ def test_logits_match_transformers_gguf_loader(alias, one_parse_per_file):
 
     shape = ModelShape(cfg.num_hidden_layers, cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     assert fingerprint(model) == config_fingerprint(cfg.model_type, shape, cfg.vocab_size, windows)
-    assert len(one_parse_per_file) == 1  # both loaders read the one file through the shared reader
+    assert len(one_parse_per_file) == 1  # every reader the loaders made was of this one file, made once
 
 
 @pytest.mark.slow
