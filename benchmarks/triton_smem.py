@@ -95,18 +95,20 @@ def compile_configs(path: str, method: str, configs: list[tuple[int, int, int]],
     return rows
 
 
-def _tool(name: str) -> str:
+def _tool_output(tool: str, flag: str, cubin: bytes) -> str:
+    """What `tool FLAG cubin` prints, for one of the CUDA binary tools bundled with Triton."""
     import triton
 
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(path), flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
 def disassemble(cubin: bytes) -> str:
     """SASS of a cubin (the nvdisasm bundled with Triton)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return _tool_output("nvdisasm", "-c", cubin)
 
 
 def sass_loop(cubin: bytes, sass: str) -> dict:
@@ -116,11 +118,7 @@ def sass_loop(cubin: bytes, sass: str) -> dict:
     import collections
     import re
 
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout
+    usage = _tool_output("cuobjdump", "--dump-resource-usage", cubin)
     instructions, labels = [], {}
     for line in sass.splitlines():
         if m := re.match(r"\s*(\.L_x_\d+):", line):
