@@ -31,7 +31,7 @@ from kvspec.reference.rotation import norm_factor
 from kvspec.spec import LowRank, Quant
 
 from .. import ops
-from . import prefill
+from . import cuda_decode, prefill
 from .support import (
     compressed_rows,
     interpreting,
@@ -285,14 +285,16 @@ def fp16_operands(kspec, vspec) -> bool:
 
 
 def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: int | None = None,
-           block: tuple[int, int, int] | None = None, ptx: bool = True) -> torch.Tensor:
+           block: tuple[int, int, int] | None = None, ptx: bool = True, cuda: bool = True) -> torch.Tensor:
     """The Triton path of `attention` (inputs must pass `refusal`). splits: key splits of the
     all-compressed range (default: see `_splits`). block: (keys per block, warps, pipeline stages)
     of the lean launch (default: `default_block`). A single
     query with K and V fully compressed is taken as decode at the last position (the protocol's
     split n_quantized(end) = n), which needs the lean launch only. ptx:
     dequantize 4- and 8-bit token-axis tiles with packed fp16 inline PTX (CUDA only; ignored under the
-    interpreter, and where the dots take bf16 operands: see `fp16_operands`)."""
+    interpreter, and where the dots take bf16 operands: see `fp16_operands`). cuda: take the lean launch
+    on the CUDA C++ kernel where `cuda_decode.refusal` allows (decode over 4-bit K and V; `block` then
+    only applies elsewhere)."""
     b, hq, tq, d = q.shape
     q, kf, vf = _unit_stride(q), _unit_stride(k.floats), _unit_stride(v.floats)
     hkv = kf.shape[1]
@@ -311,11 +313,16 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
         # lean programs stop at the query's position, which they read on the device.
         end = n_fast = k.extent
     block = block or default_block(k.spec, v.spec, d, b * hkv * nqb, n_fast, tq)
-    block_n = block[0]
     sms = _sms(q.device)
-    per_sm = programs_per_sm(k.spec, v.spec, block, d, n_fast)
-    s_fast, c_fast = _splits(0, n_fast, block_n, b * hkv * nqb, splits, sms, per_sm,
-                             max_splits(k.spec, v.spec, block, n_fast))
+    on_cuda_kernel = cuda and not interpreting() and cuda_decode.refusal(q, k, v) is None
+    if on_cuda_kernel:
+        # At most MAX_SPLITS (b1 x 32k: 32 splits 0.0350 ms, 64: 0.0368)
+        s_fast, c_fast = _splits(0, n_fast, cuda_decode.KEYS_PER_STEP, b * hkv, splits, sms,
+                                 cuda_decode.BLOCKS_PER_SM)
+    else:
+        s_fast, c_fast = _splits(0, n_fast, block[0], b * hkv * nqb, splits, sms,
+                                 programs_per_sm(k.spec, v.spec, block, d, n_fast),
+                                 max_splits(k.spec, v.spec, block, n_fast))
     s_gen, c_gen = _splits(g0, end, GENERAL_BLOCK[0], b * hkv * nqb, splits, sms)
     ring = (k.ring or 0) if static else 0
     if ring:
@@ -351,6 +358,10 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     with on_device(q):
         for general, s_n, lo, chunk, slot0, (bn, warps, stages) in launches:
             if s_n == 0:
+                continue
+            if on_cuda_kernel and not general:
+                cuda_decode.launch(q, qpos, k, v, scale=scale, splits=s_n, chunk=chunk, slots=slots, end=end,
+                                   pm=pm, pl=pl, pc=pc, flag=flag)
                 continue
             _split_kernel[(s_n, b * hkv, nqb)](
                 q, q.stride(0), q.stride(1), q.stride(2), qpos, k.split, v.split,

@@ -8,7 +8,7 @@ set -uo pipefail
 export PYTHONPATH=${PYTHONPATH:-.}
 nvidia-smi --query-gpu=name --format=csv,noheader
 status=0
-for target in "tests/kvtorch/test_kernels_attention.py -k gpu" "tests/kvtorch/test_dequant_ptx.py" "tests/kvtorch/test_kernels_quantize.py" \
+for target in "tests/kvtorch/test_cuda_decode.py" "tests/kvtorch/test_kernels_attention.py -k gpu" "tests/kvtorch/test_dequant_ptx.py" "tests/kvtorch/test_kernels_quantize.py" \
               "tests/kvtorch/test_graphs.py -k gpu" "tests/kvtorch/test_runner.py" "tests/kvtorch/test_device_map.py"; do
   echo "== $target"
   # shellcheck disable=SC2086 - the -k argument travels inside the target string

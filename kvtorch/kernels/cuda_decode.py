@@ -1,0 +1,151 @@
+"""The CUDA C++ decode kernel for 4-bit token-axis K and V (decode_int4.cu), behind `attend`.
+
+It replaces the lean Triton split program for one decode query over 4-bit K and V at head dim 128
+(group 64, no rotation, up to 8 query heads per KV head) and writes the same partial slots, which
+the Triton reduce merges. Compiled once per device by NVRTC (the libnvrtc that CUDA builds of torch
+ship), so it needs no CUDA toolkit. Everything else, and any
+GPU without the MMA it uses (sm_80+), stays on the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from kvspec.spec import Quant
+
+SOURCE = Path(__file__).with_name("decode_int4.cu")
+WARPS = 4  # decode_int4.cu's WARPS
+# The kernel's __launch_bounds__ minimum, and the blocks per multiprocessor the splits aim for
+# (H200, Mistral heads, b8 x 32k: 3 -> 6 splits 0.1075 ms, 4 -> 8 splits 0.1097).
+BLOCKS_PER_SM = 3
+# Each warp's ring: STAGES steps of TILES tiles of 16 keys (decode_int4.cu's defaults are these; the
+# launcher passes them). A tile is 2,560 B: 16 rows of K codes (64 B), of V codes (80 B, padded), and
+# of K and V scales and biases (4 B each).
+TILES, STAGES = 2, 2
+KEYS_PER_STEP = WARPS * TILES * 16  # a block's keys per step
+TILE_BYTES = 16 * (64 + 80 + 4 * 4)
+Q_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # decode_int4.cu's q_kind
+
+
+def _spec_refusal(t) -> str | None:
+    if not isinstance(t, Quant) or t.bits != 4 or t.axis != "token":
+        return "not a 4-bit token-axis quantizer"
+    if t.group != 64:
+        return f"group {t.group}, not 64"
+    if t.rotation is not None:
+        return "rotated (the kernel has no Hadamard transform)"
+    return None
+
+
+def refusal(q: torch.Tensor, k, v) -> str | None:
+    """Why the CUDA kernel cannot take the lean launch of this attention (None: it can): one query,
+    both parts 4-bit token-axis at group 64 without rotation, head dim 128, G <= 8, a CUDA GPU of
+    compute capability 8.0+ with torch's NVRTC, and storage the kernel's vector loads can read."""
+    if not q.is_cuda:
+        return "not a CUDA tensor"
+    if torch.version.cuda is None:
+        return "torch is not a CUDA build"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "the kernel's MMA needs compute capability 8.0+"
+    b, hq, tq, d = q.shape
+    if tq != 1 or d != 128:
+        return f"{tq} queries of head dim {d}: decode at head dim 128 only"
+    if q.dtype not in Q_KINDS:
+        return f"q is {q.dtype}"
+    hkv = k.floats.shape[1]
+    if hq // hkv > 8:
+        return f"{hq // hkv} query heads per KV head (at most 8)"
+    for name, part in (("K", k), ("V", v)):
+        why = _spec_refusal(part.spec)
+        if why:
+            return f"{name}: {why}"
+        # cp.async copies 16-byte chunks of code rows (16 words) and 4-byte scale and bias rows (2 fp16)
+        codes, scales, biases = (part.arrays[n] for n in ("codes", "scales", "biases"))
+        if codes.stride(-1) != 1 or codes.stride(-2) != 16 or any(s % 4 for s in codes.stride()[:2]) \
+                or codes.data_ptr() % 16:
+            return f"{name}: code rows are not contiguous and 16-byte aligned"
+        for x in (scales, biases):
+            if x.stride(-1) != 1 or x.stride(-2) != 2 or any(s % 2 for s in x.stride()[:2]) or x.data_ptr() % 4:
+                return f"{name}: scale or bias rows are not contiguous pairs of fp16"
+        if max(codes.stride(0), scales.stride(0)) >= 2**31:
+            return f"{name}: strides beyond 32 bits"
+    return None
+
+
+def _nvrtc_cubin(source: str, arch: str, options: tuple[str, ...] = ()) -> bytes:
+    """source compiled to a cubin for sm_{arch} by the NVRTC that torch loads (no toolkit needed:
+    decode_int4.cu includes no headers)."""
+    from torch.cuda._utils import _get_nvrtc_library
+
+    lib = _get_nvrtc_library()
+    prog = ctypes.c_void_p()
+    _nvrtc_check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"decode_int4.cu", 0, None, None))
+    opts = [f"--gpu-architecture=sm_{arch}".encode(), b"--std=c++17", *(o.encode() for o in options)]
+    try:
+        if lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)):
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC could not compile {SOURCE.name} for sm_{arch}:\n{log.value.decode()}")
+        size = ctypes.c_size_t()
+        _nvrtc_check(lib, lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
+        cubin = ctypes.create_string_buffer(size.value)
+        _nvrtc_check(lib, lib.nvrtcGetCUBIN(prog, cubin))
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _nvrtc_check(lib, code: int) -> None:
+    if code:
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        raise RuntimeError(f"NVRTC: {lib.nvrtcGetErrorString(code).decode()}")
+
+
+@functools.lru_cache(maxsize=8)
+def _kernel(device_index: int, blocks_per_sm: int, tiles: int, stages: int):
+    """decode_int4_split loaded on one GPU, compiled for its architecture (about a second, once), with
+    its shared-memory limit raised to the ring's size."""
+    from torch.cuda._utils import _cuda_load_module
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    defines = (f"-DMIN_BLOCKS={blocks_per_sm}", f"-DTILES={tiles}", f"-DSTAGES={stages}")
+    cubin = _nvrtc_cubin(SOURCE.read_text(), f"{major}{minor}", defines)
+    with torch.cuda.device(device_index):
+        kernel = _cuda_load_module(cubin, ["decode_int4_split"])["decode_int4_split"]
+        kernel.set_shared_memory_config(WARPS * stages * tiles * TILE_BYTES)
+    return kernel
+
+
+def _int64(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.int64 else x.long()
+
+
+def launch(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: int, chunk: int, slots: int,
+           end: int, pm: torch.Tensor, pl: torch.Tensor, pc: torch.Tensor, flag: torch.Tensor) -> None:
+    """Write slots [0, splits) of the partials (kernels.attention's layout: m, l [B * Hkv, slots, GP],
+    outputs [.., DV]) for keys [i * chunk, (i + 1) * chunk) of split i, up to the query's position,
+    `end` and the parts' splits. q [B, Hq, 1, 128] fp16, bf16 or fp32 (must pass `refusal`)."""
+    b, hq, _, d = q.shape
+    hkv = k.floats.shape[1]
+    g = hq // hkv
+    gp = 1 << (g - 1).bit_length()
+    kc, ks, kb = (k.arrays[n] for n in ("codes", "scales", "biases"))
+    vc, vs, vb = (v.arrays[n] for n in ("codes", "scales", "biases"))
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    kernel = _kernel(index, BLOCKS_PER_SM, TILES, STAGES)
+    with torch.cuda.device(q.device):
+        kernel(grid=(splits, b * hkv, 1), block=(WARPS * 32, 1, 1), shared_mem=WARPS * STAGES * TILES * TILE_BYTES, args=[
+            q, q.stride(0), q.stride(1), Q_KINDS[q.dtype],
+            _int64(q_pos), _int64(k.split), _int64(v.split),
+            kc, kc.stride(0), kc.stride(1), ks, kb, ks.stride(0), ks.stride(1),
+            vc, vc.stride(0), vc.stride(1), vs, vb, vs.stride(0), vs.stride(1),
+            pm, pl, pc, flag, hkv, g, gp, end, chunk, slots, float(scale * LOG2E)])
+
+
+LOG2E = 1.4426950408889634

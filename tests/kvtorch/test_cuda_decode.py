@@ -1,0 +1,153 @@
+"""kvtorch.kernels.cuda_decode: the CUDA C++ decode kernel for 4-bit K and V, against kvspec's oracle.
+
+On the GPU (marked `gpu`): decode through `attend` with the kernel taking the lean launch (checked by
+counting its launches) at Mistral-sized heads, against kvspec.reference.attend_as_decoded at
+kvspec.tolerances, over GQA ratios 1-8, odd lengths, residual windows, fp16 and bf16, outlier channels,
+constant groups, queries past fp16's range and explicit splits (more splits than keys included). On CPU:
+which attentions the kernel refuses, and why.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed: kvtorch.kernels imports it")
+
+import kvspec  # noqa: E402
+from kvspec import reference as R  # noqa: E402
+from kvspec.tolerances import assert_close, spec_tolerance  # noqa: E402
+from kvtorch.kernels import cuda_decode  # noqa: E402
+from kvtorch.kernels.attention import attend  # noqa: E402
+
+from .test_kernels_attention import DEVICE, case, make_part  # noqa: E402
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The number of CUDA-kernel launches `attend` makes (a check that the path under test ran)."""
+    count = [0]
+    real = cuda_decode.launch
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cuda_decode, "launch", counted)
+    return count
+
+
+@pytest.mark.parametrize("text,why", [
+    ("int8", "not a 4-bit token-axis quantizer"),
+    ("int4-kchan", "not a 4-bit token-axis quantizer"),
+    ("int4-g32", "group 32, not 64"),
+    ("int4-krot", "rotated"),
+    ("krank32v4-random", "not a 4-bit token-axis quantizer"),
+])
+def test_specs_it_refuses(text, why):
+    spec = kvspec.parse(text)
+    reasons = [cuda_decode._spec_refusal(t) for t in (spec.k, spec.v)]
+    assert any(r is not None and why in r for r in reasons), reasons
+    assert cuda_decode._spec_refusal(kvspec.parse("int4").k) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU answer")
+def test_cpu_tensors_are_refused():
+    spec, q, q_pos, kp, vp, _ = case("int4", kv_heads=2, rep=4, tokens=40, dim=128)
+    assert cuda_decode.refusal(q, kp, vp) == "not a CUDA tensor"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("queries,dim,rep,why", [
+    (2, 128, 4, "2 queries of head dim 128"),
+    (1, 64, 4, "1 queries of head dim 64"),
+    (1, 128, 16, "16 query heads per KV head"),
+])
+def test_shapes_it_refuses(queries, dim, rep, why):
+    spec, q, q_pos, kp, vp, _ = case("int4", kv_heads=2, rep=rep, tokens=70, queries=queries, dim=dim)
+    assert why in cuda_decode.refusal(q, kp, vp)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_unaligned_code_rows_are_refused():
+    spec, q, q_pos, kp, vp, _ = case("int4", kv_heads=2, rep=4, tokens=40, dim=128)
+    wide = torch.zeros(*kp.arrays["codes"].shape[:-1], 20, dtype=torch.int32, device=DEVICE)
+    wide[..., :16] = kp.arrays["codes"]
+    kp.arrays["codes"] = wide[..., :16]  # rows 20 words apart
+    assert "code rows" in cuda_decode.refusal(q, kp, vp)
+
+
+DECODE = [  # (spec, GQA ratio, tokens, splits)
+    ("int4", 4, 2051, None),
+    ("int4-bf16", 4, 4099, None),
+    ("int4", 1, 1000, 3),
+    ("int4-bf16", 2, 77, None),
+    ("int4", 8, 513, 1),
+    ("int4-res64", 4, 1500, None),
+    ("int4-res5-bf16", 3, 333, 2),
+    ("int4", 4, 300, 32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("text,rep,tokens,splits", DECODE)
+def test_decode_matches_the_oracle(text, rep, tokens, splits, launches):
+    spec, q, q_pos, kp, vp, want = case(text, batch=2, kv_heads=8, rep=rep, tokens=tokens, dim=128,
+                                        seed=tokens)
+    assert cuda_decode.refusal(q, kp, vp) is None
+    got = attend(q, q_pos, kp, vp, scale=128 ** -0.5, splits=splits)
+    assert launches[0] == 1
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), text)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("text", ["int4", "int4-bf16"])
+def test_outlier_channels_and_large_queries(text, launches):
+    """An x40 outlier channel (groups with ~40x the scales); queries x3e5, past fp16's range once
+    scaled (up to 1.8e5): the kernel scales them down by a power of two, as the Triton kernel does. The
+    softmax is then one-hot; over 40 keys (seed 0) its top two scores differ by 0.25% or more, well
+    beyond fp16 rounding, so the oracle's choice is stable."""
+    for kwargs in (dict(outlier_channel=True, tokens=1037), dict(q_scale=3.0e5, tokens=40, seed=0)):
+        spec, q, q_pos, kp, vp, want = case(text, batch=2, kv_heads=8, rep=4, dim=128, **kwargs)
+        got = attend(q, q_pos, kp, vp, scale=128 ** -0.5)
+        assert torch.isfinite(got).all()
+        assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"{text} {kwargs}")
+    assert launches[0] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_constant_groups(launches):
+    """Groups whose 64 values are equal (scale 0): every key of one head, half the keys of another."""
+    spec = kvspec.parse("int4")
+    rng = np.random.default_rng(7)
+    b, hkv, rep, tokens, d = 2, 8, 4, 901, 128
+    k, v = rng.standard_normal((2, b, hkv, tokens, d)).astype(np.float32)
+    k[0, 1, :, :64] = 0.25
+    v[1, 2, ::2, 64:] = -1.5
+    q = rng.standard_normal((b, hkv * rep, 1, d)).astype(np.float32)
+    q_pos = [tokens - 1]
+    kp, vp = (make_part(x, t, spec, None, tokens - 1, q_pos) for x, t in ((k, spec.k), (v, spec.v)))
+    want = R.attend_as_decoded(q, k, v, spec)
+    got = attend(torch.from_numpy(q).to(DEVICE), torch.tensor(q_pos, device=DEVICE), kp, vp, scale=d ** -0.5)
+    assert launches[0] == 1
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), "constant groups")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_triton_path_agrees(launches):
+    """cuda=False takes the Triton lean launch on the same inputs: the two agree to the oracle's
+    tolerance (each rounds its dequantized values to fp16 once)."""
+    spec, q, q_pos, kp, vp, want = case("int4-bf16", batch=3, kv_heads=8, rep=4, tokens=3001, dim=128)
+    ours = attend(q, q_pos, kp, vp, scale=128 ** -0.5)
+    theirs = attend(q, q_pos, kp, vp, scale=128 ** -0.5, cuda=False)
+    assert launches[0] == 1
+    assert_close(ours.cpu(), theirs.cpu().numpy(), spec_tolerance(spec, spec.float_dtype), "cuda vs triton")
