@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvspec.spec import LowRank, Quant  # noqa: E402
 from kvtorch import ops  # noqa: E402
 from kvtorch.attention import Part  # noqa: E402
+from kvtorch.kernels import cuda_decode  # noqa: E402
 from kvtorch.kernels.attention import attend, attention_reference, default_block  # noqa: E402
 from kvtorch.kernels.quantize import quantize_pair, quantize_rows, stored_arrays  # noqa: E402
 
@@ -175,8 +176,9 @@ def run_shape(model, b, t, hq, hkv, d, args, flush, config, check):
                 kp, vp = (compressed_part(method, b, hkv, t, d, gen) for _ in range(2))
                 moved = nbytes(q) + part_bytes(kp) + part_bytes(vp) + b * hq * d * 4
                 cfg = config.get(method)
+                # An explicit config is a Triton launch; the default takes the CUDA kernel where it applies.
                 fn = lambda kp=kp, vp=vp, c=cfg: attend(
-                    q, qpos, kp, vp, scale=scale, block=c and c[:3], ptx=c[3] if c else True)
+                    q, qpos, kp, vp, scale=scale, block=c and c[:3], ptx=c[3] if c else True, cuda=c is None)
                 if check:
                     ref = attention_reference(q, qpos, kp, vp, scale=scale)
                     err = ((fn() - ref).norm() / ref.norm()).item()
@@ -192,6 +194,8 @@ def run_shape(model, b, t, hq, hkv, d, args, flush, config, check):
             base_bytes = moved
         row["roof_x"] = base_bytes / moved if base_bytes else None
         if method not in ("sdpa-bf16", "dequant-sdpa"):
+            on_cuda = method not in config and cuda_decode.refusal(q, kp, vp) is None
+            row["kernel"] = "cuda (decode_int4.cu)" if on_cuda else "triton"
             row["config"] = list(config[method]) if method in config else list(
                 default_block(kp.spec, vp.spec, d, b * hkv, t)) + ["default"]
             if check:
@@ -202,7 +206,8 @@ def run_shape(model, b, t, hq, hkv, d, args, flush, config, check):
         row["pct_of_roof"] = 100 * row["roof_ms"] / ms
         rows.append(row)
         print(f"  {model:13s} b{b:<3d} t{t:<7d} {method:13s} {ms:8.4f} ms {row['tbps']:5.2f} TB/s "
-              f"x{row['speedup_vs_sdpa'] or 0:5.2f} (roof x{row['roof_x'] or 0:5.2f}) {row['pct_of_roof']:5.1f}% of roof",
+              f"x{row['speedup_vs_sdpa'] or 0:5.2f} (roof x{row['roof_x'] or 0:5.2f}) {row['pct_of_roof']:5.1f}% of roof"
+              f" {row.get('kernel', '')}",
               flush=True)
         del fn
         torch.cuda.empty_cache()

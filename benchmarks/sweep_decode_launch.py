@@ -1,7 +1,9 @@
 """Launch-config sweep of kvtorch's decode attention on a CUDA GPU: (keys per block, warps, stages),
 a register cap, key splits and the PTX dequantization, at one shape, against torch SDPA bf16.
 
-What `kvtorch.kernels.attention.default_block` and `programs_per_sm` cite comes from this sweep.
+What `kvtorch.kernels.attention.default_block` and `programs_per_sm` cite comes from this sweep. It
+times the Triton kernels only (cuda=False): kernels.cuda_decode's CUDA kernel, which `attend` takes
+by default for 4-bit decode at head dim 128, is timed by bench_decode_attention.py.
 Each config's output is checked against the plain-torch reference (relative error printed); times
 are medians of CUDA-graph replays with L2 flushed (bench_decode_attention.timed). Registers, spills
 and shared memory are read from the compiled split kernel.
@@ -89,7 +91,7 @@ def main() -> None:
         for text, cfg in configs:
             capped.maxnreg = cfg["maxnreg"]
             fn = lambda cfg=cfg, kp=kp, vp=vp: attend(q, qpos, kp, vp, scale=d**-0.5, splits=cfg["splits"],
-                                                      block=cfg["block"], ptx=cfg["ptx"])
+                                                      block=cfg["block"], ptx=cfg["ptx"], cuda=False)
             err = ((fn() - ref).norm() / ref.norm()).item()
             kernel = capped.last
             ms = bda.timed(fn, flush, args.reps)

@@ -76,12 +76,13 @@ def refusal(q: torch.Tensor, k, v) -> str | None:
     return None
 
 
-def _nvrtc_cubin(source: str, arch: str, options: tuple[str, ...] = ()) -> bytes:
-    """source compiled to a cubin for sm_{arch} by the NVRTC that torch loads (no toolkit needed:
-    decode_int4.cu includes no headers)."""
-    from torch.cuda._utils import _get_nvrtc_library
+def nvrtc_cubin(source: str, arch: str, options: tuple[str, ...] = (), lib: ctypes.CDLL | None = None) -> bytes:
+    """source compiled to a cubin for sm_{arch} by NVRTC: `lib`, or the libnvrtc that torch loads (no
+    toolkit needed: decode_int4.cu includes no headers)."""
+    if lib is None:
+        from torch.cuda._utils import _get_nvrtc_library
 
-    lib = _get_nvrtc_library()
+        lib = _get_nvrtc_library()
     prog = ctypes.c_void_p()
     _nvrtc_check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"decode_int4.cu", 0, None, None))
     opts = [f"--gpu-architecture=sm_{arch}".encode(), b"--std=c++17", *(o.encode() for o in options)]
@@ -107,6 +108,11 @@ def _nvrtc_check(lib, code: int) -> None:
         raise RuntimeError(f"NVRTC: {lib.nvrtcGetErrorString(code).decode()}")
 
 
+def build_defines(blocks_per_sm: int = BLOCKS_PER_SM, tiles: int = TILES, stages: int = STAGES) -> tuple[str, ...]:
+    """decode_int4.cu's compile-time configuration as NVRTC options."""
+    return f"-DMIN_BLOCKS={blocks_per_sm}", f"-DTILES={tiles}", f"-DSTAGES={stages}"
+
+
 @functools.lru_cache(maxsize=8)
 def _kernel(device_index: int, blocks_per_sm: int, tiles: int, stages: int):
     """decode_int4_split loaded on one GPU, compiled for its architecture (about a second, once), with
@@ -114,8 +120,8 @@ def _kernel(device_index: int, blocks_per_sm: int, tiles: int, stages: int):
     from torch.cuda._utils import _cuda_load_module
 
     major, minor = torch.cuda.get_device_capability(device_index)
-    defines = (f"-DMIN_BLOCKS={blocks_per_sm}", f"-DTILES={tiles}", f"-DSTAGES={stages}")
-    cubin = _nvrtc_cubin(SOURCE.read_text(), f"{major}{minor}", defines)
+    defines = build_defines(blocks_per_sm, tiles, stages)
+    cubin = nvrtc_cubin(SOURCE.read_text(), f"{major}{minor}", defines)
     with torch.cuda.device(device_index):
         kernel = _cuda_load_module(cubin, ["decode_int4_split"])["decode_int4_split"]
         kernel.set_shared_memory_config(WARPS * stages * tiles * TILE_BYTES)

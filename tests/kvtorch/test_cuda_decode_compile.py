@@ -1,0 +1,64 @@
+"""decode_int4.cu compiles, without a GPU, as kvtorch.kernels.cuda_decode builds it on one: NVRTC from
+the nvidia-cuda-nvrtc wheel (the test extra) for sm_80 and sm_90, then the cubin's resource use read by
+Triton's bundled cuobjdump. A source error, a register budget blown past __launch_bounds__ (spills) or a
+static shared-memory array that outgrows the 48 KB without opt-in shows here, not first on a GPU."""
+
+import ctypes
+import importlib.util
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+# As in every kvtorch test module: on a CPU, triton must be imported with the interpreter on, or a
+# later module's interpreted kernels fail in this worker (kvtorch.kernels imports it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kvtorch.kernels import cuda_decode  # noqa: E402
+
+
+def _nvrtc() -> ctypes.CDLL:
+    spec = importlib.util.find_spec("nvidia.cuda_nvrtc")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("nvidia-cuda-nvrtc-cu12 is not installed (pip install nvidia-cuda-nvrtc-cu12): no NVRTC on a CPU")
+    libs = sorted(Path(next(iter(spec.submodule_search_locations)), "lib").glob("libnvrtc.so.*"))
+    if not libs:
+        pytest.skip("the nvidia-cuda-nvrtc package has no libnvrtc.so here")
+    return ctypes.CDLL(str(libs[0]))
+
+
+def _cuobjdump() -> Path:
+    triton = importlib.util.find_spec("triton")
+    if triton is None:
+        pytest.skip("triton is not installed: its cuobjdump reads the cubin")
+    tool = Path(next(iter(triton.submodule_search_locations)), "backends", "nvidia", "bin", "cuobjdump")
+    if not tool.exists():
+        pytest.skip(f"no cuobjdump at {tool}")
+    return tool
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_compiles_within_its_register_budget(tmp_path, arch):
+    cubin = cuda_decode.nvrtc_cubin(cuda_decode.SOURCE.read_text(), arch, cuda_decode.build_defines(), lib=_nvrtc())
+    path = tmp_path / "decode_int4.cubin"
+    path.write_bytes(cubin)
+    out = subprocess.run([str(_cuobjdump()), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    assert "decode_int4_split" in out, out
+    # __launch_bounds__(128, BLOCKS_PER_SM): 65,536 registers over BLOCKS_PER_SM blocks of 128 threads
+    assert 0 < int(usage["REG"]) <= 65536 // (128 * cuda_decode.BLOCKS_PER_SM), out
+    assert int(usage["STACK"]) == 0 and int(usage["LOCAL"]) == 0, f"spills: {out}"
+    assert int(usage["SHARED"]) < 48 * 1024, out  # the ring is dynamic shared memory; the rest static
+
+
+def test_the_source_names_what_the_launcher_passes():
+    """The launcher's mirror of the kernel's layout: one tile of the ring and the defines it sets."""
+    src = cuda_decode.SOURCE.read_text()
+    assert cuda_decode.TILE_BYTES == 16 * (64 + 80 + 4 * 4)
+    for name in ("#define K_ROW 64", "#define V_ROW 80", "#define WARPS 4", "#ifndef TILES", "#ifndef STAGES",
+                 "#ifndef MIN_BLOCKS", "extern \"C\" __global__"):
+        assert name in src, name
