@@ -3,8 +3,8 @@
 It replaces the lean Triton split program for one decode query over 4-bit K and V at head dim 128
 (group 64, no rotation, up to 8 query heads per KV head) and writes the same partial slots, which
 the Triton reduce merges. Compiled once per device by NVRTC (the libnvrtc that CUDA builds of torch
-ship), so it needs no CUDA toolkit. Everything else, and any
-GPU without the MMA it uses (sm_80+), stays on the Triton kernels.
+ship), so it needs no CUDA toolkit. Everything else, and any GPU without the MMA it uses (sm_80+),
+stays on the Triton kernels.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ TILES, STAGES = 2, 2
 KEYS_PER_STEP = WARPS * TILES * 16  # a block's keys per step
 TILE_BYTES = 16 * (64 + 80 + 4 * 4)
 Q_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # decode_int4.cu's q_kind
+LOG2E = 1.4426950408889634
 
 
 def _spec_refusal(t) -> str | None:
@@ -64,7 +65,9 @@ def refusal(q: torch.Tensor, k, v) -> str | None:
         if why:
             return f"{name}: {why}"
         # cp.async copies 16-byte chunks of code rows (16 words) and 4-byte scale and bias rows (2 fp16)
-        codes, scales, biases = (part.arrays[n] for n in ("codes", "scales", "biases"))
+        codes, scales, biases = (part.arrays.get(n) for n in ("codes", "scales", "biases"))
+        if codes is None or scales is None or biases is None:
+            return f"{name}: no stored codes yet"
         if codes.stride(-1) != 1 or codes.stride(-2) != 16 or any(s % 4 for s in codes.stride()[:2]) \
                 or codes.data_ptr() % 16:
             return f"{name}: code rows are not contiguous and 16-byte aligned"
@@ -137,7 +140,7 @@ def launch(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     """Write slots [0, splits) of the partials (kernels.attention's layout: m, l [B * Hkv, slots, GP],
     outputs [.., DV]) for keys [i * chunk, (i + 1) * chunk) of split i, up to the query's position,
     `end` and the parts' splits. q [B, Hq, 1, 128] fp16, bf16 or fp32 (must pass `refusal`)."""
-    b, hq, _, d = q.shape
+    b, hq = q.shape[:2]
     hkv = k.floats.shape[1]
     g = hq // hkv
     gp = 1 << (g - 1).bit_length()
@@ -145,13 +148,11 @@ def launch(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     vc, vs, vb = (v.arrays[n] for n in ("codes", "scales", "biases"))
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     kernel = _kernel(index, BLOCKS_PER_SM, TILES, STAGES)
-    with torch.cuda.device(q.device):
-        kernel(grid=(splits, b * hkv, 1), block=(WARPS * 32, 1, 1), shared_mem=WARPS * STAGES * TILES * TILE_BYTES, args=[
-            q, q.stride(0), q.stride(1), Q_KINDS[q.dtype],
-            _int64(q_pos), _int64(k.split), _int64(v.split),
+    args = [q, q.stride(0), q.stride(1), Q_KINDS[q.dtype], _int64(q_pos), _int64(k.split), _int64(v.split),
             kc, kc.stride(0), kc.stride(1), ks, kb, ks.stride(0), ks.stride(1),
             vc, vc.stride(0), vc.stride(1), vs, vb, vs.stride(0), vs.stride(1),
-            pm, pl, pc, flag, hkv, g, gp, end, chunk, slots, float(scale * LOG2E)])
+            pm, pl, pc, flag, hkv, g, gp, end, chunk, slots, float(scale * LOG2E)]
+    with torch.cuda.device(q.device):
+        kernel(grid=(splits, b * hkv, 1), block=(WARPS * 32, 1, 1), args=args,
+               shared_mem=WARPS * STAGES * TILES * TILE_BYTES)
 
-
-LOG2E = 1.4426950408889634

@@ -306,8 +306,9 @@ __device__ __forceinline__ void attend_step(u32 stage, const u32 (&qb)[8][2], fl
 }
 
 // Grid (splits, B * Hkv), WARPS warps. Strides (batch, head) in elements; rows of 16 code words
-// (16-byte aligned) and of 2 fp16 scales or biases (group 64), contiguous along the keys. Writes slot pid_s of the lean launch's partials:
-// m, l [(bh * S + pid_s) * GP + head] and the unnormalized output [.. , D].
+// (16-byte aligned) and of 2 fp16 scales or biases (group 64), contiguous along the keys. Writes slot
+// pid_s of the lean launch's partials: m, l [(bh * S + pid_s) * GP + head] and the unnormalized
+// output [.., D].
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) decode_int4_split(
     const void* __restrict__ q, int sq_b, int sq_h, int q_kind,
     const long long* __restrict__ pos, const long long* __restrict__ ksplit, const long long* __restrict__ vsplit,

@@ -46,7 +46,8 @@ def test_compiles_within_its_register_budget(tmp_path, arch):
     cubin = cuda_decode.nvrtc_cubin(cuda_decode.SOURCE.read_text(), arch, cuda_decode.build_defines(), lib=_nvrtc())
     path = tmp_path / "decode_int4.cubin"
     path.write_bytes(cubin)
-    out = subprocess.run([str(_cuobjdump()), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([str(_cuobjdump()), "-res-usage", str(path)], capture_output=True, text=True,
+                         check=True).stdout
     usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
     assert "decode_int4_split" in out, out
     # __launch_bounds__(128, BLOCKS_PER_SM): 65,536 registers over BLOCKS_PER_SM blocks of 128 threads
