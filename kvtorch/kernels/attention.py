@@ -314,7 +314,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
         end = n_fast = k.extent
     block = block or default_block(k.spec, v.spec, d, b * hkv * nqb, n_fast, tq)
     sms = _sms(q.device)
-    on_cuda_kernel = cuda and not interpreting() and cuda_decode.refusal(q, k, v) is None
+    on_cuda_kernel = cuda and cuda_decode.refusal(q, k, v) is None
     if on_cuda_kernel:
         # At most MAX_SPLITS (b1 x 32k: 32 splits 0.0350 ms, 64: 0.0368)
         s_fast, c_fast = _splits(0, n_fast, cuda_decode.KEYS_PER_STEP, b * hkv, splits, sms,

@@ -17,6 +17,8 @@ import torch
 
 from kvspec.spec import Quant
 
+from .support import on_device
+
 SOURCE = Path(__file__).with_name("decode_int4.cu")
 WARPS = 4  # decode_int4.cu's WARPS
 # The kernel's __launch_bounds__ minimum, and the blocks per multiprocessor the splits aim for
@@ -42,16 +44,24 @@ def _spec_refusal(t) -> str | None:
     return None
 
 
-def refusal(q: torch.Tensor, k, v) -> str | None:
-    """Why the CUDA kernel cannot take the lean launch of this attention (None: it can): one query,
-    both parts 4-bit token-axis at group 64 without rotation, head dim 128, G <= 8, a CUDA GPU of
-    compute capability 8.0+ with torch's NVRTC, and storage the kernel's vector loads can read."""
+def device_refusal(q: torch.Tensor) -> str | None:
+    """Why the kernel cannot run on q's device (None: a CUDA GPU of compute capability 8.0+)."""
     if not q.is_cuda:
         return "not a CUDA tensor"
     if torch.version.cuda is None:
         return "torch is not a CUDA build"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return "the kernel's MMA needs compute capability 8.0+"
+    return None
+
+
+def refusal(q: torch.Tensor, k, v) -> str | None:
+    """Why the CUDA kernel cannot take the lean launch of this attention (None: it can): one query,
+    both parts 4-bit token-axis at group 64 without rotation, head dim 128, G <= 8, a CUDA GPU of
+    compute capability 8.0+ with torch's NVRTC, and storage the kernel's vector loads can read."""
+    why = device_refusal(q)
+    if why:
+        return why
     b, hq, tq, d = q.shape
     if tq != 1 or d != 128:
         return f"{tq} queries of head dim {d}: decode at head dim 128 only"
@@ -131,6 +141,12 @@ def _kernel(device_index: int, blocks_per_sm: int, tiles: int, stages: int):
     return kernel
 
 
+def _kernel_for(device: torch.device):
+    """The kernel loaded on `device` (a CUDA device; the tests swap in their CPU emulation here)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _kernel(index, BLOCKS_PER_SM, TILES, STAGES)
+
+
 def _int64(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.int64 else x.long()
 
@@ -146,13 +162,12 @@ def launch(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     gp = 1 << (g - 1).bit_length()
     kc, ks, kb = (k.arrays[n] for n in ("codes", "scales", "biases"))
     vc, vs, vb = (v.arrays[n] for n in ("codes", "scales", "biases"))
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(index, BLOCKS_PER_SM, TILES, STAGES)
+    kernel = _kernel_for(q.device)
     args = [q, q.stride(0), q.stride(1), Q_KINDS[q.dtype], _int64(q_pos), _int64(k.split), _int64(v.split),
             kc, kc.stride(0), kc.stride(1), ks, kb, ks.stride(0), ks.stride(1),
             vc, vc.stride(0), vc.stride(1), vs, vb, vs.stride(0), vs.stride(1),
             pm, pl, pc, flag, hkv, g, gp, end, chunk, slots, float(scale * LOG2E)]
-    with torch.cuda.device(q.device):
+    with on_device(q):
         kernel(grid=(splits, b * hkv, 1), block=(WARPS * 32, 1, 1), args=args,
                shared_mem=WARPS * STAGES * TILES * TILE_BYTES)
 

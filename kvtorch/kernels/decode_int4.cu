@@ -33,6 +33,22 @@
 typedef unsigned int u32;
 typedef unsigned short u16;
 
+// KV_EMULATED_SIMT: compiled for the CPU by tests/kvtorch/simt_decode.py over the warp emulator of
+// tests/kvmlx/simt_runtime.h. Each PTX helper below has a C++ twin with the same result; shared
+// addresses are offsets into one static ring (the emulator runs blocks one at a time).
+#ifdef KV_EMULATED_SIMT
+#include <algorithm>
+using std::max;
+using std::min;
+#define __launch_bounds__(...)
+inline float __int_as_float(int i) { return __uint_as_float(static_cast<u32>(i)); }
+inline void __syncwarp() {
+    kv_simt::warp->bar.arrive_and_wait();
+    kv_simt::check_converged();
+    ++kv_simt::collectives;
+}
+#endif
+
 #define WARPS 4
 #ifndef MIN_BLOCKS
 #define MIN_BLOCKS 3  // blocks per multiprocessor the registers are budgeted for (kvtorch passes it)
@@ -42,15 +58,23 @@ typedef unsigned short u16;
 #define NEG_INF_FINITE -1.0e30f  // a finite minus infinity, as _attention_triton.NEG
 
 __device__ __forceinline__ u32 lop3_and_or(u32 x, u32 mask) {
+#ifdef KV_EMULATED_SIMT
+    return (x & mask) | 0x64006400u;
+#else
     u32 r;  // (x & mask) | 0x64006400: a code in the low bits of an fp16 1024's mantissa
     asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(x), "r"(mask), "r"(0x64006400u));
     return r;
+#endif
 }
 
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+#ifdef KV_EMULATED_SIMT
+    return kv_emu_fma2<__half>(a, b, c);
+#else
     u32 r;
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
     return r;
+#endif
 }
 
 // Two codes as 1024 + n (low nibbles) or 1024 + 16 n (high nibbles) -> fp16(n * scale + bias).
@@ -63,29 +87,59 @@ __device__ __forceinline__ u32 deq_hi(u32 x, u32 s2, u32 b2) {
 }
 
 __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#ifdef KV_EMULATED_SIMT
+    kv_emu_mma<__half>(c, a0, a1, a2, a3, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
 }
 
+// An 8 x 8 matrix of 16-bit values (lane (g, t) holds row g, columns 2t, 2t + 1) transposed.
 __device__ __forceinline__ u32 transpose8x8(u32 x) {
+#ifdef KV_EMULATED_SIMT
+    // lane (g, t) takes column g of rows 2t and 2t + 1: half g % 2 of lanes 8t + g / 2 and 8t + 4 + g / 2
+    const int g = kv_simt::lane >> 2, t = kv_simt::lane & 3, shift = 16 * (g & 1);
+    const u32 r0 = kv_simt::exchange(x, 8 * t + g / 2), r1 = kv_simt::exchange(x, 8 * t + 4 + g / 2);
+    return ((r0 >> shift) & 0xffffu) | (((r1 >> shift) & 0xffffu) << 16);
+#else
     u32 r;
     asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
     return r;
+#endif
 }
 
 __device__ __forceinline__ u32 pack_half2(float lo, float hi) {
+#ifdef KV_EMULATED_SIMT
+    return kv_simt::lane_bits<__half>(lo) | (static_cast<u32>(kv_simt::lane_bits<__half>(hi)) << 16);
+#else
     u32 r;  // cvt packs its first source into the upper half
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+#endif
+}
+
+__device__ __forceinline__ float half_to_float(u16 bits) {
+#ifdef KV_EMULATED_SIMT
+    return __half2float(__ushort_as_half(bits));
+#else
+    float x;
+    asm("{ .reg .f16 h; mov.b16 h, %1; cvt.f32.f16 %0, h; }" : "=f"(x) : "h"(bits));
+    return x;
+#endif
 }
 
 __device__ __forceinline__ float ex2(float x) {
+#ifdef KV_EMULATED_SIMT
+    return exp2f(x);
+#else
     float r;
     asm("ex2.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
     return r;
+#endif
 }
 
 __device__ __forceinline__ float warp_max_over_g(float x) {  // over the 8 lanes of one t
@@ -120,18 +174,61 @@ __device__ __forceinline__ float warp_sum_over_g(float x) {
 #define TILE_BYTES (K_BYTES + V_BYTES + 4 * SCALE_BYTES)
 #define STAGE_BYTES (TILES * TILE_BYTES)
 
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
-    // bytes < 16 zero-fill the rest (rows past the range: their scores are masked, their values weigh 0)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
-}
+#ifdef KV_EMULATED_SIMT
+alignas(16) static unsigned char kv_smem[WARPS * STAGES * STAGE_BYTES];
+inline u32 shared_address(const void* p) { return static_cast<u32>(static_cast<const unsigned char*>(p) - kv_smem); }
 
-__device__ __forceinline__ void cp_async4(u32 dst, const void* src, int bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+// Copies complete at once: the ring's waits and __syncwarp order them as on the GPU.
+template <int N> inline void cp_async(u32 dst, const void* src, int bytes) {
+    std::memset(kv_smem + dst, 0, N);
+    std::memcpy(kv_smem + dst, src, bytes);
+}
+inline void cp_async_commit() {}
+inline void cp_async_wait_ring() {}
+inline void cp_async_wait_all() {}
+template <typename X> inline X lds(u32 addr) {
+    X x;
+    std::memcpy(&x, kv_smem + addr, sizeof(X));
+    return x;
+}
+#else
+__device__ __forceinline__ u32 shared_address(const void* p) { return static_cast<u32>(__cvta_generic_to_shared(p)); }
+
+// bytes < N zero-fill the rest (rows past the range: their scores are masked, their values weigh 0)
+template <int N> __device__ __forceinline__ void cp_async(u32 dst, const void* src, int bytes) {
+    if (N == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+    }
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 
 __device__ __forceinline__ void cp_async_wait_ring() { asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2)); }
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;"); }
+
+template <typename X> __device__ __forceinline__ X lds(u32 addr);
+
+template <> __device__ __forceinline__ u16 lds<u16>(u32 addr) {
+    u16 r;
+    asm volatile("ld.shared.u16 %0, [%1];" : "=h"(r) : "r"(addr));
+    return r;
+}
+
+template <> __device__ __forceinline__ uint2 lds<uint2>(u32 addr) {
+    uint2 r;
+    asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "r"(addr));
+    return r;
+}
+
+template <> __device__ __forceinline__ uint4 lds<uint4>(u32 addr) {
+    uint4 r;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(addr));
+    return r;
+}
+#endif
 
 // A lane's share of a tile's copies: 16-B chunk lane % 4 of code rows lane / 4 and lane / 4 + 8 (K and
 // V), and row lane % 16 of two scale arrays (K and V scales for lanes < 16, K and V biases above).
@@ -168,11 +265,11 @@ __device__ __forceinline__ void issue_step(u32 dst, const Sources& src, int key0
             const u32 tile = dst + u * TILE_BYTES;
             #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                cp_async16(tile + src.k_dst + 8 * K_ROW * i, src.kc + (16 * u + 8 * i) * 16, 16);
-                cp_async16(tile + src.v_dst + 8 * V_ROW * i, src.vc + (16 * u + 8 * i) * 16, 16);
+                cp_async<16>(tile + src.k_dst + 8 * K_ROW * i, src.kc + (16 * u + 8 * i) * 16, 16);
+                cp_async<16>(tile + src.v_dst + 8 * V_ROW * i, src.vc + (16 * u + 8 * i) * 16, 16);
             }
-            cp_async4(tile + src.s_dst, src.ksc + 32 * u, 4);
-            cp_async4(tile + src.s_dst + 2 * SCALE_BYTES, src.vsc + 32 * u, 4);
+            cp_async<4>(tile + src.s_dst, src.ksc + 32 * u, 4);
+            cp_async<4>(tile + src.s_dst + 2 * SCALE_BYTES, src.vsc + 32 * u, 4);
         }
         return;
     }
@@ -183,12 +280,12 @@ __device__ __forceinline__ void issue_step(u32 dst, const Sources& src, int key0
         #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int row = 16 * u + 8 * i, over = max(0, key0 + key + row - last);  // rows past last: row last
-            cp_async16(tile + src.k_dst + 8 * K_ROW * i, src.kc + (row - over) * 16, over ? 0 : 16);
-            cp_async16(tile + src.v_dst + 8 * V_ROW * i, src.vc + (row - over) * 16, over ? 0 : 16);
+            cp_async<16>(tile + src.k_dst + 8 * K_ROW * i, src.kc + (row - over) * 16, over ? 0 : 16);
+            cp_async<16>(tile + src.v_dst + 8 * V_ROW * i, src.vc + (row - over) * 16, over ? 0 : 16);
         }
         const int over = max(0, key0 + skey + 16 * u - last);
-        cp_async4(tile + src.s_dst, src.ksc + 2 * (16 * u - over), over ? 0 : 4);
-        cp_async4(tile + src.s_dst + 2 * SCALE_BYTES, src.vsc + 2 * (16 * u - over), over ? 0 : 4);
+        cp_async<4>(tile + src.s_dst, src.ksc + 2 * (16 * u - over), over ? 0 : 4);
+        cp_async<4>(tile + src.s_dst + 2 * SCALE_BYTES, src.vsc + 2 * (16 * u - over), over ? 0 : 4);
     }
 }
 
@@ -200,12 +297,6 @@ __device__ __forceinline__ void advance(Sources& src, int keys) {
     src.vsc += keys * 2;
 }
 
-__device__ __forceinline__ u16 lds16(u32 addr) {
-    u16 r;
-    asm volatile("ld.shared.u16 %0, [%1];" : "=h"(r) : "r"(addr));
-    return r;
-}
-
 // Scores of one tile at shared address `tile` (keys key0 + g: sc[0, 1], key0 + g + 8: sc[2, 3]; queries
 // 2t, 2t + 1), in log2 units, -inf past `end`. Two accumulator chains halve the MMA dependency chain.
 __device__ __forceinline__ void tile_scores(float (&sc)[4], u32 tile, const u32 (&qb)[8][2], float q_mul, int key0,
@@ -213,12 +304,14 @@ __device__ __forceinline__ void tile_scores(float (&sc)[4], u32 tile, const u32 
     u32 kw[2][4], ks[2], kb[2];
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
-                     : "=r"(kw[h][0]), "=r"(kw[h][1]), "=r"(kw[h][2]), "=r"(kw[h][3])
-                     : "r"(tile + (g + 8 * h) * K_ROW + 16 * t));
+        const uint4 w = lds<uint4>(tile + (g + 8 * h) * K_ROW + 16 * t);
+        kw[h][0] = w.x;
+        kw[h][1] = w.y;
+        kw[h][2] = w.z;
+        kw[h][3] = w.w;
         const u32 a = tile + K_BYTES + V_BYTES + ((g + 8 * h) * 2 + (t >> 1)) * 2;
-        ks[h] = __byte_perm(lds16(a), 0, 0x1010);
-        kb[h] = __byte_perm(lds16(a + SCALE_BYTES), 0, 0x1010);
+        ks[h] = __byte_perm(lds<u16>(a), 0, 0x1010);
+        kb[h] = __byte_perm(lds<u16>(a + SCALE_BYTES), 0, 0x1010);
     }
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     #pragma unroll
@@ -245,11 +338,12 @@ __device__ __forceinline__ void tile_values(float (&o)[8][4], u32 tile, u32 pb0,
         #pragma unroll
         for (int e = 0; e < 2; ++e) {
             const int key = 2 * t + 8 * p + e;
-            asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(vw[0][2 * p + e]), "=r"(vw[1][2 * p + e])
-                         : "r"(tile + K_BYTES + key * V_ROW + 8 * g));
+            const uint2 w = lds<uint2>(tile + K_BYTES + key * V_ROW + 8 * g);
+            vw[0][2 * p + e] = w.x;
+            vw[1][2 * p + e] = w.y;
             const u32 a = tile + K_BYTES + V_BYTES + 2 * SCALE_BYTES + (key * 2 + (g >> 2)) * 2;
-            s[e] = lds16(a);
-            b[e] = lds16(a + SCALE_BYTES);
+            s[e] = lds<u16>(a);
+            b[e] = lds<u16>(a + SCALE_BYTES);
         }
         vs[p] = __byte_perm(s[0], s[1], 0x5410);  // the pair's two keys, one per fp16 lane
         vb[p] = __byte_perm(b[0], b[1], 0x5410);
@@ -318,7 +412,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) decode_int4
     float* __restrict__ pm, float* __restrict__ pl, float* __restrict__ pc, int* __restrict__ flag,
     int Hkv, int G, int GP, int T_end, int chunk, int S, double qk_scale_arg) {
     const float qk_scale = (float)qk_scale_arg;  // launchers pass Python floats as doubles
+#ifdef KV_EMULATED_SIMT
+    unsigned char* smem = kv_smem;
+#else
     extern __shared__ __align__(16) unsigned char smem[];  // WARPS * STAGES * STAGE_BYTES (dynamic: > 48 KB)
+#endif
     float(*sm_o)[8][D] = reinterpret_cast<float(*)[8][D]>(smem);  // after the loop
     __shared__ float sm_m[WARPS][8], sm_l[WARPS][8];
     const int pid_s = blockIdx.x, bh = blockIdx.y;
@@ -343,11 +441,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) decode_int4
                 x = static_cast<const float*>(q)[q_off + j];
             } else {
                 const u16 bits = static_cast<const u16*>(q)[q_off + j];
-                if (q_kind == 1) {
-                    x = __uint_as_float((u32)bits << 16);  // bf16 -> fp32: a shift
-                } else {
-                    asm("{ .reg .f16 h; mov.b16 h, %1; cvt.f32.f16 %0, h; }" : "=f"(x) : "h"(bits));
-                }
+                x = q_kind == 1 ? __uint_as_float((u32)bits << 16) : half_to_float(bits);  // bf16: a shift
             }
         }
         qv[j] = x * qk_scale;
@@ -380,7 +474,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) decode_int4
     // Warp w takes steps w, w + WARPS, ... of STEP_KEYS keys: its i-th in stage i % STAGES.
     const int all_steps = end > start ? (end - start + STEP_KEYS - 1) / STEP_KEYS : 0, last = end - 1;
     const int steps = all_steps > warp ? (all_steps - warp + WARPS - 1) / WARPS : 0;
-    const u32 ring = (u32)__cvta_generic_to_shared(smem) + warp * STAGES * STAGE_BYTES;
+    const u32 ring = shared_address(smem) + warp * STAGES * STAGE_BYTES;
     // src walks the warp's copies: at its first step, one step further after each issue.
     Sources src = lane_sources(kcp, ksp, kbp, vcp, vsp, vbp, lane);
     advance(src, start + warp * STEP_KEYS);
@@ -405,7 +499,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) decode_int4
         attend_step(ring + (i % STAGES) * STAGE_BYTES, qb, q_mul, start + (warp + i * WARPS) * STEP_KEYS, end, g, t,
                     m0, m1, l0, l1, o);
     }
-    asm volatile("cp.async.wait_all;");
+    cp_async_wait_all();
     __syncthreads();  // the rings become the merge buffers
 
     // Merge the warps: running maxima and sums per query, outputs per (query, d).

@@ -4,7 +4,8 @@ On the GPU (marked `gpu`): decode through `attend` with the kernel taking the le
 counting its launches) at Mistral-sized heads, against kvspec.reference.attend_as_decoded at
 kvspec.tolerances, over GQA ratios 1-8, odd lengths, residual windows, fp16 and bf16, outlier channels,
 constant groups, queries past fp16's range and explicit splits (more splits than keys included). On CPU:
-which attentions the kernel refuses, and why.
+the same kernel source built with g++ over the warp emulator (tests/kvtorch/simt_decode.py) runs
+`attend` end to end at small shapes against the same oracle; and which attentions it refuses, and why.
 """
 
 import os
@@ -23,6 +24,7 @@ from kvspec.tolerances import assert_close, spec_tolerance  # noqa: E402
 from kvtorch.kernels import cuda_decode  # noqa: E402
 from kvtorch.kernels.attention import attend  # noqa: E402
 
+from . import simt_decode  # noqa: E402
 from .test_kernels_attention import DEVICE, case, make_part  # noqa: E402
 
 
@@ -38,6 +40,43 @@ def launches(monkeypatch):
 
     monkeypatch.setattr(cuda_decode, "launch", counted)
     return count
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """CPU tensors go to the emulated kernel (the GPU checks of `device_refusal` waived; the layout
+    checks stay); returns the kernel, whose `launches` count its calls."""
+    why = simt_decode.available()
+    if why:
+        pytest.skip(why)
+    kernel = simt_decode.kernel()
+    monkeypatch.setattr(cuda_decode, "device_refusal", lambda q: None)
+    monkeypatch.setattr(cuda_decode, "_kernel_for", lambda device: kernel)
+    return kernel
+
+
+EMULATED = [  # (spec, batch, GQA ratio, tokens, splits, case options)
+    ("int4", 1, 4, 150, None, {}),
+    ("int4-bf16", 2, 3, 77, 3, {}),
+    ("int4-res5", 1, 8, 200, 2, {}),
+    ("int4", 1, 1, 40, 1, {}),
+    ("int4", 1, 4, 100, 8, {}),  # more splits than 32-key steps: blocks with no keys
+    ("int4-bf16", 1, 4, 90, None, {"outlier_channel": True}),
+    ("int4", 1, 4, 40, None, {"q_scale": 3.0e5, "seed": 0}),  # past fp16's range once scaled
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below run the kernel itself")
+@pytest.mark.parametrize("text,batch,rep,tokens,splits,options", EMULATED)
+def test_emulated_kernel_matches_the_oracle(text, batch, rep, tokens, splits, options, emulated):
+    options = {"seed": tokens, **options}
+    spec, q, q_pos, kp, vp, want = case(text, batch=batch, kv_heads=2, rep=rep, tokens=tokens, dim=128, **options)
+    assert cuda_decode.refusal(q, kp, vp) is None
+    before = emulated.launches
+    got = attend(q, q_pos, kp, vp, scale=128 ** -0.5, splits=splits)
+    assert emulated.launches == before + 1
+    assert torch.isfinite(got).all()
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"{text} {options}")
 
 
 @pytest.mark.parametrize("text,why", [
@@ -122,21 +161,35 @@ def test_outlier_channels_and_large_queries(text, launches):
     assert launches[0] == 2
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_constant_groups(launches):
-    """Groups whose 64 values are equal (scale 0): every key of one head, half the keys of another."""
+def constant_group_case(b, hkv, rep, tokens, d=128):
+    """int4 parts whose groups of 64 values are all equal (scale 0): every key of one head (K), every
+    second key of another (V); q, q_pos and the oracle's output."""
     spec = kvspec.parse("int4")
     rng = np.random.default_rng(7)
-    b, hkv, rep, tokens, d = 2, 8, 4, 901, 128
     k, v = rng.standard_normal((2, b, hkv, tokens, d)).astype(np.float32)
     k[0, 1, :, :64] = 0.25
-    v[1, 2, ::2, 64:] = -1.5
+    v[-1, 0, ::2, 64:] = -1.5
     q = rng.standard_normal((b, hkv * rep, 1, d)).astype(np.float32)
     q_pos = [tokens - 1]
     kp, vp = (make_part(x, t, spec, None, tokens - 1, q_pos) for x, t in ((k, spec.k), (v, spec.v)))
     want = R.attend_as_decoded(q, k, v, spec)
-    got = attend(torch.from_numpy(q).to(DEVICE), torch.tensor(q_pos, device=DEVICE), kp, vp, scale=d ** -0.5)
+    return spec, torch.from_numpy(q).to(DEVICE), torch.tensor(q_pos, device=DEVICE), kp, vp, want
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the kernel itself")
+def test_emulated_constant_groups(emulated):
+    spec, q, q_pos, kp, vp, want = constant_group_case(1, 2, 4, 70)
+    before = emulated.launches
+    got = attend(q, q_pos, kp, vp, scale=128 ** -0.5)
+    assert emulated.launches == before + 1
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), "constant groups")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_constant_groups(launches):
+    spec, q, q_pos, kp, vp, want = constant_group_case(2, 8, 4, 901)
+    got = attend(q, q_pos, kp, vp, scale=128 ** -0.5)
     assert launches[0] == 1
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), "constant groups")
 
