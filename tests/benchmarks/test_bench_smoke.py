@@ -90,3 +90,12 @@ def test_profile_report_reads_ncu_source_page(tmp_path):
     bad.write_text('"a","b"\n"1","2"\n')
     with pytest.raises(ValueError, match="source page"):
         pda.report(bad)
+
+
+def test_sweep_cuda_decode_parses_variants():
+    """TILES,STAGES,BLOCKS_PER_SM; a ring past a multiprocessor's 227 KB is refused by name."""
+    import sweep_cuda_decode as scd
+
+    assert scd.parse_variant("2,2,3") == (2, 2, 3)
+    with pytest.raises(SystemExit, match="227 KB"):
+        scd.parse_variant("8,4,1")

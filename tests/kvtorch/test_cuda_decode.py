@@ -161,6 +161,20 @@ def test_outlier_channels_and_large_queries(text, launches):
     assert launches[0] == 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks builds the GPU tests do not run")
+@pytest.mark.parametrize("tiles,stages,blocks", [(1, 3, 3), (4, 2, 2)])
+def test_emulated_variants_match_the_oracle(tiles, stages, blocks, emulated, monkeypatch):
+    """Other builds of the kernel (benchmarks/sweep_cuda_decode.py times them): 1 tile a step over a
+    3-stage ring, 4 tiles over 2 stages; each rounds as the default does, so the same tolerance holds."""
+    kernel = simt_decode.EmulatedKernel(cuda_decode.build_defines(blocks, tiles, stages))
+    monkeypatch.setattr(cuda_decode, "_kernel_for", lambda device: kernel)
+    monkeypatch.setattr(cuda_decode, "KEYS_PER_STEP", cuda_decode.WARPS * tiles * 16)
+    spec, q, q_pos, kp, vp, want = case("int4-res3", batch=1, kv_heads=2, rep=4, tokens=333, dim=128, seed=5)
+    got = attend(q, q_pos, kp, vp, scale=128 ** -0.5, splits=2)
+    assert kernel.launches == 1
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"variant {tiles, stages, blocks}")
+
+
 def constant_group_case(b, hkv, rep, tokens, d=128):
     """int4 parts whose groups of 64 values are all equal (scale 0): every key of one head (K), every
     second key of another (V); q, q_pos and the oracle's output."""

@@ -1,0 +1,112 @@
+"""Sweep of the CUDA decode kernel's build (kvtorch/kernels/decode_int4.cu): tiles per warp step, ring
+stages and blocks per multiprocessor (its __launch_bounds__ and the splits `attend` aims for), plus
+explicit split counts, at Mistral-7B heads against torch SDPA bf16 and the Triton kernels' default.
+
+What `kvtorch.kernels.cuda_decode` cites (TILES, STAGES, BLOCKS_PER_SM) comes from this sweep. Each
+variant is checked against the plain-torch reference at every shape (relative L2 error printed);
+times are medians of CUDA-graph replays with L2 flushed (bench_decode_attention.timed).
+
+    python benchmarks/sweep_cuda_decode.py --shapes 8,32768 8,131072 1,32768 \
+        --variants 2,2,3 1,4,3 4,2,2 --splits 0 8
+Variant: "TILES,STAGES,BLOCKS_PER_SM". Splits 0: `attend`'s own choice.
+Writes benchmarks/results/cuda_decode_sweep_<gpu>.json (records appended; and $OUT/ when OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_decode_attention as bda  # noqa: E402
+
+from kvtorch.kernels import cuda_decode  # noqa: E402
+from kvtorch.kernels.attention import attend, attention_reference  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128  # Mistral-7B heads
+
+
+def parse_variant(text: str) -> tuple[int, int, int]:
+    """'2,2,3' -> (tiles, stages, blocks per SM); the ring must fit an H100/H200 multiprocessor."""
+    tiles, stages, blocks = (int(x) for x in text.split(","))
+    ring = cuda_decode.WARPS * stages * tiles * cuda_decode.TILE_BYTES
+    if tiles < 1 or stages < 2 or blocks < 1 or ring > 227 * 1024:
+        raise SystemExit(f"variant {text!r}: tiles >= 1, stages >= 2, blocks >= 1 and a ring within 227 KB "
+                         f"({ring:,} B asked)")
+    return tiles, stages, blocks
+
+
+def use_variant(tiles: int, stages: int, blocks: int) -> None:
+    """Make `attend` build and plan the CUDA kernel as this variant (each build is cached apart)."""
+    cuda_decode.TILES, cuda_decode.STAGES, cuda_decode.BLOCKS_PER_SM = tiles, stages, blocks
+    cuda_decode.KEYS_PER_STEP = cuda_decode.WARPS * tiles * 16
+
+
+def sweep_shape(b: int, t: int, variants, splits_list, reps: int, flush, copy_tbps: float) -> list[dict]:
+    """Every variant x split count at batch b x context t: one row each."""
+    gen = torch.Generator(device="cuda").manual_seed(b * 7 + t)
+    q = torch.randn(b, HQ, 1, D, device="cuda", generator=gen).bfloat16()
+    qpos = torch.tensor([t - 1], device="cuda")
+    kv = [torch.randn(b, HKV, t, D, device="cuda", generator=gen).bfloat16() for _ in range(2)]
+    sdpa = bda.timed(lambda: F.scaled_dot_product_attention(q, *kv, scale=D**-0.5, enable_gqa=True), flush, reps)
+    del kv[:]
+    kp, vp = (bda.compressed_part("int4", b, HKV, t, D, gen) for _ in range(2))
+    moved = bda.nbytes(q) + bda.part_bytes(kp) + bda.part_bytes(vp) + b * HQ * D * 4
+    ref = attention_reference(q, qpos, kp, vp, scale=D**-0.5)
+    triton_ms = bda.timed(lambda: attend(q, qpos, kp, vp, scale=D**-0.5, cuda=False), flush, reps)
+    print(f"b{b} x {t}: sdpa-bf16 {sdpa:.4f} ms, triton int4 {triton_ms:.4f} ms")
+    rows = []
+    for text, (tiles, stages, blocks) in variants:
+        use_variant(tiles, stages, blocks)
+        for splits in splits_list:
+            fn = lambda s=splits: attend(q, qpos, kp, vp, scale=D**-0.5, splits=s or None)
+            err = ((fn() - ref).norm() / ref.norm()).item()
+            ms = bda.timed(fn, flush, reps)
+            rows.append(dict(batch=b, context=t, variant=text, splits=splits or "default", ms=ms, x_sdpa=sdpa / ms,
+                             x_triton=triton_ms / ms, pct_of_copy=100 * moved / ms / 1e9 / copy_tbps, rel_err=err,
+                             sdpa_ms=sdpa, triton_ms=triton_ms))
+            print(f"  tiles,stages,blocks {text:8s} splits {splits or 'default':>7}: {ms:.4f} ms  x{sdpa / ms:4.2f} SDPA  "
+                  f"x{triton_ms / ms:4.2f} Triton  {rows[-1]['pct_of_copy']:5.1f}% of copy  err {err:.1e}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["8,32768", "8,131072", "1,32768"], help="BATCH,CONTEXT")
+    ap.add_argument("--variants", nargs="+", default=["2,2,3"], help="TILES,STAGES,BLOCKS_PER_SM")
+    ap.add_argument("--splits", nargs="+", type=int, default=[0])
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--kernel", default="", help="what the records measure (a commit or a change), stored with them")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args()
+    variants = [(text, parse_variant(text)) for text in args.variants]
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    copy_tbps = bda.copy_bandwidth(flush)
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}: copy {copy_tbps:.2f} TB/s; Mistral heads ({HQ} q / {HKV} kv, D {D}), int4 g64")
+    rows = []
+    for shape in args.shapes:
+        b, t = (int(x) for x in shape.split(","))
+        rows += sweep_shape(b, t, variants, args.splits, args.reps, flush, copy_tbps)
+        torch.cuda.empty_cache()
+    name = f"cuda_decode_sweep_{gpu.lower().replace(' ', '_')}.json"
+    record = dict(gpu=gpu, torch=torch.__version__, kernel=args.kernel, copy_tbps=copy_tbps,
+                  command=" ".join(sys.argv), rows=rows)
+    for folder in [args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
+        path = folder / name
+        old = json.loads(path.read_text()) if path.exists() else {"records": []}
+        old["records"].append(record)
+        path.write_text(json.dumps(old, indent=1))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
