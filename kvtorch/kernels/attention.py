@@ -17,7 +17,8 @@ as (qP).c, outputs as unrotate(p.V) or (p.C)P^T; the D-dim history is never rebu
 
 `attention_reference` is the plain-torch version; `attention` dispatches to the Triton kernels
 where `refusal` is None (long prefill chunks: kernels.prefill, one rebuild of the history and
-torch's SDPA) and to the reference otherwise; `attention_kernel` has the signature of
+torch's SDPA; 4-bit decode at head dim 128: the CUDA kernel of kernels.cuda_decode for the lean
+launch) and to the reference otherwise; `attention_kernel` has the signature of
 kvtorch.attention.register_kernel (None where it refuses).
 """
 
@@ -286,7 +287,8 @@ def fp16_operands(kspec, vspec) -> bool:
 
 def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: int | None = None,
            block: tuple[int, int, int] | None = None, ptx: bool = True, cuda: bool = True) -> torch.Tensor:
-    """The Triton path of `attention` (inputs must pass `refusal`). splits: key splits of the
+    """The kernel path of `attention` (inputs must pass `refusal`): Triton, with the lean launch on the
+    CUDA decode kernel (kernels.cuda_decode) where that applies. splits: key splits of the
     all-compressed range (default: see `_splits`). block: (keys per block, warps, pipeline stages)
     of the lean launch (default: `default_block`). A single
     query with K and V fully compressed is taken as decode at the last position (the protocol's
@@ -316,7 +318,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     sms = _sms(q.device)
     on_cuda_kernel = cuda and cuda_decode.refusal(q, k, v) is None
     if on_cuda_kernel:
-        # At most MAX_SPLITS (b1 x 32k: 32 splits 0.0350 ms, 64: 0.0368)
+        # BLOCKS_PER_SM blocks a multiprocessor, at most MAX_SPLITS (b1 x 32k: 32 splits 0.0350 ms, 64: 0.0368)
         s_fast, c_fast = _splits(0, n_fast, cuda_decode.KEYS_PER_STEP, b * hkv, splits, sms,
                                  cuda_decode.BLOCKS_PER_SM)
     else:
