@@ -14,13 +14,7 @@ collective hangs a GPU too).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from functools import cache
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -28,8 +22,9 @@ import numpy as np
 from kvmlx.kernels import dialect as dialects
 from kvmlx.kernels.launch import CUDA_TYPES, METAL_TYPES, Launch, _uses
 
-HERE = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("KVMLX_SIMT_CACHE", Path(tempfile.gettempdir()) / "kvmlx-simt"))
+from . import simt_build
+
+CACHE = simt_build.CACHE
 TIMEOUT_S = 60.0
 NDIM = 10  # Shape / Strides slots, as MLX's MAX_NDIM
 
@@ -43,9 +38,7 @@ _NP = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16, m
        mx.int32: np.int32}
 
 
-def available() -> str | None:
-    """None when g++ (C++20) is there, else why the emulated kernels cannot run."""
-    return None if shutil.which("g++") else "g++ is not installed: the CUDA kernels cannot be emulated"
+available = simt_build.available
 
 
 def _launcher(launch: Launch, source: str) -> str:
@@ -116,27 +109,12 @@ def translation_unit(launch: Launch, dialect: str) -> str:
 
 @cache
 def _library(unit: str) -> ctypes.CDLL:
-    """The shared object of one translation unit (built once per source; cached on disk by hash)."""
-    key = hashlib.sha256(unit.encode()).hexdigest()[:20]
-    so = CACHE / f"{key}.so"
-    if not so.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        inc = CACHE / "include"
-        for rel, text in _STUBS.items():
-            (inc / rel).parent.mkdir(parents=True, exist_ok=True)
-            (inc / rel).write_text(text)
-        src = CACHE / f"{key}.cpp"
-        src.write_text(unit)
-        tmp = so.with_suffix(f".{os.getpid()}.tmp")
-        cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", f"-I{inc}", f"-I{HERE}",
-               str(src), "-o", str(tmp)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"g++ failed on {src}:\n{r.stderr[-4000:]}")
-        tmp.replace(so)
-    lib = ctypes.CDLL(str(so))
-    lib.kv_launch.restype = ctypes.c_int
-    return lib
+    """The shared object of one translation unit, with MLX's headers stubbed (simt_build caches it)."""
+    inc = CACHE / "include"
+    for rel, text in _STUBS.items():
+        (inc / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inc / rel).write_text(text)
+    return simt_build.shared_library(unit, (inc,))
 
 
 def _host(a: mx.array) -> np.ndarray:

@@ -11,20 +11,14 @@ same grid, block and argument list), so a test swaps it in for `cuda_decode._ker
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from functools import cache
-from pathlib import Path
 
 import torch
 
 from kvtorch.kernels import cuda_decode
 
-RUNTIME = Path(__file__).resolve().parents[1] / "kvmlx"  # simt_runtime.h
-CACHE = Path(os.environ.get("KVMLX_SIMT_CACHE", Path(tempfile.gettempdir()) / "kvmlx-simt"))
+from ..kvmlx import simt_build
+
 TIMEOUT_S = 120.0
 
 # decode_int4_split's parameters in order, by kind: tensors p[i], integers n[i], the one double
@@ -42,9 +36,7 @@ extern "C" int kv_launch(void** p, const long long* n, double qk_scale, const un
 """
 
 
-def available() -> str | None:
-    """None when g++ can build the emulated kernel, else why not."""
-    return None if shutil.which("g++") else "g++ is not installed: the CUDA kernel cannot be emulated"
+available = simt_build.available
 
 
 def translation_unit(defines: tuple[str, ...]) -> str:
@@ -53,31 +45,11 @@ def translation_unit(defines: tuple[str, ...]) -> str:
     return f'#include "simt_runtime.h"\n{macros}' + cuda_decode.SOURCE.read_text() + LAUNCHER
 
 
-@cache
-def _library(unit: str) -> ctypes.CDLL:
-    """The shared object of one translation unit (built once per source; cached on disk by hash)."""
-    so = CACHE / f"decode-{hashlib.sha256(unit.encode()).hexdigest()[:20]}.so"
-    if not so.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        src = so.with_suffix(".cpp")
-        src.write_text(unit)
-        tmp = so.with_suffix(f".{os.getpid()}.tmp")
-        cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", f"-I{RUNTIME}", str(src), "-o",
-               str(tmp)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"g++ failed on {src}:\n{r.stderr[-4000:]}")
-        tmp.replace(so)
-    lib = ctypes.CDLL(str(so))
-    lib.kv_launch.restype = ctypes.c_int
-    return lib
-
-
 class EmulatedKernel:
     """decode_int4_split on the emulator, called as torch's NVRTC kernel object is."""
 
     def __init__(self, defines: tuple[str, ...]):
-        self.lib = _library(translation_unit(defines))
+        self.lib = simt_build.shared_library(translation_unit(defines))
         self.launches = 0
 
     def __call__(self, grid, block, args, shared_mem=0):
