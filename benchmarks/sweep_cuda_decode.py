@@ -37,7 +37,7 @@ HQ, HKV, D = 32, 8, 128  # Mistral-7B heads
 def parse_variant(text: str) -> tuple[int, int, int]:
     """'2,2,3' -> (tiles, stages, blocks per SM); the ring must fit an H100/H200 multiprocessor."""
     tiles, stages, blocks = (int(x) for x in text.split(","))
-    ring = cuda_decode.WARPS * stages * tiles * cuda_decode.TILE_BYTES
+    ring = cuda_decode.ring_bytes(tiles, stages)
     if tiles < 1 or stages < 2 or blocks < 1 or ring > 227 * 1024:
         raise SystemExit(f"variant {text!r}: tiles >= 1, stages >= 2, blocks >= 1 and a ring within 227 KB "
                          f"({ring:,} B asked)")
@@ -47,7 +47,6 @@ def parse_variant(text: str) -> tuple[int, int, int]:
 def use_variant(tiles: int, stages: int, blocks: int) -> None:
     """Make `attend` build and plan the CUDA kernel as this variant (each build is cached apart)."""
     cuda_decode.TILES, cuda_decode.STAGES, cuda_decode.BLOCKS_PER_SM = tiles, stages, blocks
-    cuda_decode.KEYS_PER_STEP = cuda_decode.WARPS * tiles * 16
 
 
 def sweep_shape(b: int, t: int, variants, splits_list, reps: int, flush, copy_tbps: float) -> list[dict]:
@@ -73,8 +72,9 @@ def sweep_shape(b: int, t: int, variants, splits_list, reps: int, flush, copy_tb
             rows.append(dict(batch=b, context=t, variant=text, splits=splits or "default", ms=ms, x_sdpa=sdpa / ms,
                              x_triton=triton_ms / ms, pct_of_copy=100 * moved / ms / 1e9 / copy_tbps, rel_err=err,
                              sdpa_ms=sdpa, triton_ms=triton_ms))
-            print(f"  tiles,stages,blocks {text:8s} splits {splits or 'default':>7}: {ms:.4f} ms  x{sdpa / ms:4.2f} SDPA  "
-                  f"x{triton_ms / ms:4.2f} Triton  {rows[-1]['pct_of_copy']:5.1f}% of copy  err {err:.1e}", flush=True)
+            print(f"  tiles,stages,blocks {text:8s} splits {splits or 'default':>7}: {ms:.4f} ms  "
+                  f"x{sdpa / ms:4.2f} SDPA  x{triton_ms / ms:4.2f} Triton  {rows[-1]['pct_of_copy']:5.1f}% of copy  "
+                  f"err {err:.1e}", flush=True)
     return rows
 
 

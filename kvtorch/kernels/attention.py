@@ -319,7 +319,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     on_cuda_kernel = cuda and cuda_decode.refusal(q, k, v) is None
     if on_cuda_kernel:
         # BLOCKS_PER_SM blocks a multiprocessor, at most MAX_SPLITS (b1 x 32k: 32 splits 0.0350 ms, 64: 0.0368)
-        s_fast, c_fast = _splits(0, n_fast, cuda_decode.KEYS_PER_STEP, b * hkv, splits, sms,
+        s_fast, c_fast = _splits(0, n_fast, cuda_decode.keys_per_step(), b * hkv, splits, sms,
                                  cuda_decode.BLOCKS_PER_SM)
     else:
         s_fast, c_fast = _splits(0, n_fast, block[0], b * hkv * nqb, splits, sms,
@@ -362,8 +362,8 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
             if s_n == 0:
                 continue
             if on_cuda_kernel and not general:
-                cuda_decode.launch(q, qpos, k, v, scale=scale, splits=s_n, chunk=chunk, slots=slots, end=end,
-                                   pm=pm, pl=pl, pc=pc, flag=flag)
+                cuda_decode.launch(q, qpos, k, v, qk_scale=scale * LOG2E, splits=s_n, chunk=chunk, slots=slots,
+                                   end=end, pm=pm, pl=pl, pc=pc, flag=flag)
                 continue
             _split_kernel[(s_n, b * hkv, nqb)](
                 q, q.stride(0), q.stride(1), q.stride(2), qpos, k.split, v.split,

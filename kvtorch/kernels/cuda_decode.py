@@ -26,13 +26,21 @@ WARPS = 4  # decode_int4.cu's WARPS
 BLOCKS_PER_SM = 3
 # Each warp's ring: STAGES steps of TILES tiles of 16 keys (decode_int4.cu's defaults are these; the
 # launcher passes them; benchmarks/sweep_cuda_decode.py times others: at b8 x 32k, 1 tile x 4 stages
-# 0.1153 ms, 2 x 3 0.1117, 4 x 2 at 2 blocks 0.1077, this 0.1072). A tile is 2,560 B: 16 rows of K codes (64 B), of V codes (80 B, padded), and
-# of K and V scales and biases (4 B each).
+# 0.1153 ms, 2 x 3 0.1117, 4 x 2 at 2 blocks 0.1077, this 0.1072). A tile is 2,560 B: 16 rows of K
+# codes (64 B), of V codes (80 B, padded), and of K and V scales and biases (4 B each).
 TILES, STAGES = 2, 2
-KEYS_PER_STEP = WARPS * TILES * 16  # a block's keys per step
 TILE_BYTES = 16 * (64 + 80 + 4 * 4)
 Q_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # decode_int4.cu's q_kind
-LOG2E = 1.4426950408889634
+
+
+def keys_per_step() -> int:
+    """A block's keys per step (its warps' TILES x 16 keys each): the grain of `attend`'s splits."""
+    return WARPS * TILES * 16
+
+
+def ring_bytes(tiles: int, stages: int) -> int:
+    """A block's dynamic shared memory: its warps' rings of `stages` steps of `tiles` tiles."""
+    return WARPS * stages * tiles * TILE_BYTES
 
 
 def _spec_refusal(t) -> str | None:
@@ -138,7 +146,7 @@ def _kernel(device_index: int, blocks_per_sm: int, tiles: int, stages: int):
     cubin = nvrtc_cubin(SOURCE.read_text(), f"{major}{minor}", defines)
     with torch.cuda.device(device_index):
         kernel = _cuda_load_module(cubin, ["decode_int4_split"])["decode_int4_split"]
-        kernel.set_shared_memory_config(WARPS * stages * tiles * TILE_BYTES)
+        kernel.set_shared_memory_config(ring_bytes(tiles, stages))
     return kernel
 
 
@@ -152,11 +160,12 @@ def _int64(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.int64 else x.long()
 
 
-def launch(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: int, chunk: int, slots: int,
+def launch(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, qk_scale: float, splits: int, chunk: int, slots: int,
            end: int, pm: torch.Tensor, pl: torch.Tensor, pc: torch.Tensor, flag: torch.Tensor) -> None:
     """Write slots [0, splits) of the partials (kernels.attention's layout: m, l [B * Hkv, slots, GP],
     outputs [.., DV]) for keys [i * chunk, (i + 1) * chunk) of split i, up to the query's position,
-    `end` and the parts' splits. q [B, Hq, 1, 128] fp16, bf16 or fp32 (must pass `refusal`)."""
+    `end` and the parts' splits. q [B, Hq, 1, 128] fp16, bf16 or fp32 (must pass `refusal`); qk_scale:
+    the softmax scale times log2(e), as the Triton split kernel takes it."""
     b, hq = q.shape[:2]
     hkv = k.floats.shape[1]
     g = hq // hkv
@@ -167,8 +176,8 @@ def launch(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     args = [q, q.stride(0), q.stride(1), Q_KINDS[q.dtype], _int64(q_pos), _int64(k.split), _int64(v.split),
             kc, kc.stride(0), kc.stride(1), ks, kb, ks.stride(0), ks.stride(1),
             vc, vc.stride(0), vc.stride(1), vs, vb, vs.stride(0), vs.stride(1),
-            pm, pl, pc, flag, hkv, g, gp, end, chunk, slots, float(scale * LOG2E)]
+            pm, pl, pc, flag, hkv, g, gp, end, chunk, slots, float(qk_scale)]
     with on_device(q):
         kernel(grid=(splits, b * hkv, 1), block=(WARPS * 32, 1, 1), args=args,
-               shared_mem=WARPS * STAGES * TILES * TILE_BYTES)
+               shared_mem=ring_bytes(TILES, STAGES))
 

@@ -168,7 +168,7 @@ def test_emulated_variants_match_the_oracle(tiles, stages, blocks, emulated, mon
     3-stage ring, 4 tiles over 2 stages; each rounds as the default does, so the same tolerance holds."""
     kernel = simt_decode.EmulatedKernel(cuda_decode.build_defines(blocks, tiles, stages))
     monkeypatch.setattr(cuda_decode, "_kernel_for", lambda device: kernel)
-    monkeypatch.setattr(cuda_decode, "KEYS_PER_STEP", cuda_decode.WARPS * tiles * 16)
+    monkeypatch.setattr(cuda_decode, "TILES", tiles)  # the splits' grain, keys_per_step
     spec, q, q_pos, kp, vp, want = case("int4-res3", batch=1, kv_heads=2, rep=4, tokens=333, dim=128, seed=5)
     got = attend(q, q_pos, kp, vp, scale=128 ** -0.5, splits=2)
     assert kernel.launches == 1
