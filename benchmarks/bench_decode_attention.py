@@ -86,35 +86,50 @@ def part_bytes(p: Part) -> int:
 
 
 def timed(fn, flush: torch.Tensor, reps: int, graph: bool = True) -> float:
-    """Median ms of `fn` as a CUDA-graph replay (or an eager call), L2 flushed before each."""
-    if not graph:
-        fn()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in events:
-            flush.zero_()
-            start.record()
+    """Median ms of `fn` as a CUDA-graph replay (or an eager call), L2 flushed before each, after
+    about WARMUP_MS of untimed runs."""
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
             fn()
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in events)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+        run = cuda_graph.replay
+    else:
+        run = fn
+    run()
+    warm_up(run, flush)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    graph.replay()
     for start, end in events:
         flush.zero_()
         start.record()
-        graph.replay()
+        run()
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+# The clocks ramp up again after each pause of the host (building inputs, a reference check): without
+# this, the first timing of a fresh shape read 7-12% slower than a repeat (H200, int4 / int8 decode at
+# b8 x 32k and 128k, medians of 50 replays).
+WARMUP_MS = 30.0
+
+
+def warm_up(run, flush: torch.Tensor) -> None:
+    """Run `run` (with its flush) untimed for about WARMUP_MS, judged by one timed run."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    flush.zero_()
+    run()
+    end.record()
+    torch.cuda.synchronize()
+    for _ in range(min(2000, int(WARMUP_MS / max(start.elapsed_time(end), 1e-3)))):
+        flush.zero_()
+        run()
 
 
 def copy_bandwidth(flush: torch.Tensor) -> float:
@@ -195,7 +210,7 @@ def run_shape(model, b, t, hq, hkv, d, args, flush, config, check):
         row["roof_x"] = base_bytes / moved if base_bytes else None
         if method not in ("sdpa-bf16", "dequant-sdpa"):
             on_cuda = method not in config and cuda_decode.refusal(q, kp, vp) is None
-            row["kernel"] = "cuda (decode_int4.cu)" if on_cuda else "triton"
+            row["kernel"] = "cuda (decode_quant.cu)" if on_cuda else "triton"
             row["config"] = list(config[method]) if method in config else list(
                 default_block(kp.spec, vp.spec, d, b * hkv, t)) + ["default"]
             if check:

@@ -1,13 +1,14 @@
-"""Sweep of the CUDA decode kernel's build (kvtorch/kernels/decode_int4.cu): tiles per warp step, ring
-stages and blocks per multiprocessor (its __launch_bounds__ and the splits `attend` aims for), plus
-explicit split counts, at Mistral-7B heads against torch SDPA bf16 and the Triton kernels' default.
+"""Sweep of the CUDA decode kernel's build (kvtorch/kernels/decode_quant.cu) per code width: tiles per
+warp step, ring stages and blocks per multiprocessor (its __launch_bounds__ and the splits `attend`
+aims for), plus explicit split counts, at Mistral-7B heads against torch SDPA bf16 and the Triton
+kernels' default.
 
-What `kvtorch.kernels.cuda_decode` cites (TILES, STAGES, BLOCKS_PER_SM) comes from this sweep. Each
-variant is checked against the plain-torch reference at every shape (relative L2 error printed);
-times are medians of CUDA-graph replays with L2 flushed (bench_decode_attention.timed).
+What `kvtorch.kernels.cuda_decode.BUILDS` cites comes from this sweep. Each variant is checked against
+the plain-torch reference at every shape (relative L2 error printed); times are medians of CUDA-graph
+replays with L2 flushed (bench_decode_attention.timed).
 
-    python benchmarks/sweep_cuda_decode.py --shapes 8,32768 8,131072 1,32768 \
-        --variants 2,2,3 1,4,3 4,2,2 --splits 0 8
+    python benchmarks/sweep_cuda_decode.py --bits 8 --shapes 8,32768 8,131072 1,32768 \
+        --variants 2,2,2 1,3,3 --splits 0 8
 Variant: "TILES,STAGES,BLOCKS_PER_SM". Splits 0: `attend`'s own choice.
 Writes benchmarks/results/cuda_decode_sweep_<gpu>.json (records appended; and $OUT/ when OUT is set).
 """
@@ -34,22 +35,18 @@ from kvtorch.kernels.attention import attend, attention_reference  # noqa: E402
 HQ, HKV, D = 32, 8, 128  # Mistral-7B heads
 
 
-def parse_variant(text: str) -> tuple[int, int, int]:
-    """'2,2,3' -> (tiles, stages, blocks per SM); the ring must fit an H100/H200 multiprocessor."""
+def parse_variant(text: str, bits: int) -> cuda_decode.Build:
+    """'2,2,3' -> a build of (tiles, stages, blocks per SM); its blocks' rings must fit an H100/H200
+    multiprocessor's 227 KB."""
     tiles, stages, blocks = (int(x) for x in text.split(","))
-    ring = cuda_decode.ring_bytes(tiles, stages)
-    if tiles < 1 or stages < 2 or blocks < 1 or ring > 227 * 1024:
-        raise SystemExit(f"variant {text!r}: tiles >= 1, stages >= 2, blocks >= 1 and a ring within 227 KB "
-                         f"({ring:,} B asked)")
-    return tiles, stages, blocks
+    ring = cuda_decode.ring_bytes(bits, tiles, stages)
+    if tiles < 1 or stages < 2 or blocks < 1 or ring * blocks > 227 * 1024:
+        raise SystemExit(f"variant {text!r}: tiles >= 1, stages >= 2, blocks >= 1 and blocks x ring within 227 KB "
+                         f"({blocks} x {ring:,} B asked at {bits} bits)")
+    return cuda_decode.Build(tiles, stages, blocks)
 
 
-def use_variant(tiles: int, stages: int, blocks: int) -> None:
-    """Make `attend` build and plan the CUDA kernel as this variant (each build is cached apart)."""
-    cuda_decode.TILES, cuda_decode.STAGES, cuda_decode.BLOCKS_PER_SM = tiles, stages, blocks
-
-
-def sweep_shape(b: int, t: int, variants, splits_list, reps: int, flush, copy_tbps: float) -> list[dict]:
+def sweep_shape(b: int, t: int, bits: int, variants, splits_list, reps: int, flush, copy_tbps: float) -> list[dict]:
     """Every variant x split count at batch b x context t: one row each."""
     gen = torch.Generator(device="cuda").manual_seed(b * 7 + t)
     q = torch.randn(b, HQ, 1, D, device="cuda", generator=gen).bfloat16()
@@ -57,19 +54,19 @@ def sweep_shape(b: int, t: int, variants, splits_list, reps: int, flush, copy_tb
     kv = [torch.randn(b, HKV, t, D, device="cuda", generator=gen).bfloat16() for _ in range(2)]
     sdpa = bda.timed(lambda: F.scaled_dot_product_attention(q, *kv, scale=D**-0.5, enable_gqa=True), flush, reps)
     del kv[:]
-    kp, vp = (bda.compressed_part("int4", b, HKV, t, D, gen) for _ in range(2))
+    kp, vp = (bda.compressed_part(f"int{bits}", b, HKV, t, D, gen) for _ in range(2))
     moved = bda.nbytes(q) + bda.part_bytes(kp) + bda.part_bytes(vp) + b * HQ * D * 4
     ref = attention_reference(q, qpos, kp, vp, scale=D**-0.5)
     triton_ms = bda.timed(lambda: attend(q, qpos, kp, vp, scale=D**-0.5, cuda=False), flush, reps)
-    print(f"b{b} x {t}: sdpa-bf16 {sdpa:.4f} ms, triton int4 {triton_ms:.4f} ms")
+    print(f"b{b} x {t}: sdpa-bf16 {sdpa:.4f} ms, triton int{bits} {triton_ms:.4f} ms")
     rows = []
-    for text, (tiles, stages, blocks) in variants:
-        use_variant(tiles, stages, blocks)
+    for text, build in variants:
+        cuda_decode.BUILDS[bits] = build  # `attend` plans and builds this variant (each build cached apart)
         for splits in splits_list:
             fn = lambda s=splits: attend(q, qpos, kp, vp, scale=D**-0.5, splits=s or None)
             err = ((fn() - ref).norm() / ref.norm()).item()
             ms = bda.timed(fn, flush, reps)
-            rows.append(dict(batch=b, context=t, variant=text, splits=splits or "default", ms=ms, x_sdpa=sdpa / ms,
+            rows.append(dict(bits=bits, batch=b, context=t, variant=text, splits=splits or "default", ms=ms, x_sdpa=sdpa / ms,
                              x_triton=triton_ms / ms, pct_of_copy=100 * moved / ms / 1e9 / copy_tbps, rel_err=err,
                              sdpa_ms=sdpa, triton_ms=triton_ms))
             print(f"  tiles,stages,blocks {text:8s} splits {splits or 'default':>7}: {ms:.4f} ms  "
@@ -81,26 +78,31 @@ def sweep_shape(b: int, t: int, variants, splits_list, reps: int, flush, copy_tb
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["8,32768", "8,131072", "1,32768"], help="BATCH,CONTEXT")
-    ap.add_argument("--variants", nargs="+", default=["2,2,3"], help="TILES,STAGES,BLOCKS_PER_SM")
+    ap.add_argument("--bits", type=int, choices=sorted(cuda_decode.BUILDS), default=4)
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="TILES,STAGES,BLOCKS_PER_SM (default: the width's build in cuda_decode.BUILDS)")
     ap.add_argument("--splits", nargs="+", type=int, default=[0])
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--kernel", default="", help="what the records measure (a commit or a change), stored with them")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
-    variants = [(text, parse_variant(text)) for text in args.variants]
+    default = cuda_decode.BUILDS[args.bits]
+    texts = args.variants or [f"{default.tiles},{default.stages},{default.blocks_per_sm}"]
+    variants = [(text, parse_variant(text, args.bits)) for text in texts]
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     copy_tbps = bda.copy_bandwidth(flush)
     gpu = torch.cuda.get_device_name()
-    print(f"{gpu}: copy {copy_tbps:.2f} TB/s; Mistral heads ({HQ} q / {HKV} kv, D {D}), int4 g64")
+    print(f"{gpu}: copy {copy_tbps:.2f} TB/s; Mistral heads ({HQ} q / {HKV} kv, D {D}), int{args.bits} g64")
     rows = []
     for shape in args.shapes:
         b, t = (int(x) for x in shape.split(","))
-        rows += sweep_shape(b, t, variants, args.splits, args.reps, flush, copy_tbps)
+        rows += sweep_shape(b, t, args.bits, variants, args.splits, args.reps, flush, copy_tbps)
         torch.cuda.empty_cache()
     name = f"cuda_decode_sweep_{gpu.lower().replace(' ', '_')}.json"
     record = dict(gpu=gpu, torch=torch.__version__, kernel=args.kernel, copy_tbps=copy_tbps,
                   command=" ".join(sys.argv), rows=rows)
-    for folder in [args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
+    folders = {args.out.resolve()} | ({Path(os.environ["OUT"]).resolve()} if os.environ.get("OUT") else set())
+    for folder in folders:  # a set: --out $OUT must not append the record twice
         path = folder / name
         old = json.loads(path.read_text()) if path.exists() else {"records": []}
         old["records"].append(record)

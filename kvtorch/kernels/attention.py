@@ -17,7 +17,7 @@ as (qP).c, outputs as unrotate(p.V) or (p.C)P^T; the D-dim history is never rebu
 
 `attention_reference` is the plain-torch version; `attention` dispatches to the Triton kernels
 where `refusal` is None (long prefill chunks: kernels.prefill, one rebuild of the history and
-torch's SDPA; 4-bit decode at head dim 128: the CUDA kernel of kernels.cuda_decode for the lean
+torch's SDPA; 4- and 8-bit decode at head dim 128: the CUDA kernel of kernels.cuda_decode for the lean
 launch) and to the reference otherwise; `attention_kernel` has the signature of
 kvtorch.attention.register_kernel (None where it refuses).
 """
@@ -295,7 +295,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     split n_quantized(end) = n), which needs the lean launch only. ptx:
     dequantize 4- and 8-bit token-axis tiles with packed fp16 inline PTX (CUDA only; ignored under the
     interpreter, and where the dots take bf16 operands: see `fp16_operands`). cuda: take the lean launch
-    on the CUDA C++ kernel where `cuda_decode.refusal` allows (decode over 4-bit K and V; `block` then
+    on the CUDA C++ kernel where `cuda_decode.refusal` allows (decode over 4- or 8-bit K and V; `block` then
     only applies elsewhere)."""
     b, hq, tq, d = q.shape
     q, kf, vf = _unit_stride(q), _unit_stride(k.floats), _unit_stride(v.floats)
@@ -319,8 +319,8 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     on_cuda_kernel = cuda and cuda_decode.refusal(q, k, v) is None
     if on_cuda_kernel:
         # BLOCKS_PER_SM blocks a multiprocessor, at most MAX_SPLITS (b1 x 32k: 32 splits 0.0350 ms, 64: 0.0368)
-        s_fast, c_fast = _splits(0, n_fast, cuda_decode.keys_per_step(), b * hkv, splits, sms,
-                                 cuda_decode.BLOCKS_PER_SM)
+        s_fast, c_fast = _splits(0, n_fast, cuda_decode.keys_per_step(k.spec.bits), b * hkv, splits, sms,
+                                 cuda_decode.BUILDS[k.spec.bits].blocks_per_sm)
     else:
         s_fast, c_fast = _splits(0, n_fast, block[0], b * hkv * nqb, splits, sms,
                                  programs_per_sm(k.spec, v.spec, block, d, n_fast),

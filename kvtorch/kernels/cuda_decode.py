@@ -1,8 +1,8 @@
-"""The CUDA C++ decode kernel for 4-bit token-axis K and V (decode_int4.cu), behind `attend`.
+"""The CUDA C++ decode kernel for 4-bit or 8-bit token-axis K and V (decode_quant.cu), behind `attend`.
 
-It replaces the lean Triton split program for one decode query over 4-bit K and V at head dim 128
-(group 64, no rotation, up to 8 query heads per KV head) and writes the same partial slots, which
-the Triton reduce merges. Compiled once per device by NVRTC (the libnvrtc that CUDA builds of torch
+It replaces the lean Triton split program for one decode query over 4-bit or 8-bit K and V (both the
+same width) at head dim 128 (group 64, no rotation, up to 8 query heads per KV head) and writes the
+same partial slots, which the Triton reduce merges. Compiled once per device by NVRTC (the libnvrtc that CUDA builds of torch
 ship), so it needs no CUDA toolkit. Everything else, and any GPU without the MMA it uses (sm_80+),
 stays on the Triton kernels.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,33 +20,46 @@ from kvspec.spec import Quant
 
 from .support import on_device
 
-SOURCE = Path(__file__).with_name("decode_int4.cu")
-WARPS = 4  # decode_int4.cu's WARPS
-# The kernel's __launch_bounds__ minimum, and the blocks per multiprocessor the splits aim for
-# (H200, Mistral heads, b8 x 32k: 3 -> 6 splits 0.1075 ms, 4 -> 8 splits 0.1097).
-BLOCKS_PER_SM = 3
-# Each warp's ring: STAGES steps of TILES tiles of 16 keys (decode_int4.cu's defaults are these; the
-# launcher passes them; benchmarks/sweep_cuda_decode.py times others: at b8 x 32k, 1 tile x 4 stages
-# 0.1153 ms, 2 x 3 0.1117, 4 x 2 at 2 blocks 0.1077, this 0.1072). A tile is 2,560 B: 16 rows of K
-# codes (64 B), of V codes (80 B, padded), and of K and V scales and biases (4 B each).
-TILES, STAGES = 2, 2
-TILE_BYTES = 16 * (64 + 80 + 4 * 4)
-Q_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # decode_int4.cu's q_kind
+SOURCE = Path(__file__).with_name("decode_quant.cu")
+WARPS = 4  # decode_quant.cu's WARPS
+# A tile's shared memory per code width: 16 rows of K codes, of V codes (rows padded against bank
+# conflicts: 4 bits 64 and 80 B, 8 bits 144 and 144 B), and of K and V scales and biases (4 B each).
+TILE_BYTES = {4: 16 * (64 + 80 + 4 * 4), 8: 16 * (144 + 144 + 4 * 4)}
+Q_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # decode_quant.cu's q_kind
 
 
-def keys_per_step() -> int:
-    """A block's keys per step (its warps' TILES x 16 keys each): the grain of `attend`'s splits."""
-    return WARPS * TILES * 16
+@dataclass(frozen=True)
+class Build:
+    """decode_quant.cu's compile-time configuration: each warp's ring holds `stages` steps of `tiles`
+    tiles of 16 keys; `blocks_per_sm` is its __launch_bounds__ minimum and the blocks per
+    multiprocessor `attend`'s splits aim for."""
+
+    tiles: int
+    stages: int
+    blocks_per_sm: int
 
 
-def ring_bytes(tiles: int, stages: int) -> int:
+# Per code width, from benchmarks/sweep_cuda_decode.py on an H200 (Mistral heads). 4 bits, b8 x 32k:
+# this 0.1072 ms, 1 tile x 4 stages 0.1153, 2 x 3 0.1117, 4 x 2 at 2 blocks 0.1077; 4 blocks (8
+# splits) 0.1097. 8 bits (a 4,864-B tile: 3 blocks of 2 x 2 overflow the 227 KB), b8 x 32k / 128k:
+# this 0.1609 / 0.5743 ms, 1 x 2 at 3 blocks 0.1624 / 0.5797, at 4 0.1633 / 0.5798, 1 x 3 at 3
+# 0.1655 / 0.5844.
+BUILDS = {4: Build(tiles=2, stages=2, blocks_per_sm=3), 8: Build(tiles=2, stages=2, blocks_per_sm=2)}
+
+
+def keys_per_step(bits: int) -> int:
+    """A block's keys per step (its warps' tiles x 16 keys each): the grain of `attend`'s splits."""
+    return WARPS * BUILDS[bits].tiles * 16
+
+
+def ring_bytes(bits: int, tiles: int, stages: int) -> int:
     """A block's dynamic shared memory: its warps' rings of `stages` steps of `tiles` tiles."""
-    return WARPS * stages * tiles * TILE_BYTES
+    return WARPS * stages * tiles * TILE_BYTES[bits]
 
 
 def _spec_refusal(t) -> str | None:
-    if not isinstance(t, Quant) or t.bits != 4 or t.axis != "token":
-        return "not a 4-bit token-axis quantizer"
+    if not isinstance(t, Quant) or t.bits not in TILE_BYTES or t.axis != "token":
+        return "not a 4-bit or 8-bit token-axis quantizer"
     if t.group != 64:
         return f"group {t.group}, not 64"
     if t.rotation is not None:
@@ -66,8 +80,9 @@ def device_refusal(q: torch.Tensor) -> str | None:
 
 def refusal(q: torch.Tensor, k, v) -> str | None:
     """Why the CUDA kernel cannot take the lean launch of this attention (None: it can): one query,
-    both parts 4-bit token-axis at group 64 without rotation, head dim 128, G <= 8, a CUDA GPU of
-    compute capability 8.0+ with torch's NVRTC, and storage the kernel's vector loads can read."""
+    both parts token-axis of one width (4 or 8 bits) at group 64 without rotation, head dim 128, G <= 8,
+    a CUDA GPU of compute capability 8.0+ with torch's NVRTC, and storage the kernel's vector loads can
+    read."""
     why = device_refusal(q)
     if why:
         return why
@@ -83,11 +98,11 @@ def refusal(q: torch.Tensor, k, v) -> str | None:
         why = _spec_refusal(part.spec)
         if why:
             return f"{name}: {why}"
-        # cp.async copies 16-byte chunks of code rows (16 words) and 4-byte scale and bias rows (2 fp16)
+        # cp.async copies 16-byte chunks of code rows (4 words per 32 d) and 4-byte scale and bias rows (2 fp16)
         codes, scales, biases = (part.arrays.get(n) for n in ("codes", "scales", "biases"))
         if codes is None or scales is None or biases is None:
             return f"{name}: no stored codes yet"
-        if codes.stride(-1) != 1 or codes.stride(-2) != 16 or any(s % 4 for s in codes.stride()[:2]) \
+        if codes.stride(-1) != 1 or codes.stride(-2) != 4 * part.spec.bits or any(s % 4 for s in codes.stride()[:2]) \
                 or codes.data_ptr() % 16:
             return f"{name}: code rows are not contiguous and 16-byte aligned"
         for x in (scales, biases):
@@ -95,18 +110,20 @@ def refusal(q: torch.Tensor, k, v) -> str | None:
                 return f"{name}: scale or bias rows are not contiguous pairs of fp16"
         if max(codes.stride(0), scales.stride(0)) >= 2**31:
             return f"{name}: strides beyond 32 bits"
+    if k.spec.bits != v.spec.bits:
+        return f"K of {k.spec.bits} bits and V of {v.spec.bits}: the kernel takes one width for both"
     return None
 
 
 def nvrtc_cubin(source: str, arch: str, options: tuple[str, ...] = (), lib: ctypes.CDLL | None = None) -> bytes:
     """source compiled to a cubin for sm_{arch} by NVRTC: `lib`, or the libnvrtc that torch loads (no
-    toolkit needed: decode_int4.cu includes no headers)."""
+    toolkit needed: decode_quant.cu includes no headers)."""
     if lib is None:
         from torch.cuda._utils import _get_nvrtc_library
 
         lib = _get_nvrtc_library()
     prog = ctypes.c_void_p()
-    _nvrtc_check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"decode_int4.cu", 0, None, None))
+    _nvrtc_check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), SOURCE.name.encode(), 0, None, None))
     opts = [f"--gpu-architecture=sm_{arch}".encode(), b"--std=c++17", *(o.encode() for o in options)]
     try:
         if lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)):
@@ -130,30 +147,32 @@ def _nvrtc_check(lib, code: int) -> None:
         raise RuntimeError(f"NVRTC: {lib.nvrtcGetErrorString(code).decode()}")
 
 
-def build_defines(blocks_per_sm: int = BLOCKS_PER_SM, tiles: int = TILES, stages: int = STAGES) -> tuple[str, ...]:
-    """decode_int4.cu's compile-time configuration as NVRTC options."""
-    return f"-DMIN_BLOCKS={blocks_per_sm}", f"-DTILES={tiles}", f"-DSTAGES={stages}"
+def build_defines(bits: int, build: Build | None = None) -> tuple[str, ...]:
+    """decode_quant.cu's compile-time configuration as NVRTC options (build: BUILDS[bits] by default)."""
+    build = build or BUILDS[bits]
+    return (f"-DBITS={bits}", f"-DMIN_BLOCKS={build.blocks_per_sm}", f"-DTILES={build.tiles}",
+            f"-DSTAGES={build.stages}")
 
 
-@functools.lru_cache(maxsize=8)
-def _kernel(device_index: int, blocks_per_sm: int, tiles: int, stages: int):
-    """decode_int4_split loaded on one GPU, compiled for its architecture (about a second, once), with
-    its shared-memory limit raised to the ring's size."""
+@functools.lru_cache(maxsize=16)
+def _kernel(device_index: int, bits: int, build: Build):
+    """decode_quant_split loaded on one GPU, compiled for its architecture (about a second, once per
+    width and build), with its shared-memory limit raised to the ring's size."""
     from torch.cuda._utils import _cuda_load_module
 
     major, minor = torch.cuda.get_device_capability(device_index)
-    defines = build_defines(blocks_per_sm, tiles, stages)
-    cubin = nvrtc_cubin(SOURCE.read_text(), f"{major}{minor}", defines)
+    cubin = nvrtc_cubin(SOURCE.read_text(), f"{major}{minor}", build_defines(bits, build))
     with torch.cuda.device(device_index):
-        kernel = _cuda_load_module(cubin, ["decode_int4_split"])["decode_int4_split"]
-        kernel.set_shared_memory_config(ring_bytes(tiles, stages))
+        kernel = _cuda_load_module(cubin, ["decode_quant_split"])["decode_quant_split"]
+        kernel.set_shared_memory_config(ring_bytes(bits, build.tiles, build.stages))
     return kernel
 
 
-def _kernel_for(device: torch.device):
-    """The kernel loaded on `device` (a CUDA device; the tests swap in their CPU emulation here)."""
+def _kernel_for(device: torch.device, bits: int):
+    """The kernel for `bits` loaded on `device` (a CUDA device; the tests swap in their CPU emulation
+    here)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _kernel(index, BLOCKS_PER_SM, TILES, STAGES)
+    return _kernel(index, bits, BUILDS[bits])
 
 
 def _int64(x: torch.Tensor) -> torch.Tensor:
@@ -172,12 +191,14 @@ def launch(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, qk_scale: float, split
     gp = 1 << (g - 1).bit_length()
     kc, ks, kb = (k.arrays[n] for n in ("codes", "scales", "biases"))
     vc, vs, vb = (v.arrays[n] for n in ("codes", "scales", "biases"))
-    kernel = _kernel_for(q.device)
+    bits = k.spec.bits
+    build = BUILDS[bits]
+    kernel = _kernel_for(q.device, bits)
     args = [q, q.stride(0), q.stride(1), Q_KINDS[q.dtype], _int64(q_pos), _int64(k.split), _int64(v.split),
             kc, kc.stride(0), kc.stride(1), ks, kb, ks.stride(0), ks.stride(1),
             vc, vc.stride(0), vc.stride(1), vs, vb, vs.stride(0), vs.stride(1),
             pm, pl, pc, flag, hkv, g, gp, end, chunk, slots, float(qk_scale)]
     with on_device(q):
         kernel(grid=(splits, b * hkv, 1), block=(WARPS * 32, 1, 1), args=args,
-               shared_mem=ring_bytes(TILES, STAGES))
+               shared_mem=ring_bytes(bits, build.tiles, build.stages))
 

@@ -93,9 +93,14 @@ def test_profile_report_reads_ncu_source_page(tmp_path):
 
 
 def test_sweep_cuda_decode_parses_variants():
-    """TILES,STAGES,BLOCKS_PER_SM; a ring past a multiprocessor's 227 KB is refused by name."""
+    """TILES,STAGES,BLOCKS_PER_SM; blocks whose rings pass a multiprocessor's 227 KB are refused by name."""
     import sweep_cuda_decode as scd
 
-    assert scd.parse_variant("2,2,3") == (2, 2, 3)
+    from kvtorch.kernels.cuda_decode import Build
+
+    assert scd.parse_variant("2,2,3", 4) == Build(2, 2, 3)
+    assert scd.parse_variant("2,2,2", 8) == Build(2, 2, 2)
     with pytest.raises(SystemExit, match="227 KB"):
-        scd.parse_variant("8,4,1")
+        scd.parse_variant("8,4,1", 4)
+    with pytest.raises(SystemExit, match="227 KB"):
+        scd.parse_variant("2,2,3", 8)  # 3 x 77,824 B

@@ -1,4 +1,4 @@
-"""Run kvtorch's CUDA decode kernel (decode_int4.cu) on the CPU: the same source, built with g++ over
+"""Run kvtorch's CUDA decode kernel (decode_quant.cu) on the CPU: the same source, built with g++ over
 the warp emulator of tests/kvmlx/simt_runtime.h (one std::thread per GPU thread; shuffles, votes,
 mma.sync and fp16x2 FMAs emulated) with KV_EMULATED_SIMT, where each PTX helper has a C++ twin. CI
 thereby checks what the kernel computes, not only that NVRTC compiles it.
@@ -21,11 +21,11 @@ from ..kvmlx import simt_build
 
 TIMEOUT_S = 120.0
 
-# decode_int4_split's parameters in order, by kind: tensors p[i], integers n[i], the one double
+# decode_quant_split's parameters in order, by kind: tensors p[i], integers n[i], the one double
 LAUNCHER = r"""
 extern "C" int kv_launch(void** p, const long long* n, double qk_scale, const unsigned* grid, double timeout_s) {
   return kv_simt::launch({grid[0], grid[1], 1}, {WARPS * 32, 1, 1}, [&]() {
-    decode_int4_split(p[0], (int)n[0], (int)n[1], (int)n[2], (const long long*)p[1], (const long long*)p[2],
+    decode_quant_split(p[0], (int)n[0], (int)n[1], (int)n[2], (const long long*)p[1], (const long long*)p[2],
                       (const long long*)p[3], (const u32*)p[4], (int)n[3], (int)n[4], (const u16*)p[5],
                       (const u16*)p[6], (int)n[5], (int)n[6], (const u32*)p[7], (int)n[7], (int)n[8],
                       (const u16*)p[8], (const u16*)p[9], (int)n[9], (int)n[10], (float*)p[10], (float*)p[11],
@@ -46,7 +46,7 @@ def translation_unit(defines: tuple[str, ...]) -> str:
 
 
 class EmulatedKernel:
-    """decode_int4_split on the emulator, called as torch's NVRTC kernel object is."""
+    """decode_quant_split on the emulator, called as torch's NVRTC kernel object is."""
 
     def __init__(self, defines: tuple[str, ...]):
         self.lib = simt_build.shared_library(translation_unit(defines))
@@ -63,11 +63,11 @@ class EmulatedKernel:
         rc = self.lib.kv_launch(ptrs, (ctypes.c_longlong * len(ints))(*ints), ctypes.c_double(scale),
                                 (ctypes.c_uint * 2)(grid[0], grid[1]), ctypes.c_double(TIMEOUT_S))
         if rc:
-            raise RuntimeError(f"emulated decode_int4_split returned {rc}")
+            raise RuntimeError(f"emulated decode_quant_split returned {rc}")
         self.launches += 1
 
 
 @cache
-def kernel() -> EmulatedKernel:
-    """The emulated kernel with the configuration kvtorch compiles for the GPU."""
-    return EmulatedKernel(cuda_decode.build_defines())
+def kernel(bits: int) -> EmulatedKernel:
+    """The emulated kernel for `bits` with the configuration kvtorch compiles for the GPU."""
+    return EmulatedKernel(cuda_decode.build_defines(bits))

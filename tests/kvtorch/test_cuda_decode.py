@@ -1,4 +1,4 @@
-"""kvtorch.kernels.cuda_decode: the CUDA C++ decode kernel for 4-bit K and V, against kvspec's oracle.
+"""kvtorch.kernels.cuda_decode: the CUDA C++ decode kernel for 4- and 8-bit K and V, against kvspec's oracle.
 
 On the GPU (marked `gpu`): decode through `attend` with the kernel taking the lean launch (checked by
 counting its launches) at Mistral-sized heads, against kvspec.reference.attend_as_decoded at
@@ -44,15 +44,15 @@ def launches(monkeypatch):
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """CPU tensors go to the emulated kernel (the GPU checks of `device_refusal` waived; the layout
-    checks stay); returns the kernel, whose `launches` count its calls."""
+    """CPU tensors go to the emulated kernels (the GPU checks of `device_refusal` waived; the layout
+    checks stay); returns a function of the code width giving its kernel, whose `launches` count its
+    calls."""
     why = simt_decode.available()
     if why:
         pytest.skip(why)
-    kernel = simt_decode.kernel()
     monkeypatch.setattr(cuda_decode, "device_refusal", lambda q: None)
-    monkeypatch.setattr(cuda_decode, "_kernel_for", lambda device: kernel)
-    return kernel
+    monkeypatch.setattr(cuda_decode, "_kernel_for", lambda device, bits: simt_decode.kernel(bits))
+    return simt_decode.kernel
 
 
 EMULATED = [  # (spec, batch, GQA ratio, tokens, splits, case options)
@@ -63,6 +63,12 @@ EMULATED = [  # (spec, batch, GQA ratio, tokens, splits, case options)
     ("int4", 1, 4, 100, 8, {}),  # more splits than 32-key steps: blocks with no keys
     ("int4-bf16", 1, 4, 90, None, {"outlier_channel": True}),
     ("int4", 1, 4, 40, None, {"q_scale": 3.0e5, "seed": 0}),  # past fp16's range once scaled
+    ("int8", 1, 4, 150, None, {}),
+    ("int8-bf16", 2, 3, 77, 3, {}),
+    ("int8-res5", 1, 8, 200, 2, {}),
+    ("int8", 1, 1, 100, 8, {}),
+    ("int8-bf16", 1, 4, 90, None, {"outlier_channel": True}),
+    ("int8", 1, 4, 40, None, {"q_scale": 3.0e5, "seed": 0}),
 ]
 
 
@@ -72,25 +78,34 @@ def test_emulated_kernel_matches_the_oracle(text, batch, rep, tokens, splits, op
     options = {"seed": tokens, **options}
     spec, q, q_pos, kp, vp, want = case(text, batch=batch, kv_heads=2, rep=rep, tokens=tokens, dim=128, **options)
     assert cuda_decode.refusal(q, kp, vp) is None
-    before = emulated.launches
+    kernel = emulated(spec.k.bits)
+    before = kernel.launches
     got = attend(q, q_pos, kp, vp, scale=128 ** -0.5, splits=splits)
-    assert emulated.launches == before + 1
+    assert kernel.launches == before + 1
     assert torch.isfinite(got).all()
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"{text} {options}")
 
 
 @pytest.mark.parametrize("text,why", [
-    ("int8", "not a 4-bit token-axis quantizer"),
-    ("int4-kchan", "not a 4-bit token-axis quantizer"),
-    ("int4-g32", "group 32, not 64"),
+    ("int2", "not a 4-bit or 8-bit token-axis quantizer"),
+    ("int4-kchan", "not a 4-bit or 8-bit token-axis quantizer"),
+    ("int8-g32", "group 32, not 64"),
     ("int4-krot", "rotated"),
-    ("krank32v4-random", "not a 4-bit token-axis quantizer"),
+    ("krank32v4-random", "not a 4-bit or 8-bit token-axis quantizer"),
 ])
 def test_specs_it_refuses(text, why):
     spec = kvspec.parse(text)
     reasons = [cuda_decode._spec_refusal(t) for t in (spec.k, spec.v)]
     assert any(r is not None and why in r for r in reasons), reasons
     assert cuda_decode._spec_refusal(kvspec.parse("int4").k) is None
+    assert cuda_decode._spec_refusal(kvspec.parse("int8").v) is None
+
+
+def test_mixed_widths_are_refused(monkeypatch):
+    """K at 8 bits and V at 4 (each alone a width it takes): one build serves one width, so Triton runs."""
+    monkeypatch.setattr(cuda_decode, "device_refusal", lambda q: None)
+    spec, q, q_pos, kp, vp, _ = case("k8v4", kv_heads=2, rep=4, tokens=40, dim=128)
+    assert cuda_decode.refusal(q, kp, vp) == "K of 8 bits and V of 4: the kernel takes one width for both"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU answer")
@@ -122,6 +137,10 @@ def test_unaligned_code_rows_are_refused():
 
 
 DECODE = [  # (spec, GQA ratio, tokens, splits)
+    ("int8", 4, 2051, None),
+    ("int8-bf16", 3, 4099, None),
+    ("int8-res5", 8, 333, 2),
+    ("int8", 1, 300, 32),
     ("int4", 4, 2051, None),
     ("int4-bf16", 4, 4099, None),
     ("int4", 1, 1000, 3),
@@ -147,13 +166,16 @@ def test_decode_matches_the_oracle(text, rep, tokens, splits, launches):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("text", ["int4", "int4-bf16"])
+@pytest.mark.parametrize("text", ["int4", "int4-bf16", "int8", "int8-bf16"])
 def test_outlier_channels_and_large_queries(text, launches):
     """An x40 outlier channel (groups with ~40x the scales); queries x3e5, past fp16's range once
     scaled (up to 1.8e5): the kernel scales them down by a power of two, as the Triton kernel does. The
-    softmax is then one-hot; over 40 keys (seed 0) its top two scores differ by 0.25% or more, well
-    beyond fp16 rounding, so the oracle's choice is stable."""
-    for kwargs in (dict(outlier_channel=True, tokens=1037), dict(q_scale=3.0e5, tokens=40, seed=0)):
+    softmax is then one-hot, so the seed is one whose top two scores differ, in every head, well beyond
+    fp16 rounding, and the oracle's choice is stable: over 40 keys by 0.24% or more at 4 bits (seed 0)
+    and 1.7% at 8 (seed 30; seed 0 has a head at 0.002%, where the kernel and the oracle may pick
+    different keys)."""
+    seed = {4: 0, 8: 30}[kvspec.parse(text).k.bits]
+    for kwargs in (dict(outlier_channel=True, tokens=1037), dict(q_scale=3.0e5, tokens=40, seed=seed)):
         spec, q, q_pos, kp, vp, want = case(text, batch=2, kv_heads=8, rep=4, dim=128, **kwargs)
         got = attend(q, q_pos, kp, vp, scale=128 ** -0.5)
         assert torch.isfinite(got).all()
@@ -162,23 +184,24 @@ def test_outlier_channels_and_large_queries(text, launches):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks builds the GPU tests do not run")
-@pytest.mark.parametrize("tiles,stages,blocks", [(1, 3, 3), (4, 2, 2)])
-def test_emulated_variants_match_the_oracle(tiles, stages, blocks, emulated, monkeypatch):
+@pytest.mark.parametrize("bits,tiles,stages,blocks", [(4, 1, 3, 3), (4, 4, 2, 2), (8, 1, 3, 3)])
+def test_emulated_variants_match_the_oracle(bits, tiles, stages, blocks, emulated, monkeypatch):
     """Other builds of the kernel (benchmarks/sweep_cuda_decode.py times them): 1 tile a step over a
     3-stage ring, 4 tiles over 2 stages; each rounds as the default does, so the same tolerance holds."""
-    kernel = simt_decode.EmulatedKernel(cuda_decode.build_defines(blocks, tiles, stages))
-    monkeypatch.setattr(cuda_decode, "_kernel_for", lambda device: kernel)
-    monkeypatch.setattr(cuda_decode, "TILES", tiles)  # the splits' grain, keys_per_step
-    spec, q, q_pos, kp, vp, want = case("int4-res3", batch=1, kv_heads=2, rep=4, tokens=333, dim=128, seed=5)
+    build = cuda_decode.Build(tiles, stages, blocks)
+    kernel = simt_decode.EmulatedKernel(cuda_decode.build_defines(bits, build))
+    monkeypatch.setattr(cuda_decode, "_kernel_for", lambda device, bits: kernel)
+    monkeypatch.setitem(cuda_decode.BUILDS, bits, build)  # the splits' grain, keys_per_step
+    spec, q, q_pos, kp, vp, want = case(f"int{bits}-res3", batch=1, kv_heads=2, rep=4, tokens=333, dim=128, seed=5)
     got = attend(q, q_pos, kp, vp, scale=128 ** -0.5, splits=2)
     assert kernel.launches == 1
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"variant {tiles, stages, blocks}")
 
 
-def constant_group_case(b, hkv, rep, tokens, d=128):
-    """int4 parts whose groups of 64 values are all equal (scale 0): every key of one head (K), every
+def constant_group_case(text, b, hkv, rep, tokens, d=128):
+    """Parts whose groups of 64 values are all equal (scale 0): every key of one head (K), every
     second key of another (V); q, q_pos and the oracle's output."""
-    spec = kvspec.parse("int4")
+    spec = kvspec.parse(text)
     rng = np.random.default_rng(7)
     k, v = rng.standard_normal((2, b, hkv, tokens, d)).astype(np.float32)
     k[0, 1, :, :64] = 0.25
@@ -191,18 +214,21 @@ def constant_group_case(b, hkv, rep, tokens, d=128):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the kernel itself")
-def test_emulated_constant_groups(emulated):
-    spec, q, q_pos, kp, vp, want = constant_group_case(1, 2, 4, 70)
-    before = emulated.launches
+@pytest.mark.parametrize("text", ["int4", "int8"])
+def test_emulated_constant_groups(text, emulated):
+    spec, q, q_pos, kp, vp, want = constant_group_case(text, 1, 2, 4, 70)
+    kernel = emulated(spec.k.bits)
+    before = kernel.launches
     got = attend(q, q_pos, kp, vp, scale=128 ** -0.5)
-    assert emulated.launches == before + 1
+    assert kernel.launches == before + 1
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), "constant groups")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_constant_groups(launches):
-    spec, q, q_pos, kp, vp, want = constant_group_case(2, 8, 4, 901)
+@pytest.mark.parametrize("text", ["int4", "int8"])
+def test_constant_groups(text, launches):
+    spec, q, q_pos, kp, vp, want = constant_group_case(text, 2, 8, 4, 901)
     got = attend(q, q_pos, kp, vp, scale=128 ** -0.5)
     assert launches[0] == 1
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), "constant groups")
@@ -210,10 +236,11 @@ def test_constant_groups(launches):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_triton_path_agrees(launches):
+@pytest.mark.parametrize("text", ["int4-bf16", "int8-bf16"])
+def test_the_triton_path_agrees(text, launches):
     """cuda=False takes the Triton lean launch on the same inputs: the two agree to the oracle's
     tolerance (each rounds its dequantized values to fp16 once)."""
-    spec, q, q_pos, kp, vp, want = case("int4-bf16", batch=3, kv_heads=8, rep=4, tokens=3001, dim=128)
+    spec, q, q_pos, kp, vp, want = case(text, batch=3, kv_heads=8, rep=4, tokens=3001, dim=128)
     ours = attend(q, q_pos, kp, vp, scale=128 ** -0.5)
     theirs = attend(q, q_pos, kp, vp, scale=128 ** -0.5, cuda=False)
     assert launches[0] == 1

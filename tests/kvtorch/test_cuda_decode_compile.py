@@ -1,4 +1,4 @@
-"""decode_int4.cu compiles, without a GPU, as kvtorch.kernels.cuda_decode builds it on one: NVRTC from
+"""decode_quant.cu compiles, without a GPU, as kvtorch.kernels.cuda_decode builds it on one: NVRTC from
 the nvidia-cuda-nvrtc wheel (the test extra) for sm_80 and sm_90, then the cubin's resource use read by
 Triton's bundled cuobjdump. A source error, a register budget blown past __launch_bounds__ (spills) or a
 static shared-memory array that outgrows the 48 KB without opt-in shows here, not first on a GPU."""
@@ -41,25 +41,26 @@ def _cuobjdump() -> Path:
     return tool
 
 
+@pytest.mark.parametrize("bits", sorted(cuda_decode.BUILDS))
 @pytest.mark.parametrize("arch", ["80", "90"])
-def test_compiles_within_its_register_budget(tmp_path, arch):
-    cubin = cuda_decode.nvrtc_cubin(cuda_decode.SOURCE.read_text(), arch, cuda_decode.build_defines(), lib=_nvrtc())
-    path = tmp_path / "decode_int4.cubin"
+def test_compiles_within_its_register_budget(tmp_path, arch, bits):
+    cubin = cuda_decode.nvrtc_cubin(cuda_decode.SOURCE.read_text(), arch, cuda_decode.build_defines(bits), lib=_nvrtc())
+    path = tmp_path / "decode_quant.cubin"
     path.write_bytes(cubin)
     out = subprocess.run([str(_cuobjdump()), "-res-usage", str(path)], capture_output=True, text=True,
                          check=True).stdout
     usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
-    assert "decode_int4_split" in out, out
-    # __launch_bounds__(128, BLOCKS_PER_SM): 65,536 registers over BLOCKS_PER_SM blocks of 128 threads
-    assert 0 < int(usage["REG"]) <= 65536 // (128 * cuda_decode.BLOCKS_PER_SM), out
+    assert "decode_quant_split" in out, out
+    # __launch_bounds__(128, blocks per SM): 65,536 registers over that many blocks of 128 threads (at most 255)
+    assert 0 < int(usage["REG"]) <= min(255, 65536 // (128 * cuda_decode.BUILDS[bits].blocks_per_sm)), out
     assert int(usage["STACK"]) == 0 and int(usage["LOCAL"]) == 0, f"spills: {out}"
     assert int(usage["SHARED"]) < 48 * 1024, out  # the ring is dynamic shared memory; the rest static
 
 
 def test_the_source_names_what_the_launcher_passes():
-    """The launcher's mirror of the kernel's layout: one tile of the ring and the defines it sets."""
+    """The launcher's mirror of the kernel's layout: one tile of the ring per width and the defines it sets."""
     src = cuda_decode.SOURCE.read_text()
-    assert cuda_decode.TILE_BYTES == 16 * (64 + 80 + 4 * 4)
-    for name in ("#define K_ROW 64", "#define V_ROW 80", "#define WARPS 4", "#ifndef TILES", "#ifndef STAGES",
-                 "#ifndef MIN_BLOCKS", "extern \"C\" __global__"):
+    assert cuda_decode.TILE_BYTES == {4: 16 * (64 + 80 + 4 * 4), 8: 16 * (144 + 144 + 4 * 4)}
+    for name in ("#define K_ROW 64", "#define V_ROW 80", "#define K_ROW 144", "#define V_ROW 144", "#define WARPS 4",
+                 "#ifndef BITS", "#ifndef TILES", "#ifndef STAGES", "#ifndef MIN_BLOCKS", "extern \"C\" __global__"):
         assert name in src, name

@@ -1,5 +1,5 @@
-// Split-K decode attention over 4-bit token-axis K and V (head dim 128, group 64, up to 8 query heads
-// per KV head), in CUDA C++ with warp-level MMA (sm_80+; compiled at run time by NVRTC through
+// Split-K decode attention over 4-bit or 8-bit (BITS) token-axis K and V (head dim 128, group 64, up to
+// 8 query heads per KV head), in CUDA C++ with warp-level MMA (sm_80+; compiled at run time by NVRTC through
 // kvtorch.kernels.cuda_decode). It writes the same partial slots as _attention_triton's lean split
 // program, and the Triton reduce merges them.
 //
@@ -12,7 +12,7 @@
 // block merge once at the end.
 //
 // Fragment maps (m16n8k16, g = lane / 4, t = lane % 4). A dot over D does not depend on the order
-// of D, so the K operand's k slots take whatever d order its words unpack to, and q follows:
+// of D, so the K operand's k slots take whatever d order its words unpack to, and q follows. 4 bits:
 //   K: lane (g, t) reads words 4t..4t+3 (d in [32t, 32t + 32)) of keys g and g + 8; chunk c (16 d)
 //      takes word u = c / 2; slot 2t + e holds d = 32t + 8u + o + 4e and slot 2t + 8 + e holds
 //      d = 32t + 8u + o + 1 + 4e, o = 0 for even c, 2 for odd c.
@@ -20,11 +20,18 @@
 //      row g of chunk c = 4w + i holds d = 16g + 2c (low nibble of byte i of word w) and row g + 8
 //      d = 16g + 2c + 1 (high nibble). The accumulator's rows are those d: a lane ends with
 //      out[16g, 16g + 16) of queries 2t, 2t + 1.
+// 8 bits (byte i of word w holds d = 4w + i):
+//   K: lane (g, t) reads words 8t..8t+7 (d in [32t, 32t + 32)) of keys g and g + 8; chunk c takes word c:
+//      slots 2t, 2t + 1 hold d = 32t + 4c, + 1 and slots 2t + 8, 2t + 9 hold d = 32t + 4c + 2, + 3.
+//   V: lane (g, t) reads words 4g..4g+3 (d in [16g, 16g + 16)) of keys 2t, 2t + 1, 2t + 8, 2t + 9;
+//      chunk c = 2w + h: row g holds d = 16g + 2c (byte 2h of word w), row g + 8 d = 16g + 2c + 1 (byte
+//      2h + 1): the 4-bit map's rows, so the accumulator and the merge are the same.
 //   P: the scores' accumulator (keys g, g + 8 x queries 2t, 2t + 1) becomes the P^T operand (keys 2t,
 //      2t + 1, 2t + 8, 2t + 9 x query g) by one movmatrix transpose per 8 x 8 half.
 //
 // Dequantization rounds as the Triton PTX path does: n + 1024 in fp16 by one LOP3 per two codes (the
-// exponent trick), an exact fp16 FMA back to n, then fma(n, scale, bias) rounded once to fp16.
+// exponent trick; 8 bits: one PRMT per two K codes, and per four V codes one PRMT gathering two keys'
+// bytes, one LOP3, one PRMT), an exact fp16 FMA back to n, then fma(n, scale, bias) rounded once to fp16.
 // Instructions per 16 keys and warp (SASS, sm_90): ~390, 240 of them dequantization (128 HFMA2, 76
 // LOP3, 25 PRMT): 3 per 2 codes is the floor of this rounding, so what is left is latency, which the
 // ring (2 stages of 2 tiles) and two MMA chains per score tile hide: b8 x 32k 0.1075 ms, b8 x 128k
@@ -49,12 +56,21 @@ inline void __syncwarp() {
 }
 #endif
 
+#ifndef BITS
+#define BITS 4  // code width of K and V: 4 or 8 (kvtorch passes it)
+#endif
+#if BITS != 4 && BITS != 8
+#error "BITS must be 4 or 8"
+#endif
 #define WARPS 4
 #ifndef MIN_BLOCKS
 #define MIN_BLOCKS 3  // blocks per multiprocessor the registers are budgeted for (kvtorch passes it)
 #endif
 #define TILE 16  // keys of one MMA tile (the MMA's M)
 #define D 128
+#define WORDS (D * BITS / 32)  // code words a row: 16 or 32
+#define CHUNKS (WORDS / 4)     // 16-byte chunks a row: 4 or 8
+#define ROWS_PER_PASS (32 / CHUNKS)  // rows a warp's 16-byte copies cover at once
 #define NEG_INF_FINITE -1.0e30f  // a finite minus infinity, as _attention_triton.NEG
 
 __device__ __forceinline__ u32 lop3_and_or(u32 x, u32 mask) {
@@ -75,6 +91,13 @@ __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
     return r;
 #endif
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) { return __byte_perm(a, b, sel); }
+
+// Two codes in the low bytes of x's fp16 lanes, as 1024 + n -> fp16(n * scale + bias).
+__device__ __forceinline__ u32 deq_byte(u32 x, u32 s2, u32 b2) {
+    return hfma2(hfma2(x, 0x3c003c00u, 0xe400e400u), s2, b2);
 }
 
 // Two codes as 1024 + n (low nibbles) or 1024 + 16 n (high nibbles) -> fp16(n * scale + bias).
@@ -157,7 +180,8 @@ __device__ __forceinline__ float warp_sum_over_g(float x) {
 // A warp's ring of STAGES steps in shared memory, filled by cp.async STAGES - 1 steps ahead (deep
 // enough to cover DRAM latency without holding the words in registers). A step is TILES tiles of 16
 // keys; per tile: K code rows of 64 B; V code rows padded to 80 B (a lane reads 8 B of keys 2t + e:
-// 64-B rows put the four t on the same banks); scales and biases of K and V, 16 keys x 2 groups x
+// 64-B rows put the four t on the same banks); 8 bits: K and V rows of 128 B padded to 144 B (without,
+// keys g and g + 1, and 2t and 2t + 2, meet on the same banks); scales and biases of K and V, 16 keys x 2 groups x
 // fp16 each (4-byte copies: a head's rows need not be 16-byte aligned).
 #ifndef STAGES
 #define STAGES 2
@@ -166,8 +190,13 @@ __device__ __forceinline__ float warp_sum_over_g(float x) {
 #define TILES 2  // tiles a step: one softmax update and one wait per 32 keys
 #endif
 #define STEP_KEYS (TILES * TILE)
+#if BITS == 4
 #define K_ROW 64
 #define V_ROW 80
+#else
+#define K_ROW 144
+#define V_ROW 144
+#endif
 #define K_BYTES (TILE * K_ROW)
 #define V_BYTES (TILE * V_ROW)
 #define SCALE_BYTES (TILE * 2 * 2)
@@ -230,9 +259,9 @@ template <> __device__ __forceinline__ uint4 lds<uint4>(u32 addr) {
 }
 #endif
 
-// A lane's share of a tile's copies: 16-B chunk lane % 4 of code rows lane / 4 and lane / 4 + 8 (K and
-// V), and row lane % 16 of two scale arrays (K and V scales for lanes < 16, K and V biases above).
-// Code rows are 16 words and scale rows 2 fp16 apart (`cuda_decode.refusal` checks), so one pointer
+// A lane's share of a tile's copies: 16-B chunk lane % CHUNKS of code rows lane / CHUNKS + ROWS_PER_PASS i
+// (K and V), and row lane % 16 of two scale arrays (K and V scales for lanes < 16, K and V biases above).
+// Code rows are WORDS words and scale rows 2 fp16 apart (`cuda_decode.refusal` checks), so one pointer
 // per array serves every row.
 struct Sources {
     const u32* kc;
@@ -244,10 +273,10 @@ struct Sources {
 
 __device__ __forceinline__ Sources lane_sources(const u32* kc, const u16* ks, const u16* kb, const u32* vc,
                                                 const u16* vs, const u16* vb, int lane) {
-    const int key = lane >> 2, j = lane & 3, skey = lane & 15, hi = lane >> 4;
+    const int key = lane / CHUNKS, j = lane % CHUNKS, skey = lane & 15, hi = lane >> 4;
     Sources src;
-    src.kc = kc + key * 16 + 4 * j;
-    src.vc = vc + key * 16 + 4 * j;
+    src.kc = kc + key * WORDS + 4 * j;
+    src.vc = vc + key * WORDS + 4 * j;
     src.ksc = (hi ? kb : ks) + 2 * skey;
     src.vsc = (hi ? vb : vs) + 2 * skey;
     src.k_dst = key * K_ROW + 16 * j;
@@ -264,24 +293,26 @@ __device__ __forceinline__ void issue_step(u32 dst, const Sources& src, int key0
         for (int u = 0; u < TILES; ++u) {
             const u32 tile = dst + u * TILE_BYTES;
             #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                cp_async<16>(tile + src.k_dst + 8 * K_ROW * i, src.kc + (16 * u + 8 * i) * 16, 16);
-                cp_async<16>(tile + src.v_dst + 8 * V_ROW * i, src.vc + (16 * u + 8 * i) * 16, 16);
+            for (int i = 0; i < TILE / ROWS_PER_PASS; ++i) {
+                const int row = 16 * u + ROWS_PER_PASS * i;
+                cp_async<16>(tile + src.k_dst + ROWS_PER_PASS * K_ROW * i, src.kc + row * WORDS, 16);
+                cp_async<16>(tile + src.v_dst + ROWS_PER_PASS * V_ROW * i, src.vc + row * WORDS, 16);
             }
             cp_async<4>(tile + src.s_dst, src.ksc + 32 * u, 4);
             cp_async<4>(tile + src.s_dst + 2 * SCALE_BYTES, src.vsc + 32 * u, 4);
         }
         return;
     }
-    const int key = lane >> 2, skey = lane & 15;
+    const int key = lane / CHUNKS, skey = lane & 15;
     #pragma unroll
     for (int u = 0; u < TILES; ++u) {
         const u32 tile = dst + u * TILE_BYTES;
         #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const int row = 16 * u + 8 * i, over = max(0, key0 + key + row - last);  // rows past last: row last
-            cp_async<16>(tile + src.k_dst + 8 * K_ROW * i, src.kc + (row - over) * 16, over ? 0 : 16);
-            cp_async<16>(tile + src.v_dst + 8 * V_ROW * i, src.vc + (row - over) * 16, over ? 0 : 16);
+        for (int i = 0; i < TILE / ROWS_PER_PASS; ++i) {
+            // rows past last read row last
+            const int row = 16 * u + ROWS_PER_PASS * i, over = max(0, key0 + key + row - last);
+            cp_async<16>(tile + src.k_dst + ROWS_PER_PASS * K_ROW * i, src.kc + (row - over) * WORDS, over ? 0 : 16);
+            cp_async<16>(tile + src.v_dst + ROWS_PER_PASS * V_ROW * i, src.vc + (row - over) * WORDS, over ? 0 : 16);
         }
         const int over = max(0, key0 + skey + 16 * u - last);
         cp_async<4>(tile + src.s_dst, src.ksc + 2 * (16 * u - over), over ? 0 : 4);
@@ -291,8 +322,8 @@ __device__ __forceinline__ void issue_step(u32 dst, const Sources& src, int key0
 
 // src's pointers `keys` keys further.
 __device__ __forceinline__ void advance(Sources& src, int keys) {
-    src.kc += keys * 16;
-    src.vc += keys * 16;
+    src.kc += keys * WORDS;
+    src.vc += keys * WORDS;
     src.ksc += keys * 2;
     src.vsc += keys * 2;
 }
@@ -301,14 +332,17 @@ __device__ __forceinline__ void advance(Sources& src, int keys) {
 // 2t, 2t + 1), in log2 units, -inf past `end`. Two accumulator chains halve the MMA dependency chain.
 __device__ __forceinline__ void tile_scores(float (&sc)[4], u32 tile, const u32 (&qb)[8][2], float q_mul, int key0,
                                             int end, int g, int t) {
-    u32 kw[2][4], ks[2], kb[2];
+    u32 kw[2][WORDS / 4], ks[2], kb[2];
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const uint4 w = lds<uint4>(tile + (g + 8 * h) * K_ROW + 16 * t);
-        kw[h][0] = w.x;
-        kw[h][1] = w.y;
-        kw[h][2] = w.z;
-        kw[h][3] = w.w;
+        #pragma unroll
+        for (int x = 0; x < WORDS / 16; ++x) {
+            const uint4 w = lds<uint4>(tile + (g + 8 * h) * K_ROW + 4 * (WORDS / 4) * t + 16 * x);
+            kw[h][4 * x] = w.x;
+            kw[h][4 * x + 1] = w.y;
+            kw[h][4 * x + 2] = w.z;
+            kw[h][4 * x + 3] = w.w;
+        }
         const u32 a = tile + K_BYTES + V_BYTES + ((g + 8 * h) * 2 + (t >> 1)) * 2;
         ks[h] = __byte_perm(lds<u16>(a), 0, 0x1010);
         kb[h] = __byte_perm(lds<u16>(a + SCALE_BYTES), 0, 0x1010);
@@ -316,10 +350,18 @@ __device__ __forceinline__ void tile_scores(float (&sc)[4], u32 tile, const u32 
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     #pragma unroll
     for (int c = 0; c < 8; ++c) {
+#if BITS == 4
         const u32 w0 = (c & 1) ? kw[0][c >> 1] >> 8 : kw[0][c >> 1];
         const u32 w1 = (c & 1) ? kw[1][c >> 1] >> 8 : kw[1][c >> 1];
         mma(acc[c & 1], deq_lo(w0, ks[0], kb[0]), deq_lo(w1, ks[1], kb[1]), deq_hi(w0, ks[0], kb[0]),
             deq_hi(w1, ks[1], kb[1]), qb[c][0], qb[c][1]);
+#else
+        // bytes 0, 1 (slots 2t, 2t + 1) and 2, 3 (slots 2t + 8, 2t + 9) under fp16 1024's high byte
+        const u32 lo0 = prmt(kw[0][c], 0x64646464u, 0x4140), hi0 = prmt(kw[0][c], 0x64646464u, 0x4342);
+        const u32 lo1 = prmt(kw[1][c], 0x64646464u, 0x4140), hi1 = prmt(kw[1][c], 0x64646464u, 0x4342);
+        mma(acc[c & 1], deq_byte(lo0, ks[0], kb[0]), deq_byte(lo1, ks[1], kb[1]), deq_byte(hi0, ks[0], kb[0]),
+            deq_byte(hi1, ks[1], kb[1]), qb[c][0], qb[c][1]);
+#endif
     }
     const float neg_inf = -__int_as_float(0x7f800000);
     const bool in0 = key0 + g < end, in1 = key0 + g + 8 < end;
@@ -331,16 +373,24 @@ __device__ __forceinline__ void tile_scores(float (&sc)[4], u32 tile, const u32 
 
 // o += V^T P^T of one tile at shared address `tile`; pb0, pb1: P^T's fragments (keys 0-7, 8-15).
 __device__ __forceinline__ void tile_values(float (&o)[8][4], u32 tile, u32 pb0, u32 pb1, int g, int t) {
-    u32 vw[2][4], vs[2], vb[2];
+    u32 vw[WORDS / 8][4], vs[2], vb[2];  // [word][key 2t, 2t + 1, 2t + 8, 2t + 9]
     #pragma unroll
     for (int p = 0; p < 2; ++p) {
         u32 s[2], b[2];
         #pragma unroll
         for (int e = 0; e < 2; ++e) {
             const int key = 2 * t + 8 * p + e;
+#if BITS == 4
             const uint2 w = lds<uint2>(tile + K_BYTES + key * V_ROW + 8 * g);
             vw[0][2 * p + e] = w.x;
             vw[1][2 * p + e] = w.y;
+#else
+            const uint4 w = lds<uint4>(tile + K_BYTES + key * V_ROW + 16 * g);
+            vw[0][2 * p + e] = w.x;
+            vw[1][2 * p + e] = w.y;
+            vw[2][2 * p + e] = w.z;
+            vw[3][2 * p + e] = w.w;
+#endif
             const u32 a = tile + K_BYTES + V_BYTES + 2 * SCALE_BYTES + (key * 2 + (g >> 2)) * 2;
             s[e] = lds<u16>(a);
             b[e] = lds<u16>(a + SCALE_BYTES);
@@ -348,17 +398,33 @@ __device__ __forceinline__ void tile_values(float (&o)[8][4], u32 tile, u32 pb0,
         vs[p] = __byte_perm(s[0], s[1], 0x5410);  // the pair's two keys, one per fp16 lane
         vb[p] = __byte_perm(b[0], b[1], 0x5410);
     }
+#if BITS == 4
     #pragma unroll
     for (int w = 0; w < 2; ++w) {
         #pragma unroll
         for (int i = 0; i < 4; ++i) {
             // byte i of keys (2t, 2t + 1) and of (2t + 8, 2t + 9) into bytes 0 and 2: one code pair per nibble
             const u32 sel = i | (i << 4) | ((4 + i) << 8) | ((4 + i) << 12);
-            const u32 x0 = __byte_perm(vw[w][0], vw[w][1], sel), x1 = __byte_perm(vw[w][2], vw[w][3], sel);
+            const u32 x0 = prmt(vw[w][0], vw[w][1], sel), x1 = prmt(vw[w][2], vw[w][3], sel);
             mma(o[4 * w + i], deq_lo(x0, vs[0], vb[0]), deq_hi(x0, vs[0], vb[0]), deq_lo(x1, vs[1], vb[1]),
                 deq_hi(x1, vs[1], vb[1]), pb0, pb1);
         }
     }
+#else
+    #pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            // bytes 2h, 2h + 1 of the pair's two keys: (a0, a1, b0, b1); row g takes (a0, b0), row g + 8 (a1, b1)
+            const u32 sel = h ? 0x7632u : 0x5410u;
+            const u32 x0 = prmt(vw[w][0], vw[w][1], sel), x1 = prmt(vw[w][2], vw[w][3], sel);
+            mma(o[2 * w + h], deq_byte(lop3_and_or(x0, 0x00ff00ffu), vs[0], vb[0]),
+                deq_byte(prmt(x0, 0x64646464u, 0x4341), vs[0], vb[0]),
+                deq_byte(lop3_and_or(x1, 0x00ff00ffu), vs[1], vb[1]),
+                deq_byte(prmt(x1, 0x64646464u, 0x4341), vs[1], vb[1]), pb0, pb1);
+        }
+    }
+#endif
 }
 
 // One step of one warp over keys [key0, key0 + STEP_KEYS) in the stage at `stage`: scores, one online
@@ -399,11 +465,11 @@ __device__ __forceinline__ void attend_step(u32 stage, const u32 (&qb)[8][2], fl
     }
 }
 
-// Grid (splits, B * Hkv), WARPS warps. Strides (batch, head) in elements; rows of 16 code words
+// Grid (splits, B * Hkv), WARPS warps. Strides (batch, head) in elements; rows of WORDS code words
 // (16-byte aligned) and of 2 fp16 scales or biases (group 64), contiguous along the keys. Writes slot
 // pid_s of the lean launch's partials: m, l [(bh * S + pid_s) * GP + head] and the unnormalized
 // output [.., D].
-extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) decode_int4_split(
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) decode_quant_split(
     const void* __restrict__ q, int sq_b, int sq_h, int q_kind,
     const long long* __restrict__ pos, const long long* __restrict__ ksplit, const long long* __restrict__ vsplit,
     const u32* __restrict__ kc, int skc_b, int skc_h, const u16* __restrict__ ks, const u16* __restrict__ kb,
@@ -454,10 +520,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) decode_int4
     const float q_mul = exp2f(shift), down = exp2f(-shift);
     u32 qb[8][2];
     #pragma unroll
-    for (int c = 0; c < 8; ++c) {
+    for (int c = 0; c < 8; ++c) {  // q's d in the order of the K fragments' slots (the maps above)
+#if BITS == 4
         const int j = 8 * (c >> 1) + 2 * (c & 1);
         qb[c][0] = pack_half2(qv[j] * down, qv[j + 4] * down);
         qb[c][1] = pack_half2(qv[j + 1] * down, qv[j + 5] * down);
+#else
+        qb[c][0] = pack_half2(qv[4 * c] * down, qv[4 * c + 1] * down);
+        qb[c][1] = pack_half2(qv[4 * c + 2] * down, qv[4 * c + 3] * down);
+#endif
     }
 
     const u32* kcp = kc + (long long)b * skc_b + (long long)kvh * skc_h;
