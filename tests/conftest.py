@@ -1,5 +1,5 @@
 """One kvmlx cache (kvspec.paths.cache_root: converted models, bases, corpora, joined GGUF parts) for
-the whole test run, in a temporary directory.
+the whole test run, in a temporary directory; one intra-op thread per xdist worker.
 
 Several modules load SmolLM2 from its GGUF file (~35 s each on 2 cores): sharing the cache makes
 every load after the first take about a second, and nothing is written to the user's ~/.cache.
@@ -19,7 +19,14 @@ _CREATED = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if "KVMLX_CACHE_DIR" in os.environ or hasattr(config, "workerinput"):
+    if hasattr(config, "workerinput"):
+        return
+    # xdist's workers (up to 4) share CI's 2 cores: one intra-op thread each. torch's default, a thread
+    # per core in every worker, oversubscribed them: the whole suite took 16:38 against 13:58 on a
+    # 2-core machine (2026-12-01).
+    if getattr(config.option, "numprocesses", None) not in (None, 0):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "KVMLX_CACHE_DIR" in os.environ:
         return
     config.stash[_CREATED] = os.environ["KVMLX_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvmlx-test-cache-")
 
