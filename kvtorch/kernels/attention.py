@@ -319,8 +319,8 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     on_cuda_kernel = cuda and cuda_decode.refusal(q, k, v) is None
     if on_cuda_kernel:
         # BLOCKS_PER_SM blocks a multiprocessor, at most MAX_SPLITS (b1 x 32k: 32 splits 0.0350 ms, 64: 0.0368)
-        s_fast, c_fast = _splits(0, n_fast, cuda_decode.keys_per_step(k.spec.bits), b * hkv, splits, sms,
-                                 cuda_decode.BUILDS[k.spec.bits].blocks_per_sm)
+        s_fast, c_fast = _splits(0, n_fast, cuda_decode.keys_per_step(k.spec.bits, d), b * hkv, splits, sms,
+                                 cuda_decode.BUILDS[k.spec.bits, d].blocks_per_sm)
     else:
         s_fast, c_fast = _splits(0, n_fast, block[0], b * hkv * nqb, splits, sms,
                                  programs_per_sm(k.spec, v.spec, block, d, n_fast),

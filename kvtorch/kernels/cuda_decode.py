@@ -1,7 +1,8 @@
 """The CUDA C++ decode kernel for 4-bit or 8-bit token-axis K and V (decode_quant.cu), behind `attend`.
 
 It replaces the lean Triton split program for one decode query over 4-bit or 8-bit K and V (both the
-same width) at head dim 128 (group 64, no rotation, up to 8 query heads per KV head) and writes the
+same width) at head dim 128 (group 64, no rotation, up to 8 query heads per KV head; head dim 64 builds
+exist but wait for a GPU run, see HEAD_DIMS) and writes the
 same partial slots, which the Triton reduce merges. Compiled once per device by NVRTC (the libnvrtc that CUDA builds of torch
 ship), so it needs no CUDA toolkit. Everything else, and any GPU without the MMA it uses (sm_80+),
 stays on the Triton kernels.
@@ -22,9 +23,6 @@ from .support import on_device
 
 SOURCE = Path(__file__).with_name("decode_quant.cu")
 WARPS = 4  # decode_quant.cu's WARPS
-# A tile's shared memory per code width: 16 rows of K codes, of V codes (rows padded against bank
-# conflicts: 4 bits 64 and 80 B, 8 bits 144 and 144 B), and of K and V scales and biases (4 B each).
-TILE_BYTES = {4: 16 * (64 + 80 + 4 * 4), 8: 16 * (144 + 144 + 4 * 4)}
 Q_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # decode_quant.cu's q_kind
 
 
@@ -39,26 +37,43 @@ class Build:
     blocks_per_sm: int
 
 
-# Per code width, from benchmarks/sweep_cuda_decode.py on an H200 (Mistral heads). 4 bits, b8 x 32k:
+# Per (code width, head dim), from benchmarks/sweep_cuda_decode.py on an H200 (Mistral heads). 4 bits, b8 x 32k:
 # this 0.1072 ms, 1 tile x 4 stages 0.1153, 2 x 3 0.1117, 4 x 2 at 2 blocks 0.1077; 4 blocks (8
 # splits) 0.1097. 8 bits (a 4,864-B tile: 3 blocks of 2 x 2 overflow the 227 KB), b8 x 32k / 128k:
 # this 0.1609 / 0.5743 ms, 1 x 2 at 3 blocks 0.1624 / 0.5797, at 4 0.1633 / 0.5798, 1 x 3 at 3
-# 0.1655 / 0.5844.
-BUILDS = {4: Build(tiles=2, stages=2, blocks_per_sm=3), 8: Build(tiles=2, stages=2, blocks_per_sm=2)}
+# 0.1655 / 0.5844. Head dim 64 (95-96 registers at 4 blocks/SM): not yet swept.
+BUILDS = {
+    (4, 128): Build(tiles=2, stages=2, blocks_per_sm=3),
+    (8, 128): Build(tiles=2, stages=2, blocks_per_sm=2),
+    (4, 64): Build(tiles=2, stages=2, blocks_per_sm=4),
+    (8, 64): Build(tiles=2, stages=2, blocks_per_sm=4),
+}
+# The head dims `attend` sends to the kernel. The D 64 builds (SmolLM2's and Qwen2.5's heads) pass the
+# CPU warp emulator against the kvspec oracle and compile for sm_80 / sm_90 without spills, but have
+# not run on a GPU: until they have, those heads stay on Triton.
+HEAD_DIMS = (128,)
 
 
-def keys_per_step(bits: int) -> int:
+def tile_bytes(bits: int, d: int) -> int:
+    """decode_quant.cu's TILE_BYTES (the build checks it): 16 rows of K codes and of V codes (rows padded
+    against bank conflicts: 128-B rows to 144 B, V rows by 16 B), then K and V scales and biases
+    (d / 64 fp16 each a row)."""
+    row = d * bits // 8
+    return 16 * ((144 if row == 128 else row) + row + 16) + 4 * 16 * (d // 64) * 2
+
+
+def keys_per_step(bits: int, d: int) -> int:
     """A block's keys per step (its warps' tiles x 16 keys each): the grain of `attend`'s splits."""
-    return WARPS * BUILDS[bits].tiles * 16
+    return WARPS * BUILDS[bits, d].tiles * 16
 
 
-def ring_bytes(bits: int, tiles: int, stages: int) -> int:
+def ring_bytes(bits: int, d: int, tiles: int, stages: int) -> int:
     """A block's dynamic shared memory: its warps' rings of `stages` steps of `tiles` tiles."""
-    return WARPS * stages * tiles * TILE_BYTES[bits]
+    return WARPS * stages * tiles * tile_bytes(bits, d)
 
 
 def _spec_refusal(t) -> str | None:
-    if not isinstance(t, Quant) or t.bits not in TILE_BYTES or t.axis != "token":
+    if not isinstance(t, Quant) or t.bits not in (4, 8) or t.axis != "token":
         return "not a 4-bit or 8-bit token-axis quantizer"
     if t.group != 64:
         return f"group {t.group}, not 64"
@@ -80,15 +95,15 @@ def device_refusal(q: torch.Tensor) -> str | None:
 
 def refusal(q: torch.Tensor, k, v) -> str | None:
     """Why the CUDA kernel cannot take the lean launch of this attention (None: it can): one query,
-    both parts token-axis of one width (4 or 8 bits) at group 64 without rotation, head dim 128, G <= 8,
-    a CUDA GPU of compute capability 8.0+ with torch's NVRTC, and storage the kernel's vector loads can
-    read."""
+    both parts token-axis of one width (4 or 8 bits) at group 64 without rotation, a head dim in
+    HEAD_DIMS, G <= 8, a CUDA GPU of compute capability 8.0+ with torch's NVRTC, and storage the
+    kernel's vector loads can read."""
     why = device_refusal(q)
     if why:
         return why
     b, hq, tq, d = q.shape
-    if tq != 1 or d != 128:
-        return f"{tq} queries of head dim {d}: decode at head dim 128 only"
+    if tq != 1 or d not in HEAD_DIMS:
+        return f"{tq} queries of head dim {d}: decode at head dim {' or '.join(map(str, HEAD_DIMS))} only"
     if q.dtype not in Q_KINDS:
         return f"q is {q.dtype}"
     hkv = k.floats.shape[1]
@@ -98,16 +113,19 @@ def refusal(q: torch.Tensor, k, v) -> str | None:
         why = _spec_refusal(part.spec)
         if why:
             return f"{name}: {why}"
-        # cp.async copies 16-byte chunks of code rows (4 words per 32 d) and 4-byte scale and bias rows (2 fp16)
+        # cp.async copies 16-byte chunks of code rows (d * bits / 32 words) and 4-byte runs of scale and
+        # bias rows (d / 64 fp16 each)
         codes, scales, biases = (part.arrays.get(n) for n in ("codes", "scales", "biases"))
         if codes is None or scales is None or biases is None:
             return f"{name}: no stored codes yet"
-        if codes.stride(-1) != 1 or codes.stride(-2) != 4 * part.spec.bits or any(s % 4 for s in codes.stride()[:2]) \
+        if codes.stride(-1) != 1 or codes.stride(-2) != d * part.spec.bits // 32 or any(s % 4 for s in codes.stride()[:2]) \
                 or codes.data_ptr() % 16:
             return f"{name}: code rows are not contiguous and 16-byte aligned"
         for x in (scales, biases):
-            if x.stride(-1) != 1 or x.stride(-2) != 2 or any(s % 2 for s in x.stride()[:2]) or x.data_ptr() % 4:
-                return f"{name}: scale or bias rows are not contiguous pairs of fp16"
+            if x.stride(-1) != 1 or x.stride(-2) != d // 64:
+                return f"{name}: scale or bias rows are not contiguous runs of {d // 64} fp16"
+            if any(s % 2 for s in x.stride()[:2]) or x.data_ptr() % 4:
+                return f"{name}: scale or bias heads do not start 4-byte aligned (an odd head stride or offset)"
         if max(codes.stride(0), scales.stride(0)) >= 2**31:
             return f"{name}: strides beyond 32 bits"
     if k.spec.bits != v.spec.bits:
@@ -147,32 +165,33 @@ def _nvrtc_check(lib, code: int) -> None:
         raise RuntimeError(f"NVRTC: {lib.nvrtcGetErrorString(code).decode()}")
 
 
-def build_defines(bits: int, build: Build | None = None) -> tuple[str, ...]:
-    """decode_quant.cu's compile-time configuration as NVRTC options (build: BUILDS[bits] by default)."""
-    build = build or BUILDS[bits]
-    return (f"-DBITS={bits}", f"-DMIN_BLOCKS={build.blocks_per_sm}", f"-DTILES={build.tiles}",
-            f"-DSTAGES={build.stages}")
+def build_defines(bits: int, d: int, build: Build | None = None) -> tuple[str, ...]:
+    """decode_quant.cu's compile-time configuration as NVRTC options (build: BUILDS[bits, d] by
+    default); the kernel checks its tile against `tile_bytes`, which sizes the ring."""
+    build = build or BUILDS[bits, d]
+    return (f"-DBITS={bits}", f"-DHEAD_DIM={d}", f"-DMIN_BLOCKS={build.blocks_per_sm}", f"-DTILES={build.tiles}",
+            f"-DSTAGES={build.stages}", f"-DEXPECT_TILE_BYTES={tile_bytes(bits, d)}")
 
 
 @functools.lru_cache(maxsize=16)
-def _kernel(device_index: int, bits: int, build: Build):
+def _kernel(device_index: int, bits: int, d: int, build: Build):
     """decode_quant_split loaded on one GPU, compiled for its architecture (about a second, once per
-    width and build), with its shared-memory limit raised to the ring's size."""
+    width, head dim and build), with its shared-memory limit raised to the ring's size."""
     from torch.cuda._utils import _cuda_load_module
 
     major, minor = torch.cuda.get_device_capability(device_index)
-    cubin = nvrtc_cubin(SOURCE.read_text(), f"{major}{minor}", build_defines(bits, build))
+    cubin = nvrtc_cubin(SOURCE.read_text(), f"{major}{minor}", build_defines(bits, d, build))
     with torch.cuda.device(device_index):
         kernel = _cuda_load_module(cubin, ["decode_quant_split"])["decode_quant_split"]
-        kernel.set_shared_memory_config(ring_bytes(bits, build.tiles, build.stages))
+        kernel.set_shared_memory_config(ring_bytes(bits, d, build.tiles, build.stages))
     return kernel
 
 
-def _kernel_for(device: torch.device, bits: int):
-    """The kernel for `bits` loaded on `device` (a CUDA device; the tests swap in their CPU emulation
-    here)."""
+def _kernel_for(device: torch.device, bits: int, d: int):
+    """The kernel for `bits` and head dim `d` loaded on `device` (a CUDA device; the tests swap in their
+    CPU emulation here)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _kernel(index, bits, BUILDS[bits])
+    return _kernel(index, bits, d, BUILDS[bits, d])
 
 
 def _int64(x: torch.Tensor) -> torch.Tensor:
@@ -183,22 +202,22 @@ def launch(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, qk_scale: float, split
            end: int, pm: torch.Tensor, pl: torch.Tensor, pc: torch.Tensor, flag: torch.Tensor) -> None:
     """Write slots [0, splits) of the partials (kernels.attention's layout: m, l [B * Hkv, slots, GP],
     outputs [.., DV]) for keys [i * chunk, (i + 1) * chunk) of split i, up to the query's position,
-    `end` and the parts' splits. q [B, Hq, 1, 128] fp16, bf16 or fp32 (must pass `refusal`); qk_scale:
+    `end` and the parts' splits. q [B, Hq, 1, D] fp16, bf16 or fp32 (must pass `refusal`); qk_scale:
     the softmax scale times log2(e), as the Triton split kernel takes it."""
-    b, hq = q.shape[:2]
+    b, hq, _, d = q.shape
     hkv = k.floats.shape[1]
     g = hq // hkv
     gp = 1 << (g - 1).bit_length()
     kc, ks, kb = (k.arrays[n] for n in ("codes", "scales", "biases"))
     vc, vs, vb = (v.arrays[n] for n in ("codes", "scales", "biases"))
     bits = k.spec.bits
-    build = BUILDS[bits]
-    kernel = _kernel_for(q.device, bits)
+    build = BUILDS[bits, d]
+    kernel = _kernel_for(q.device, bits, d)
     args = [q, q.stride(0), q.stride(1), Q_KINDS[q.dtype], _int64(q_pos), _int64(k.split), _int64(v.split),
             kc, kc.stride(0), kc.stride(1), ks, kb, ks.stride(0), ks.stride(1),
             vc, vc.stride(0), vc.stride(1), vs, vb, vs.stride(0), vs.stride(1),
             pm, pl, pc, flag, hkv, g, gp, end, chunk, slots, float(qk_scale)]
     with on_device(q):
         kernel(grid=(splits, b * hkv, 1), block=(WARPS * 32, 1, 1), args=args,
-               shared_mem=ring_bytes(bits, build.tiles, build.stages))
+               shared_mem=ring_bytes(bits, d, build.tiles, build.stages))
 

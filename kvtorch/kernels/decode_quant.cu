@@ -1,5 +1,5 @@
-// Split-K decode attention over 4-bit or 8-bit (BITS) token-axis K and V (head dim 128, group 64, up to
-// 8 query heads per KV head), in CUDA C++ with warp-level MMA (sm_80+; compiled at run time by NVRTC through
+// Split-K decode attention over 4-bit or 8-bit (BITS) token-axis K and V (head dim HEAD_DIM 128 or 64,
+// group 64, up to 8 query heads per KV head), in CUDA C++ with warp-level MMA (sm_80+; compiled at run time by NVRTC through
 // kvtorch.kernels.cuda_decode). It writes the same partial slots as _attention_triton's lean split
 // program, and the Triton reduce merges them.
 //
@@ -26,6 +26,9 @@
 //   V: lane (g, t) reads words 4g..4g+3 (d in [16g, 16g + 16)) of keys 2t, 2t + 1, 2t + 8, 2t + 9;
 //      chunk c = 2w + h: row g holds d = 16g + 2c (byte 2h of word w), row g + 8 d = 16g + 2c + 1 (byte
 //      2h + 1): the 4-bit map's rows, so the accumulator and the merge are the same.
+// Head dim 64 halves each lane's share: K words 2t, 2t + 1 (4 bits) or 4t..4t+3 (8 bits), d in
+//   [16t, 16t + 16), 4 chunks; V word g (4 bits) or 2g, 2g + 1 (8 bits), d in [8g, 8g + 8), rows
+//   d = 8g + 2c and + 1; one scale a row (the lanes' groups are all group 0).
 //   P: the scores' accumulator (keys g, g + 8 x queries 2t, 2t + 1) becomes the P^T operand (keys 2t,
 //      2t + 1, 2t + 8, 2t + 9 x query g) by one movmatrix transpose per 8 x 8 half.
 //
@@ -67,9 +70,17 @@ inline void __syncwarp() {
 #define MIN_BLOCKS 3  // blocks per multiprocessor the registers are budgeted for (kvtorch passes it)
 #endif
 #define TILE 16  // keys of one MMA tile (the MMA's M)
-#define D 128
-#define WORDS (D * BITS / 32)  // code words a row: 16 or 32
-#define CHUNKS (WORDS / 4)     // 16-byte chunks a row: 4 or 8
+#ifndef HEAD_DIM
+#define HEAD_DIM 128  // 64 or 128 (kvtorch passes it)
+#endif
+#if HEAD_DIM != 64 && HEAD_DIM != 128
+#error "HEAD_DIM must be 64 or 128"
+#endif
+#define D HEAD_DIM
+#define LANE_D (D / 4)  // d a lane of q holds: [LANE_D t, LANE_D (t + 1))
+#define GROUPS (D / 64)  // scales (and biases) a row
+#define WORDS (D * BITS / 32)  // code words a row: 8 to 32
+#define CHUNKS (WORDS / 4)     // 16-byte chunks a row: 2 to 8
 #define ROWS_PER_PASS (32 / CHUNKS)  // rows a warp's 16-byte copies cover at once
 #define NEG_INF_FINITE -1.0e30f  // a finite minus infinity, as _attention_triton.NEG
 
@@ -181,8 +192,9 @@ __device__ __forceinline__ float warp_sum_over_g(float x) {
 // enough to cover DRAM latency without holding the words in registers). A step is TILES tiles of 16
 // keys; per tile: K code rows of 64 B; V code rows padded to 80 B (a lane reads 8 B of keys 2t + e:
 // 64-B rows put the four t on the same banks); 8 bits: K and V rows of 128 B padded to 144 B (without,
-// keys g and g + 1, and 2t and 2t + 2, meet on the same banks); scales and biases of K and V, 16 keys x 2 groups x
-// fp16 each (4-byte copies: a head's rows need not be 16-byte aligned).
+// keys g and g + 1, and 2t and 2t + 2, meet on the same banks); D 64: V rows 16 B longer likewise;
+// scales and biases of K and V, 16 keys x GROUPS x fp16 each (4-byte copies: a head's rows need not be
+// 16-byte aligned).
 #ifndef STAGES
 #define STAGES 2
 #endif
@@ -190,18 +202,18 @@ __device__ __forceinline__ float warp_sum_over_g(float x) {
 #define TILES 2  // tiles a step: one softmax update and one wait per 32 keys
 #endif
 #define STEP_KEYS (TILES * TILE)
-#if BITS == 4
-#define K_ROW 64
-#define V_ROW 80
-#else
-#define K_ROW 144
-#define V_ROW 144
-#endif
+#define ROW_BYTES (D * BITS / 8)
+#define K_ROW (ROW_BYTES == 128 ? 144 : ROW_BYTES)  // 4 bits at D 128: 64; 8 bits: 144
+#define V_ROW (ROW_BYTES + 16)                      // 4 bits at D 128: 80; 8 bits: 144
 #define K_BYTES (TILE * K_ROW)
 #define V_BYTES (TILE * V_ROW)
-#define SCALE_BYTES (TILE * 2 * 2)
+#define SCALE_BYTES (TILE * GROUPS * 2)
 #define TILE_BYTES (K_BYTES + V_BYTES + 4 * SCALE_BYTES)
 #define STAGE_BYTES (TILES * TILE_BYTES)
+#ifdef EXPECT_TILE_BYTES  // kvtorch.kernels.cuda_decode's mirror of the layout, which sizes the ring
+static_assert(TILE_BYTES == EXPECT_TILE_BYTES, "cuda_decode.tile_bytes disagrees with the kernel's tile");
+#endif
+static_assert(WARPS * 8 * D * 4 <= WARPS * STAGES * STAGE_BYTES, "the warps' merge buffer must fit the rings");
 
 #ifdef KV_EMULATED_SIMT
 alignas(16) static unsigned char kv_smem[WARPS * STAGES * STAGE_BYTES];
@@ -246,6 +258,12 @@ template <> __device__ __forceinline__ u16 lds<u16>(u32 addr) {
     return r;
 }
 
+template <> __device__ __forceinline__ u32 lds<u32>(u32 addr) {
+    u32 r;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(addr));
+    return r;
+}
+
 template <> __device__ __forceinline__ uint2 lds<uint2>(u32 addr) {
     uint2 r;
     asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "r"(addr));
@@ -260,9 +278,10 @@ template <> __device__ __forceinline__ uint4 lds<uint4>(u32 addr) {
 #endif
 
 // A lane's share of a tile's copies: 16-B chunk lane % CHUNKS of code rows lane / CHUNKS + ROWS_PER_PASS i
-// (K and V), and row lane % 16 of two scale arrays (K and V scales for lanes < 16, K and V biases above).
-// Code rows are WORDS words and scale rows 2 fp16 apart (`cuda_decode.refusal` checks), so one pointer
-// per array serves every row.
+// (K and V); D 128: row lane % 16 of two scale arrays (K and V scales for lanes < 16, K and V biases
+// above); D 64 (one fp16 a row): rows 2p, 2p + 1 (p = lane % 8) of array lane / 8 (K scales, K biases,
+// V scales, V biases). Code rows are WORDS words and scale rows GROUPS fp16 apart (`cuda_decode.refusal`
+// checks), so one pointer per array serves every row.
 struct Sources {
     const u32* kc;
     const u32* vc;
@@ -273,15 +292,28 @@ struct Sources {
 
 __device__ __forceinline__ Sources lane_sources(const u32* kc, const u16* ks, const u16* kb, const u32* vc,
                                                 const u16* vs, const u16* vb, int lane) {
+#if GROUPS == 2
     const int key = lane / CHUNKS, j = lane % CHUNKS, skey = lane & 15, hi = lane >> 4;
+#else
+    const int key = lane / CHUNKS, j = lane % CHUNKS, pair = lane & 7, array = lane >> 3;
+#endif
     Sources src;
     src.kc = kc + key * WORDS + 4 * j;
     src.vc = vc + key * WORDS + 4 * j;
+#if GROUPS == 2
     src.ksc = (hi ? kb : ks) + 2 * skey;
     src.vsc = (hi ? vb : vs) + 2 * skey;
+#else
+    src.ksc = (array == 0 ? ks : array == 1 ? kb : array == 2 ? vs : vb) + 2 * pair;
+    src.vsc = src.ksc;  // one copy a lane: unused
+#endif
     src.k_dst = key * K_ROW + 16 * j;
     src.v_dst = K_BYTES + key * V_ROW + 16 * j;
+#if GROUPS == 2
     src.s_dst = K_BYTES + V_BYTES + hi * SCALE_BYTES + 4 * skey;
+#else
+    src.s_dst = K_BYTES + V_BYTES + array * SCALE_BYTES + 4 * pair;
+#endif
     return src;
 }
 
@@ -298,12 +330,18 @@ __device__ __forceinline__ void issue_step(u32 dst, const Sources& src, int key0
                 cp_async<16>(tile + src.k_dst + ROWS_PER_PASS * K_ROW * i, src.kc + row * WORDS, 16);
                 cp_async<16>(tile + src.v_dst + ROWS_PER_PASS * V_ROW * i, src.vc + row * WORDS, 16);
             }
-            cp_async<4>(tile + src.s_dst, src.ksc + 32 * u, 4);
+            cp_async<4>(tile + src.s_dst, src.ksc + 16 * GROUPS * u, 4);
+#if GROUPS == 2
             cp_async<4>(tile + src.s_dst + 2 * SCALE_BYTES, src.vsc + 32 * u, 4);
+#endif
         }
         return;
     }
+#if GROUPS == 2
     const int key = lane / CHUNKS, skey = lane & 15;
+#else
+    const int key = lane / CHUNKS;
+#endif
     #pragma unroll
     for (int u = 0; u < TILES; ++u) {
         const u32 tile = dst + u * TILE_BYTES;
@@ -314,9 +352,15 @@ __device__ __forceinline__ void issue_step(u32 dst, const Sources& src, int key0
             cp_async<16>(tile + src.k_dst + ROWS_PER_PASS * K_ROW * i, src.kc + (row - over) * WORDS, over ? 0 : 16);
             cp_async<16>(tile + src.v_dst + ROWS_PER_PASS * V_ROW * i, src.vc + (row - over) * WORDS, over ? 0 : 16);
         }
+#if GROUPS == 2
         const int over = max(0, key0 + skey + 16 * u - last);
         cp_async<4>(tile + src.s_dst, src.ksc + 2 * (16 * u - over), over ? 0 : 4);
         cp_async<4>(tile + src.s_dst + 2 * SCALE_BYTES, src.vsc + 2 * (16 * u - over), over ? 0 : 4);
+#else
+        // rows 2p and 2p + 1: both, the first only, or none; none reads from row last rounded down to even
+        const int first = key0 + 16 * u + 2 * (lane & 7), back = first <= last ? 0 : first - (last & ~1);
+        cp_async<4>(tile + src.s_dst, src.ksc + 16 * u - back, first < last ? 4 : (first == last ? 2 : 0));
+#endif
     }
 }
 
@@ -324,17 +368,18 @@ __device__ __forceinline__ void issue_step(u32 dst, const Sources& src, int key0
 __device__ __forceinline__ void advance(Sources& src, int keys) {
     src.kc += keys * WORDS;
     src.vc += keys * WORDS;
-    src.ksc += keys * 2;
-    src.vsc += keys * 2;
+    src.ksc += keys * GROUPS;
+    src.vsc += keys * GROUPS;
 }
 
 // Scores of one tile at shared address `tile` (keys key0 + g: sc[0, 1], key0 + g + 8: sc[2, 3]; queries
 // 2t, 2t + 1), in log2 units, -inf past `end`. Two accumulator chains halve the MMA dependency chain.
-__device__ __forceinline__ void tile_scores(float (&sc)[4], u32 tile, const u32 (&qb)[8][2], float q_mul, int key0,
+__device__ __forceinline__ void tile_scores(float (&sc)[4], u32 tile, const u32 (&qb)[D / 16][2], float q_mul, int key0,
                                             int end, int g, int t) {
     u32 kw[2][WORDS / 4], ks[2], kb[2];
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
+#if WORDS >= 16
         #pragma unroll
         for (int x = 0; x < WORDS / 16; ++x) {
             const uint4 w = lds<uint4>(tile + (g + 8 * h) * K_ROW + 4 * (WORDS / 4) * t + 16 * x);
@@ -343,13 +388,19 @@ __device__ __forceinline__ void tile_scores(float (&sc)[4], u32 tile, const u32 
             kw[h][4 * x + 2] = w.z;
             kw[h][4 * x + 3] = w.w;
         }
-        const u32 a = tile + K_BYTES + V_BYTES + ((g + 8 * h) * 2 + (t >> 1)) * 2;
+#else
+        const uint2 w = lds<uint2>(tile + (g + 8 * h) * K_ROW + 8 * t);  // 4 bits at D 64: 2 words a lane
+        kw[h][0] = w.x;
+        kw[h][1] = w.y;
+#endif
+        // the group of d in [LANE_D t, LANE_D (t + 1))
+        const u32 a = tile + K_BYTES + V_BYTES + ((g + 8 * h) * GROUPS + (GROUPS == 2 ? t >> 1 : 0)) * 2;
         ks[h] = __byte_perm(lds<u16>(a), 0, 0x1010);
         kb[h] = __byte_perm(lds<u16>(a + SCALE_BYTES), 0, 0x1010);
     }
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     #pragma unroll
-    for (int c = 0; c < 8; ++c) {
+    for (int c = 0; c < D / 16; ++c) {
 #if BITS == 4
         const u32 w0 = (c & 1) ? kw[0][c >> 1] >> 8 : kw[0][c >> 1];
         const u32 w1 = (c & 1) ? kw[1][c >> 1] >> 8 : kw[1][c >> 1];
@@ -372,7 +423,7 @@ __device__ __forceinline__ void tile_scores(float (&sc)[4], u32 tile, const u32 
 }
 
 // o += V^T P^T of one tile at shared address `tile`; pb0, pb1: P^T's fragments (keys 0-7, 8-15).
-__device__ __forceinline__ void tile_values(float (&o)[8][4], u32 tile, u32 pb0, u32 pb1, int g, int t) {
+__device__ __forceinline__ void tile_values(float (&o)[D / 16][4], u32 tile, u32 pb0, u32 pb1, int g, int t) {
     u32 vw[WORDS / 8][4], vs[2], vb[2];  // [word][key 2t, 2t + 1, 2t + 8, 2t + 9]
     #pragma unroll
     for (int p = 0; p < 2; ++p) {
@@ -380,18 +431,21 @@ __device__ __forceinline__ void tile_values(float (&o)[8][4], u32 tile, u32 pb0,
         #pragma unroll
         for (int e = 0; e < 2; ++e) {
             const int key = 2 * t + 8 * p + e;
-#if BITS == 4
-            const uint2 w = lds<uint2>(tile + K_BYTES + key * V_ROW + 8 * g);
+            const u32 row = tile + K_BYTES + key * V_ROW + 4 * (WORDS / 8) * g;  // d in [D g / 8, D (g + 1) / 8)
+#if WORDS == 8
+            vw[0][2 * p + e] = lds<u32>(row);
+#elif WORDS == 16
+            const uint2 w = lds<uint2>(row);
             vw[0][2 * p + e] = w.x;
             vw[1][2 * p + e] = w.y;
 #else
-            const uint4 w = lds<uint4>(tile + K_BYTES + key * V_ROW + 16 * g);
+            const uint4 w = lds<uint4>(row);
             vw[0][2 * p + e] = w.x;
             vw[1][2 * p + e] = w.y;
             vw[2][2 * p + e] = w.z;
             vw[3][2 * p + e] = w.w;
 #endif
-            const u32 a = tile + K_BYTES + V_BYTES + 2 * SCALE_BYTES + (key * 2 + (g >> 2)) * 2;
+            const u32 a = tile + K_BYTES + V_BYTES + 2 * SCALE_BYTES + (key * GROUPS + (GROUPS == 2 ? g >> 2 : 0)) * 2;
             s[e] = lds<u16>(a);
             b[e] = lds<u16>(a + SCALE_BYTES);
         }
@@ -400,7 +454,7 @@ __device__ __forceinline__ void tile_values(float (&o)[8][4], u32 tile, u32 pb0,
     }
 #if BITS == 4
     #pragma unroll
-    for (int w = 0; w < 2; ++w) {
+    for (int w = 0; w < WORDS / 8; ++w) {
         #pragma unroll
         for (int i = 0; i < 4; ++i) {
             // byte i of keys (2t, 2t + 1) and of (2t + 8, 2t + 9) into bytes 0 and 2: one code pair per nibble
@@ -412,7 +466,7 @@ __device__ __forceinline__ void tile_values(float (&o)[8][4], u32 tile, u32 pb0,
     }
 #else
     #pragma unroll
-    for (int w = 0; w < 4; ++w) {
+    for (int w = 0; w < WORDS / 8; ++w) {
         #pragma unroll
         for (int h = 0; h < 2; ++h) {
             // bytes 2h, 2h + 1 of the pair's two keys: (a0, a1, b0, b1); row g takes (a0, b0), row g + 8 (a1, b1)
@@ -429,8 +483,9 @@ __device__ __forceinline__ void tile_values(float (&o)[8][4], u32 tile, u32 pb0,
 
 // One step of one warp over keys [key0, key0 + STEP_KEYS) in the stage at `stage`: scores, one online
 // softmax update, values.
-__device__ __forceinline__ void attend_step(u32 stage, const u32 (&qb)[8][2], float q_mul, int key0, int end, int g,
-                                            int t, float& m0, float& m1, float& l0, float& l1, float (&o)[8][4]) {
+__device__ __forceinline__ void attend_step(u32 stage, const u32 (&qb)[D / 16][2], float q_mul, int key0, int end,
+                                            int g, int t, float& m0, float& m1, float& l0, float& l1,
+                                            float (&o)[D / 16][4]) {
     float sc[TILES][4];
     float x0 = -__int_as_float(0x7f800000), x1 = x0;
     #pragma unroll
@@ -446,7 +501,7 @@ __device__ __forceinline__ void attend_step(u32 stage, const u32 (&qb)[8][2], fl
         l0 *= a0;
         l1 *= a1;
         #pragma unroll
-        for (int c = 0; c < 8; ++c) {
+        for (int c = 0; c < D / 16; ++c) {
             o[c][0] *= a0;
             o[c][1] *= a1;
             o[c][2] *= a0;
@@ -496,11 +551,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) decode_quan
 
     // q of head kvh * G + g (zero rows past G) times qk_scale, scaled down by a power of two where an
     // entry could overflow fp16 (the Triton kernel's q_shift, over the block's heads).
-    float qv[32];
+    float qv[LANE_D];
     float amax = 0.0f;
-    const long long q_off = (long long)b * sq_b + (long long)(kvh * G + g) * sq_h + 32 * t;
+    const long long q_off = (long long)b * sq_b + (long long)(kvh * G + g) * sq_h + LANE_D * t;
     #pragma unroll
-    for (int j = 0; j < 32; ++j) {
+    for (int j = 0; j < LANE_D; ++j) {
         float x = 0.0f;
         if (g < G) {
             if (q_kind == 2) {
@@ -518,9 +573,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) decode_quan
     amax = warp_max_over_g(amax);
     const float shift = fmaxf(ceilf(log2f(amax + 1.0e-30f)) - 14.0f, 0.0f);
     const float q_mul = exp2f(shift), down = exp2f(-shift);
-    u32 qb[8][2];
+    u32 qb[D / 16][2];
     #pragma unroll
-    for (int c = 0; c < 8; ++c) {  // q's d in the order of the K fragments' slots (the maps above)
+    for (int c = 0; c < D / 16; ++c) {  // q's d in the order of the K fragments' slots (the maps above)
 #if BITS == 4
         const int j = 8 * (c >> 1) + 2 * (c & 1);
         qb[c][0] = pack_half2(qv[j] * down, qv[j + 4] * down);
@@ -539,9 +594,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) decode_quan
     const u16* vbp = vb + (long long)b * svs_b + (long long)kvh * svs_h;
 
     float m0 = NEG_INF_FINITE, m1 = NEG_INF_FINITE, l0 = 0.0f, l1 = 0.0f;
-    float o[8][4];
+    float o[D / 16][4];
     #pragma unroll
-    for (int c = 0; c < 8; ++c) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.0f;
+    for (int c = 0; c < D / 16; ++c) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.0f;
     // Warp w takes steps w, w + WARPS, ... of STEP_KEYS keys: its i-th in stage i % STAGES.
     const int all_steps = end > start ? (end - start + STEP_KEYS - 1) / STEP_KEYS : 0, last = end - 1;
     const int steps = all_steps > warp ? (all_steps - warp + WARPS - 1) / WARPS : 0;
@@ -583,16 +638,17 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) decode_quan
         sm_l[warp][2 * t + 1] = l1;
     }
     #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-        sm_o[warp][2 * t][16 * g + 2 * c] = o[c][0];
-        sm_o[warp][2 * t + 1][16 * g + 2 * c] = o[c][1];
-        sm_o[warp][2 * t][16 * g + 2 * c + 1] = o[c][2];
-        sm_o[warp][2 * t + 1][16 * g + 2 * c + 1] = o[c][3];
+    for (int c = 0; c < D / 16; ++c) {  // rows D g / 8 + 2c and + 1 of the V fragments (the maps above)
+        sm_o[warp][2 * t][D / 8 * g + 2 * c] = o[c][0];
+        sm_o[warp][2 * t + 1][D / 8 * g + 2 * c] = o[c][1];
+        sm_o[warp][2 * t][D / 8 * g + 2 * c + 1] = o[c][2];
+        sm_o[warp][2 * t + 1][D / 8 * g + 2 * c + 1] = o[c][3];
     }
     __syncthreads();
-    const int d = threadIdx.x;
+    // thread (h0, d): heads h0, h0 + WARPS * 32 / D, ... at d (D 128: every head at d = thread)
+    const int d = D == 128 ? (int)threadIdx.x : (int)threadIdx.x % D;
     const long long slot = ((long long)bh * S + pid_s) * GP;
-    for (int h = 0; h < G; ++h) {
+    for (int h = D == 128 ? 0 : (int)threadIdx.x / D; h < G; h += WARPS * 32 / D) {
         float mx = NEG_INF_FINITE;
         #pragma unroll
         for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w][h]);

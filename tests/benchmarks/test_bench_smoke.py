@@ -98,9 +98,10 @@ def test_sweep_cuda_decode_parses_variants():
 
     from kvtorch.kernels.cuda_decode import Build
 
-    assert scd.parse_variant("2,2,3", 4) == Build(2, 2, 3)
-    assert scd.parse_variant("2,2,2", 8) == Build(2, 2, 2)
+    assert scd.parse_variant("2,2,3", 4, 128) == Build(2, 2, 3)
+    assert scd.parse_variant("2,2,2", 8, 128) == Build(2, 2, 2)
+    assert scd.parse_variant("2,2,4", 8, 64) == Build(2, 2, 4)
     with pytest.raises(SystemExit, match="227 KB"):
-        scd.parse_variant("8,4,1", 4)
+        scd.parse_variant("8,4,1", 4, 128)
     with pytest.raises(SystemExit, match="227 KB"):
-        scd.parse_variant("2,2,3", 8)  # 3 x 77,824 B
+        scd.parse_variant("2,2,3", 8, 128)  # 3 x 77,824 B

@@ -68,6 +68,6 @@ class EmulatedKernel:
 
 
 @cache
-def kernel(bits: int) -> EmulatedKernel:
-    """The emulated kernel for `bits` with the configuration kvtorch compiles for the GPU."""
-    return EmulatedKernel(cuda_decode.build_defines(bits))
+def kernel(bits: int, d: int = 128) -> EmulatedKernel:
+    """The emulated kernel for `bits` at head dim `d`, with the configuration kvtorch compiles for the GPU."""
+    return EmulatedKernel(cuda_decode.build_defines(bits, d))

@@ -1,4 +1,5 @@
-"""kvtorch.kernels.cuda_decode: the CUDA C++ decode kernel for 4- and 8-bit K and V, against kvspec's oracle.
+"""kvtorch.kernels.cuda_decode: the CUDA C++ decode kernel for 4- and 8-bit K and V, against kvspec's oracle
+(head dim 128 on the GPU and the emulator; the head dim 64 builds on the emulator only, until a GPU run).
 
 On the GPU (marked `gpu`): decode through `attend` with the kernel taking the lean launch (checked by
 counting its launches) at Mistral-sized heads, against kvspec.reference.attend_as_decoded at
@@ -45,14 +46,14 @@ def launches(monkeypatch):
 @pytest.fixture
 def emulated(monkeypatch):
     """CPU tensors go to the emulated kernels (the GPU checks of `device_refusal` waived; the layout
-    checks stay); returns a function of the code width giving its kernel, whose `launches` count its
-    calls."""
+    checks stay); returns a function of the code width (and head dim) giving its kernel, whose
+    `launches` count its calls."""
     why = simt_decode.available()
     if why:
         pytest.skip(why)
     monkeypatch.setattr(cuda_decode, "device_refusal", lambda q: None)
-    monkeypatch.setattr(cuda_decode, "_kernel_for", lambda device, bits: simt_decode.kernel(bits))
-    return simt_decode.kernel
+    monkeypatch.setattr(cuda_decode, "_kernel_for", lambda device, bits, d: simt_decode.kernel(bits, d))
+    return lambda bits, d=128: simt_decode.kernel(bits, d)  # the same cache key as the launches
 
 
 EMULATED = [  # (spec, batch, GQA ratio, tokens, splits, case options)
@@ -189,9 +190,9 @@ def test_emulated_variants_match_the_oracle(bits, tiles, stages, blocks, emulate
     """Other builds of the kernel (benchmarks/sweep_cuda_decode.py times them): 1 tile a step over a
     3-stage ring, 4 tiles over 2 stages; each rounds as the default does, so the same tolerance holds."""
     build = cuda_decode.Build(tiles, stages, blocks)
-    kernel = simt_decode.EmulatedKernel(cuda_decode.build_defines(bits, build))
-    monkeypatch.setattr(cuda_decode, "_kernel_for", lambda device, bits: kernel)
-    monkeypatch.setitem(cuda_decode.BUILDS, bits, build)  # the splits' grain, keys_per_step
+    kernel = simt_decode.EmulatedKernel(cuda_decode.build_defines(bits, 128, build))
+    monkeypatch.setattr(cuda_decode, "_kernel_for", lambda device, bits, d: kernel)
+    monkeypatch.setitem(cuda_decode.BUILDS, (bits, 128), build)  # the splits' grain, keys_per_step
     spec, q, q_pos, kp, vp, want = case(f"int{bits}-res3", batch=1, kv_heads=2, rep=4, tokens=333, dim=128, seed=5)
     got = attend(q, q_pos, kp, vp, scale=128 ** -0.5, splits=2)
     assert kernel.launches == 1
@@ -205,7 +206,7 @@ def constant_group_case(text, b, hkv, rep, tokens, d=128):
     rng = np.random.default_rng(7)
     k, v = rng.standard_normal((2, b, hkv, tokens, d)).astype(np.float32)
     k[0, 1, :, :64] = 0.25
-    v[-1, 0, ::2, 64:] = -1.5
+    v[-1, 0, ::2, d - 64:] = -1.5
     q = rng.standard_normal((b, hkv * rep, 1, d)).astype(np.float32)
     q_pos = [tokens - 1]
     kp, vp = (make_part(x, t, spec, None, tokens - 1, q_pos) for x, t in ((k, spec.k), (v, spec.v)))
@@ -245,3 +246,103 @@ def test_the_triton_path_agrees(text, launches):
     theirs = attend(q, q_pos, kp, vp, scale=128 ** -0.5, cuda=False)
     assert launches[0] == 1
     assert_close(ours.cpu(), theirs.cpu().numpy(), spec_tolerance(spec, spec.float_dtype), "cuda vs triton")
+
+
+# (spec, batch, GQA ratio, tokens, splits, case options): SmolLM2's 3 and Qwen2.5's 7 per KV head; stored
+# lengths even (one scale a row: an odd head stride leaves pairs of rows unaligned for 4-byte copies)
+HEAD_DIM_64 = [
+    ("int4", 1, 3, 150, None, {}),
+    ("int8-bf16", 2, 7, 76, 3, {}),
+    ("int4-res5", 1, 7, 201, 2, {}),
+    ("int8", 1, 3, 100, 8, {}),  # blocks with no keys
+    ("int4-bf16", 1, 3, 90, None, {"outlier_channel": True}),
+    ("int8", 1, 7, 40, None, {"q_scale": 3.0e5, "seed": 0}),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="no GPU run of the D 64 builds yet: see cuda_decode.HEAD_DIMS")
+@pytest.mark.parametrize("text,batch,rep,tokens,splits,options", HEAD_DIM_64)
+def test_emulated_head_dim_64(text, batch, rep, tokens, splits, options, emulated, monkeypatch):
+    """The D 64 builds (one scale a row, copied two rows a lane; 2 or 4 code words a lane) against the
+    oracle, with `attend` sending D 64 to the kernel as it will once they have run on a GPU."""
+    monkeypatch.setattr(cuda_decode, "HEAD_DIMS", (64, 128))
+    options = {"seed": tokens, **options}
+    spec, q, q_pos, kp, vp, want = case(text, batch=batch, kv_heads=2, rep=rep, tokens=tokens, dim=64, **options)
+    assert cuda_decode.refusal(q, kp, vp) is None
+    kernel = emulated(spec.k.bits, 64)
+    before = kernel.launches
+    got = attend(q, q_pos, kp, vp, scale=64 ** -0.5, splits=splits)
+    assert kernel.launches == before + 1
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"D 64 {text} {options}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="no GPU run of the D 64 builds yet: see cuda_decode.HEAD_DIMS")
+@pytest.mark.parametrize("text", ["int4", "int8"])
+def test_emulated_head_dim_64_constant_groups(text, emulated, monkeypatch):
+    monkeypatch.setattr(cuda_decode, "HEAD_DIMS", (64, 128))
+    spec, q, q_pos, kp, vp, want = constant_group_case(text, 1, 2, 3, 70, d=64)
+    kernel = emulated(spec.k.bits, 64)
+    before = kernel.launches
+    got = attend(q, q_pos, kp, vp, scale=64 ** -0.5)
+    assert kernel.launches == before + 1
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"D 64 constant groups {text}")
+
+
+def test_head_dim_64_waits_for_a_gpu_run():
+    """D 64 is built and emulated, not yet sent to the kernel (no GPU run of it yet)."""
+    assert 64 not in cuda_decode.HEAD_DIMS and (4, 64) in cuda_decode.BUILDS and (8, 64) in cuda_decode.BUILDS
+
+
+def test_head_dim_64_odd_head_strides_are_refused(monkeypatch):
+    """One fp16 scale a row at D 64: rows are copied two at a time (4 bytes), so a head stride of odd
+    length would misalign them: Triton takes such storage."""
+    monkeypatch.setattr(cuda_decode, "HEAD_DIMS", (64, 128))
+    monkeypatch.setattr(cuda_decode, "device_refusal", lambda q: None)
+    spec, q, q_pos, kp, vp, _ = case("int4", kv_heads=2, rep=3, tokens=77, dim=64)
+    assert cuda_decode.refusal(q, kp, vp) == ("K: scale or bias heads do not start 4-byte aligned (an odd head "
+                                              "stride or offset)")
+    spec, q, q_pos, kp, vp, _ = case("int4", kv_heads=2, rep=3, tokens=78, dim=64)
+    assert cuda_decode.refusal(q, kp, vp) is None
+
+
+def with_nan_reserve(part, reserve: int):
+    """`part` with its arrays moved into storage `reserve` rows longer, as a static cache's: codes past
+    the live rows random, scales and biases there NaN. The kernel must not let them reach the output
+    (rows past the range are copied as zeros, and weigh 0; at D 64, where scale rows are copied in
+    pairs, an odd live count with an even stride puts a NaN beside the last row)."""
+    for name, x in list(part.arrays.items()):
+        big = torch.empty(*x.shape[:-2], x.shape[-2] + reserve, x.shape[-1], dtype=x.dtype, device=x.device)
+        if x.dtype == torch.float16:
+            big.fill_(float("nan"))
+        else:
+            big.random_(-2**31, 2**31 - 1)
+        big[..., : x.shape[-2], :] = x
+        part.arrays[name] = big[..., : x.shape[-2], :]
+    return part
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the kernel itself")
+@pytest.mark.parametrize("text,d,tokens", [("int4", 128, 77), ("int8", 64, 61), ("int4-res3", 64, 102)])
+def test_emulated_nan_past_the_live_rows(text, d, tokens, emulated, monkeypatch):
+    monkeypatch.setattr(cuda_decode, "HEAD_DIMS", (64, 128))
+    spec, q, q_pos, kp, vp, want = case(text, batch=1, kv_heads=2, rep=3, tokens=tokens, dim=d, seed=3)
+    live = kp.arrays["codes"].shape[-2]
+    assert live % 2 == 1  # an odd live count (the even-stride storage then has a NaN beside its last row)
+    kp, vp = with_nan_reserve(kp, 17), with_nan_reserve(vp, 17)
+    assert cuda_decode.refusal(q, kp, vp) is None
+    kernel = emulated(spec.k.bits, d)
+    before = kernel.launches
+    got = attend(q, q_pos, kp, vp, scale=d ** -0.5, splits=3)
+    assert kernel.launches == before + 1
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"NaN reserve {text} D {d}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("text", ["int4", "int8-bf16"])
+def test_nan_past_the_live_rows(text, launches):
+    spec, q, q_pos, kp, vp, want = case(text, batch=2, kv_heads=8, rep=4, tokens=1001, dim=128, seed=3)
+    kp, vp = with_nan_reserve(kp, 40), with_nan_reserve(vp, 40)
+    got = attend(q, q_pos, kp, vp, scale=128 ** -0.5, splits=5)
+    assert launches[0] == 1
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"NaN reserve {text}")

@@ -41,10 +41,12 @@ def _cuobjdump() -> Path:
     return tool
 
 
-@pytest.mark.parametrize("bits", sorted(cuda_decode.BUILDS))
+@pytest.mark.parametrize("bits,d", sorted(cuda_decode.BUILDS))
 @pytest.mark.parametrize("arch", ["80", "90"])
-def test_compiles_within_its_register_budget(tmp_path, arch, bits):
-    cubin = cuda_decode.nvrtc_cubin(cuda_decode.SOURCE.read_text(), arch, cuda_decode.build_defines(bits), lib=_nvrtc())
+def test_compiles_within_its_register_budget(tmp_path, arch, bits, d):
+    """Every build of BUILDS; its static_assert also checks the tile against cuda_decode.tile_bytes."""
+    cubin = cuda_decode.nvrtc_cubin(cuda_decode.SOURCE.read_text(), arch, cuda_decode.build_defines(bits, d),
+                                    lib=_nvrtc())
     path = tmp_path / "decode_quant.cubin"
     path.write_bytes(cubin)
     out = subprocess.run([str(_cuobjdump()), "-res-usage", str(path)], capture_output=True, text=True,
@@ -52,15 +54,18 @@ def test_compiles_within_its_register_budget(tmp_path, arch, bits):
     usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
     assert "decode_quant_split" in out, out
     # __launch_bounds__(128, blocks per SM): 65,536 registers over that many blocks of 128 threads (at most 255)
-    assert 0 < int(usage["REG"]) <= min(255, 65536 // (128 * cuda_decode.BUILDS[bits].blocks_per_sm)), out
+    assert 0 < int(usage["REG"]) <= min(255, 65536 // (128 * cuda_decode.BUILDS[bits, d].blocks_per_sm)), out
     assert int(usage["STACK"]) == 0 and int(usage["LOCAL"]) == 0, f"spills: {out}"
     assert int(usage["SHARED"]) < 48 * 1024, out  # the ring is dynamic shared memory; the rest static
 
 
 def test_the_source_names_what_the_launcher_passes():
-    """The launcher's mirror of the kernel's layout: one tile of the ring per width and the defines it sets."""
+    """The launcher's mirror of the kernel's layout (one tile of the ring: K and V code rows of 16 keys,
+    padded, then 4 x 16 x d / 64 fp16 of scales and biases) and the defines it sets."""
     src = cuda_decode.SOURCE.read_text()
-    assert cuda_decode.TILE_BYTES == {4: 16 * (64 + 80 + 4 * 4), 8: 16 * (144 + 144 + 4 * 4)}
-    for name in ("#define K_ROW 64", "#define V_ROW 80", "#define K_ROW 144", "#define V_ROW 144", "#define WARPS 4",
-                 "#ifndef BITS", "#ifndef TILES", "#ifndef STAGES", "#ifndef MIN_BLOCKS", "extern \"C\" __global__"):
+    tiles = {(4, 128): 16 * (64 + 80) + 256, (8, 128): 16 * (144 + 144) + 256, (4, 64): 16 * (32 + 48) + 128,
+             (8, 64): 16 * (64 + 80) + 128}
+    assert {key: cuda_decode.tile_bytes(*key) for key in tiles} == tiles
+    for name in ("#define WARPS 4", "#ifndef BITS", "#ifndef HEAD_DIM", "#ifndef TILES", "#ifndef STAGES",
+                 "#ifndef MIN_BLOCKS", "static_assert(TILE_BYTES == EXPECT_TILE_BYTES", "extern \"C\" __global__"):
         assert name in src, name
