@@ -346,3 +346,23 @@ def test_nan_past_the_live_rows(text, launches):
     got = attend(q, q_pos, kp, vp, scale=128 ** -0.5, splits=5)
     assert launches[0] == 1
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"NaN reserve {text}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("text,kv_heads,rep,tokens,splits", [
+    ("int4", 3, 3, 2050, None),  # SmolLM2-135M's heads
+    ("int8-bf16", 2, 7, 4098, None),  # Qwen2.5-0.5B's
+    ("int4-res5", 3, 3, 1501, 2),
+    ("int8", 2, 7, 300, 32),
+])
+def test_head_dim_64(text, kv_heads, rep, tokens, splits, launches, monkeypatch):
+    """The D 64 builds on the GPU, sent to the kernel as HEAD_DIMS will once this passes (written in
+    session 26 without a GPU run: the first run of these decides whether 64 joins HEAD_DIMS)."""
+    monkeypatch.setattr(cuda_decode, "HEAD_DIMS", (64, 128))
+    spec, q, q_pos, kp, vp, want = case(text, batch=2, kv_heads=kv_heads, rep=rep, tokens=tokens, dim=64,
+                                        seed=tokens)
+    assert cuda_decode.refusal(q, kp, vp) is None
+    got = attend(q, q_pos, kp, vp, scale=64 ** -0.5, splits=splits)
+    assert launches[0] == 1
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"D 64 {text}")
