@@ -318,7 +318,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     sms = _sms(q.device)
     on_cuda_kernel = cuda and cuda_decode.refusal(q, k, v) is None
     if on_cuda_kernel:
-        # BLOCKS_PER_SM blocks a multiprocessor, at most MAX_SPLITS (b1 x 32k: 32 splits 0.0350 ms, 64: 0.0368)
+        # the build's blocks a multiprocessor, at most MAX_SPLITS (b1 x 32k: 32 splits 0.0350 ms, 64: 0.0368)
         s_fast, c_fast = _splits(0, n_fast, cuda_decode.keys_per_step(k.spec.bits, d), b * hkv, splits, sms,
                                  cuda_decode.BUILDS[k.spec.bits, d].blocks_per_sm)
     else:

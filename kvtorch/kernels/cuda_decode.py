@@ -1,9 +1,9 @@
 """The CUDA C++ decode kernel for 4-bit or 8-bit token-axis K and V (decode_quant.cu), behind `attend`.
 
 It replaces the lean Triton split program for one decode query over 4-bit or 8-bit K and V (both the
-same width) at head dim 128 (group 64, no rotation, up to 8 query heads per KV head; head dim 64 builds
-exist but wait for a GPU run, see HEAD_DIMS) and writes the
-same partial slots, which the Triton reduce merges. Compiled once per device by NVRTC (the libnvrtc that CUDA builds of torch
+same width) at head dim 128 (group 64, no rotation, up to 8 query heads per KV head; head dim 64
+builds exist but wait for a GPU run, see HEAD_DIMS) and writes the same partial slots, which the
+Triton reduce merges. Compiled once per device by NVRTC (the libnvrtc that CUDA builds of torch
 ship), so it needs no CUDA toolkit. Everything else, and any GPU without the MMA it uses (sm_80+),
 stays on the Triton kernels.
 """
@@ -37,8 +37,8 @@ class Build:
     blocks_per_sm: int
 
 
-# Per (code width, head dim), from benchmarks/sweep_cuda_decode.py on an H200 (Mistral heads). 4 bits, b8 x 32k:
-# this 0.1072 ms, 1 tile x 4 stages 0.1153, 2 x 3 0.1117, 4 x 2 at 2 blocks 0.1077; 4 blocks (8
+# Per (code width, head dim), from benchmarks/sweep_cuda_decode.py on an H200 (Mistral heads). 4 bits,
+# b8 x 32k: this 0.1072 ms, 1 tile x 4 stages 0.1153, 2 x 3 0.1117, 4 x 2 at 2 blocks 0.1077; 4 blocks (8
 # splits) 0.1097. 8 bits (a 4,864-B tile: 3 blocks of 2 x 2 overflow the 227 KB), b8 x 32k / 128k:
 # this 0.1609 / 0.5743 ms, 1 x 2 at 3 blocks 0.1624 / 0.5797, at 4 0.1633 / 0.5798, 1 x 3 at 3
 # 0.1655 / 0.5844. Head dim 64 (95-96 registers at 4 blocks/SM): not yet swept.
@@ -118,7 +118,8 @@ def refusal(q: torch.Tensor, k, v) -> str | None:
         codes, scales, biases = (part.arrays.get(n) for n in ("codes", "scales", "biases"))
         if codes is None or scales is None or biases is None:
             return f"{name}: no stored codes yet"
-        if codes.stride(-1) != 1 or codes.stride(-2) != d * part.spec.bits // 32 or any(s % 4 for s in codes.stride()[:2]) \
+        words = d * part.spec.bits // 32
+        if codes.stride(-1) != 1 or codes.stride(-2) != words or any(s % 4 for s in codes.stride()[:2]) \
                 or codes.data_ptr() % 16:
             return f"{name}: code rows are not contiguous and 16-byte aligned"
         for x in (scales, biases):
