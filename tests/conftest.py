@@ -21,9 +21,9 @@ _CREATED = pytest.StashKey[str]()
 def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
         return
-    # xdist's workers (up to 4) share CI's 2 cores: one intra-op thread each. torch's default, a thread
-    # per core in every worker, oversubscribed them: the whole suite took 16:38 against 13:58 on a
-    # 2-core machine (2026-12-01).
+    # xdist's workers (one per core, at most 4) share the cores: one intra-op thread each. torch's
+    # default, a thread per core in every worker, oversubscribed them: on 2 cores the whole suite took
+    # 16:38 against 13:58 locally, and CI's pytest 19:01 against 12:08 (2026-12-01).
     if getattr(config.option, "numprocesses", None) not in (None, 0):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     if "KVMLX_CACHE_DIR" in os.environ:
