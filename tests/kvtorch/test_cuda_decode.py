@@ -45,13 +45,14 @@ def launches(monkeypatch):
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """CPU tensors go to the emulated kernels (the GPU checks of `device_refusal` waived; the layout
-    checks stay); returns a function of the code width (and head dim) giving its kernel, whose
-    `launches` count its calls."""
+    """CPU tensors go to the emulated kernels (the GPU checks of `device_refusal` waived, head dim 64
+    let through as HEAD_DIMS will once it has run on a GPU; the layout checks stay); returns a function
+    of the code width (and head dim) giving its kernel, whose `launches` count its calls."""
     why = simt_decode.available()
     if why:
         pytest.skip(why)
     monkeypatch.setattr(cuda_decode, "device_refusal", lambda q: None)
+    monkeypatch.setattr(cuda_decode, "HEAD_DIMS", (64, 128))
     monkeypatch.setattr(cuda_decode, "_kernel_for", lambda device, bits, d: simt_decode.kernel(bits, d))
     return lambda bits, d=128: simt_decode.kernel(bits, d)  # the same cache key as the launches
 
@@ -71,20 +72,38 @@ EMULATED = [  # (spec, batch, GQA ratio, tokens, splits, case options)
     ("int8-bf16", 1, 4, 90, None, {"outlier_channel": True}),
     ("int8", 1, 4, 40, None, {"q_scale": 3.0e5, "seed": 0}),
 ]
+# (spec, batch, GQA ratio, tokens, splits, case options): SmolLM2's 3 and Qwen2.5's 7 per KV head; stored
+# lengths even (one scale a row: an odd head stride leaves pairs of rows unaligned for 4-byte copies)
+HEAD_DIM_64 = [
+    ("int4", 1, 3, 150, None, {}),
+    ("int8-bf16", 2, 7, 76, 3, {}),
+    ("int4-res5", 1, 7, 201, 2, {}),
+    ("int8", 1, 3, 100, 8, {}),  # blocks with no keys
+    ("int4-bf16", 1, 3, 90, None, {"outlier_channel": True}),
+    ("int8", 1, 7, 40, None, {"q_scale": 3.0e5, "seed": 0}),
+]
+
+
+def emulated_attend(emulated, spec, q, q_pos, kp, vp, splits=None):
+    """`attend` at q's head dim, checked to have launched the emulated kernel of spec's width once."""
+    d = q.shape[-1]
+    kernel = emulated(spec.k.bits, d)
+    before = kernel.launches
+    got = attend(q, q_pos, kp, vp, scale=d ** -0.5, splits=splits)
+    assert kernel.launches == before + 1
+    return got
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below run the kernel itself")
-@pytest.mark.parametrize("text,batch,rep,tokens,splits,options", EMULATED)
-def test_emulated_kernel_matches_the_oracle(text, batch, rep, tokens, splits, options, emulated):
+@pytest.mark.parametrize("d,text,batch,rep,tokens,splits,options",
+                         [(128, *c) for c in EMULATED] + [(64, *c) for c in HEAD_DIM_64])
+def test_emulated_kernel_matches_the_oracle(d, text, batch, rep, tokens, splits, options, emulated):
     options = {"seed": tokens, **options}
-    spec, q, q_pos, kp, vp, want = case(text, batch=batch, kv_heads=2, rep=rep, tokens=tokens, dim=128, **options)
+    spec, q, q_pos, kp, vp, want = case(text, batch=batch, kv_heads=2, rep=rep, tokens=tokens, dim=d, **options)
     assert cuda_decode.refusal(q, kp, vp) is None
-    kernel = emulated(spec.k.bits)
-    before = kernel.launches
-    got = attend(q, q_pos, kp, vp, scale=128 ** -0.5, splits=splits)
-    assert kernel.launches == before + 1
+    got = emulated_attend(emulated, spec, q, q_pos, kp, vp, splits)
     assert torch.isfinite(got).all()
-    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"{text} {options}")
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"D {d} {text} {options}")
 
 
 @pytest.mark.parametrize("text,why", [
@@ -215,14 +234,11 @@ def constant_group_case(text, b, hkv, rep, tokens, d=128):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the kernel itself")
-@pytest.mark.parametrize("text", ["int4", "int8"])
-def test_emulated_constant_groups(text, emulated):
-    spec, q, q_pos, kp, vp, want = constant_group_case(text, 1, 2, 4, 70)
-    kernel = emulated(spec.k.bits)
-    before = kernel.launches
-    got = attend(q, q_pos, kp, vp, scale=128 ** -0.5)
-    assert kernel.launches == before + 1
-    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), "constant groups")
+@pytest.mark.parametrize("text,d,rep", [("int4", 128, 4), ("int8", 128, 4), ("int4", 64, 3), ("int8", 64, 3)])
+def test_emulated_constant_groups(text, d, rep, emulated):
+    spec, q, q_pos, kp, vp, want = constant_group_case(text, 1, 2, rep, 70, d=d)
+    got = emulated_attend(emulated, spec, q, q_pos, kp, vp)
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"constant groups, D {d}")
 
 
 @pytest.mark.gpu
@@ -248,44 +264,6 @@ def test_the_triton_path_agrees(text, launches):
     assert_close(ours.cpu(), theirs.cpu().numpy(), spec_tolerance(spec, spec.float_dtype), "cuda vs triton")
 
 
-# (spec, batch, GQA ratio, tokens, splits, case options): SmolLM2's 3 and Qwen2.5's 7 per KV head; stored
-# lengths even (one scale a row: an odd head stride leaves pairs of rows unaligned for 4-byte copies)
-HEAD_DIM_64 = [
-    ("int4", 1, 3, 150, None, {}),
-    ("int8-bf16", 2, 7, 76, 3, {}),
-    ("int4-res5", 1, 7, 201, 2, {}),
-    ("int8", 1, 3, 100, 8, {}),  # blocks with no keys
-    ("int4-bf16", 1, 3, 90, None, {"outlier_channel": True}),
-    ("int8", 1, 7, 40, None, {"q_scale": 3.0e5, "seed": 0}),
-]
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="no GPU run of the D 64 builds yet: see cuda_decode.HEAD_DIMS")
-@pytest.mark.parametrize("text,batch,rep,tokens,splits,options", HEAD_DIM_64)
-def test_emulated_head_dim_64(text, batch, rep, tokens, splits, options, emulated, monkeypatch):
-    """The D 64 builds (one scale a row, copied two rows a lane; 2 or 4 code words a lane) against the
-    oracle, with `attend` sending D 64 to the kernel as it will once they have run on a GPU."""
-    monkeypatch.setattr(cuda_decode, "HEAD_DIMS", (64, 128))
-    options = {"seed": tokens, **options}
-    spec, q, q_pos, kp, vp, want = case(text, batch=batch, kv_heads=2, rep=rep, tokens=tokens, dim=64, **options)
-    assert cuda_decode.refusal(q, kp, vp) is None
-    kernel = emulated(spec.k.bits, 64)
-    before = kernel.launches
-    got = attend(q, q_pos, kp, vp, scale=64 ** -0.5, splits=splits)
-    assert kernel.launches == before + 1
-    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"D 64 {text} {options}")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="no GPU run of the D 64 builds yet: see cuda_decode.HEAD_DIMS")
-@pytest.mark.parametrize("text", ["int4", "int8"])
-def test_emulated_head_dim_64_constant_groups(text, emulated, monkeypatch):
-    monkeypatch.setattr(cuda_decode, "HEAD_DIMS", (64, 128))
-    spec, q, q_pos, kp, vp, want = constant_group_case(text, 1, 2, 3, 70, d=64)
-    kernel = emulated(spec.k.bits, 64)
-    before = kernel.launches
-    got = attend(q, q_pos, kp, vp, scale=64 ** -0.5)
-    assert kernel.launches == before + 1
-    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"D 64 constant groups {text}")
 
 
 def test_head_dim_64_waits_for_a_gpu_run():
@@ -323,17 +301,13 @@ def with_nan_reserve(part, reserve: int):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the kernel itself")
 @pytest.mark.parametrize("text,d,tokens", [("int4", 128, 77), ("int8", 64, 61), ("int4-res3", 64, 102)])
-def test_emulated_nan_past_the_live_rows(text, d, tokens, emulated, monkeypatch):
-    monkeypatch.setattr(cuda_decode, "HEAD_DIMS", (64, 128))
+def test_emulated_nan_past_the_live_rows(text, d, tokens, emulated):
     spec, q, q_pos, kp, vp, want = case(text, batch=1, kv_heads=2, rep=3, tokens=tokens, dim=d, seed=3)
     live = kp.arrays["codes"].shape[-2]
     assert live % 2 == 1  # an odd live count (the even-stride storage then has a NaN beside its last row)
     kp, vp = with_nan_reserve(kp, 17), with_nan_reserve(vp, 17)
     assert cuda_decode.refusal(q, kp, vp) is None
-    kernel = emulated(spec.k.bits, d)
-    before = kernel.launches
-    got = attend(q, q_pos, kp, vp, scale=d ** -0.5, splits=3)
-    assert kernel.launches == before + 1
+    got = emulated_attend(emulated, spec, q, q_pos, kp, vp, splits=3)
     assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"NaN reserve {text} D {d}")
 
 
