@@ -65,6 +65,9 @@ class TokenBuffer:
         need = live + extra
         # Zero tokens asked of an empty buffer: a zero-capacity array that only records the layout.
         cap = need if exact or not need else need + min(max(math.ceil((GROWTH - 1) * need), SPARE), MAX_SPARE)
+        # An even capacity: at head dim 64 a head's fp16 scale rows then start 4-byte aligned, which the
+        # CUDA decode kernel's 4-byte copies need (it refuses odd head strides).
+        cap += cap % 2
         # A normal tensor even under inference mode, so a cache filled there can grow outside it.
         with torch.inference_mode(False):
             new = torch.empty((*shape[:-2], cap, shape[-1]), dtype=dtype, device=device)

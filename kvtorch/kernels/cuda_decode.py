@@ -1,9 +1,8 @@
 """The CUDA C++ decode kernel for 4-bit or 8-bit token-axis K and V (decode_quant.cu), behind `attend`.
 
 It replaces the lean Triton split program for one decode query over 4-bit or 8-bit K and V (both the
-same width) at head dim 128 (group 64, no rotation, up to 8 query heads per KV head; head dim 64
-builds exist but wait for a GPU run, see HEAD_DIMS) and writes the same partial slots, which the
-Triton reduce merges. Compiled once per device by NVRTC (the libnvrtc that CUDA builds of torch
+same width) at head dim 128 or 64 (group 64, no rotation, up to 8 query heads per KV head) and writes
+the same partial slots, which the Triton reduce merges. Compiled once per device by NVRTC (the libnvrtc that CUDA builds of torch
 ship), so it needs no CUDA toolkit. Everything else, and any GPU without the MMA it uses (sm_80+),
 stays on the Triton kernels.
 """
@@ -41,17 +40,18 @@ class Build:
 # b8 x 32k: this 0.1072 ms, 1 tile x 4 stages 0.1153, 2 x 3 0.1117, 4 x 2 at 2 blocks 0.1077; 4 blocks (8
 # splits) 0.1097. 8 bits (a 4,864-B tile: 3 blocks of 2 x 2 overflow the 227 KB), b8 x 32k / 128k:
 # this 0.1609 / 0.5743 ms, 1 x 2 at 3 blocks 0.1624 / 0.5797, at 4 0.1633 / 0.5798, 1 x 3 at 3
-# 0.1655 / 0.5844. Head dim 64 (95-96 registers at 4 blocks/SM): not yet swept.
+# 0.1655 / 0.5844. Head dim 64 (95-96 registers), SmolLM2's heads (9 q / 3 kv), b8 x 32k / 128k: 4 bits
+# this 0.0351 / 0.0875 ms (Triton 0.0623 / 0.2082), 5 blocks 0.0354 / 0.0883, 2 x 3 at 4 0.0368 / 0.0912,
+# 1 x 3 at 4 0.0357 / 0.0959; 8 bits this 0.0460 / 0.1222 (Triton 0.0573 / 0.1867), 2 x 3 at 3 0.0461 /
+# 0.1235, 1 x 3 at 4 0.0467 / 0.1245.
 BUILDS = {
     (4, 128): Build(tiles=2, stages=2, blocks_per_sm=3),
     (8, 128): Build(tiles=2, stages=2, blocks_per_sm=2),
     (4, 64): Build(tiles=2, stages=2, blocks_per_sm=4),
     (8, 64): Build(tiles=2, stages=2, blocks_per_sm=4),
 }
-# The head dims `attend` sends to the kernel. The D 64 builds (SmolLM2's and Qwen2.5's heads) pass the
-# CPU warp emulator against the kvspec oracle and compile for sm_80 / sm_90 without spills, but have
-# not run on a GPU: until they have, those heads stay on Triton.
-HEAD_DIMS = (128,)
+# The head dims `attend` sends to the kernel: Mistral's 128, and SmolLM2's and Qwen2.5's 64.
+HEAD_DIMS = (64, 128)
 
 
 def tile_bytes(bits: int, d: int) -> int:

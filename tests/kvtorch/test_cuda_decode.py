@@ -1,5 +1,5 @@
 """kvtorch.kernels.cuda_decode: the CUDA C++ decode kernel for 4- and 8-bit K and V, against kvspec's oracle
-(head dim 128 on the GPU and the emulator; the head dim 64 builds on the emulator only, until a GPU run).
+(head dims 128 and 64, on the GPU and on the emulator).
 
 On the GPU (marked `gpu`): decode through `attend` with the kernel taking the lean launch (checked by
 counting its launches) at Mistral-sized heads, against kvspec.reference.attend_as_decoded at
@@ -45,14 +45,13 @@ def launches(monkeypatch):
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """CPU tensors go to the emulated kernels (the GPU checks of `device_refusal` waived, head dim 64
-    let through as HEAD_DIMS will once it has run on a GPU; the layout checks stay); returns a function
-    of the code width (and head dim) giving its kernel, whose `launches` count its calls."""
+    """CPU tensors go to the emulated kernels (the GPU checks of `device_refusal` waived, the layout
+    checks stay); returns a function of the code width (and head dim) giving its kernel, whose
+    `launches` count its calls."""
     why = simt_decode.available()
     if why:
         pytest.skip(why)
     monkeypatch.setattr(cuda_decode, "device_refusal", lambda q: None)
-    monkeypatch.setattr(cuda_decode, "HEAD_DIMS", (64, 128))
     monkeypatch.setattr(cuda_decode, "_kernel_for", lambda device, bits, d: simt_decode.kernel(bits, d))
     return lambda bits, d=128: simt_decode.kernel(bits, d)  # the same cache key as the launches
 
@@ -138,7 +137,7 @@ def test_cpu_tensors_are_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("queries,dim,rep,why", [
     (2, 128, 4, "2 queries of head dim 128"),
-    (1, 64, 4, "1 queries of head dim 64"),
+    (1, 256, 4, "1 queries of head dim 256"),
     (1, 128, 16, "16 query heads per KV head"),
 ])
 def test_shapes_it_refuses(queries, dim, rep, why):
@@ -266,15 +265,9 @@ def test_the_triton_path_agrees(text, launches):
 
 
 
-def test_head_dim_64_waits_for_a_gpu_run():
-    """D 64 is built and emulated, not yet sent to the kernel (no GPU run of it yet)."""
-    assert 64 not in cuda_decode.HEAD_DIMS and (4, 64) in cuda_decode.BUILDS and (8, 64) in cuda_decode.BUILDS
-
-
 def test_head_dim_64_odd_head_strides_are_refused(monkeypatch):
     """One fp16 scale a row at D 64: rows are copied two at a time (4 bytes), so a head stride of odd
     length would misalign them: Triton takes such storage."""
-    monkeypatch.setattr(cuda_decode, "HEAD_DIMS", (64, 128))
     monkeypatch.setattr(cuda_decode, "device_refusal", lambda q: None)
     spec, q, q_pos, kp, vp, _ = case("int4", kv_heads=2, rep=3, tokens=77, dim=64)
     assert cuda_decode.refusal(q, kp, vp) == ("K: scale or bias heads do not start 4-byte aligned (an odd head "
@@ -330,10 +323,8 @@ def test_nan_past_the_live_rows(text, launches):
     ("int4-res5", 3, 3, 1501, 2),
     ("int8", 2, 7, 300, 32),
 ])
-def test_head_dim_64(text, kv_heads, rep, tokens, splits, launches, monkeypatch):
-    """The D 64 builds on the GPU, sent to the kernel as HEAD_DIMS will once this passes (written in
-    session 26 without a GPU run: the first run of these decides whether 64 joins HEAD_DIMS)."""
-    monkeypatch.setattr(cuda_decode, "HEAD_DIMS", (64, 128))
+def test_head_dim_64(text, kv_heads, rep, tokens, splits, launches):
+    """The D 64 builds on the GPU (SmolLM2's and Qwen2.5's heads)."""
     spec, q, q_pos, kp, vp, want = case(text, batch=2, kv_heads=kv_heads, rep=rep, tokens=tokens, dim=64,
                                         seed=tokens)
     assert cuda_decode.refusal(q, kp, vp) is None

@@ -127,8 +127,8 @@ def test_growth_is_geometric_then_capped_and_views_survive_it():
         if i % 7 == 0:
             buf.drop_front(1)  # a window leaving from the front
         if buf.capacity != cap:  # a grow: live tokens moved to the front, then at most MAX_SPARE spare
-            grows += 1
-            assert buf.capacity - len(buf) <= MAX_SPARE + 1, (i, buf.capacity, len(buf))
+            grows += 1  # (+1 for the window's drop, +1 rounding to an even capacity, which D 64 kernels need)
+            assert buf.capacity - len(buf) <= MAX_SPARE + 2 and buf.capacity % 2 == 0, (i, buf.capacity, len(buf))
         cap = buf.capacity
     # One grow per factor GROWTH of length until the reserve reaches MAX_SPARE, then one per
     # MAX_SPARE tokens (plus moves of the window's front), not one per append.
