@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._jit import (
     codes3,
@@ -222,7 +223,10 @@ def _split_kernel(
     K_XFORM: tl.constexpr, DK: tl.constexpr, DK_REAL: tl.constexpr, V_BITS: tl.constexpr,
     V_GROUP: tl.constexpr, V_CHANNEL: tl.constexpr, DV: tl.constexpr, DV_REAL: tl.constexpr, DOT: tl.constexpr,
     MM_F32: tl.constexpr, GENERAL: tl.constexpr, PTX: tl.constexpr, RING: tl.constexpr, WARPS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # the reduce, a programmatic dependent launch, may start its launch (it waits for our writes)
+        gdc_launch_dependents()
     pid_s, bh, pid_q = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (bh // Hkv).to(tl.int64)
     kvh = (bh % Hkv).to(tl.int64)
@@ -372,7 +376,7 @@ def _reduce_kernel(
     pm_ptr, pl_ptr, pc_ptr, pf_ptr, flag_ptr, out_ptr, so_b, so_h, so_t, vaux_ptr, v_norm,
     Hkv, G, Tq, S, NQB,
     D: tl.constexpr, LOG_D: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr,
-    DV: tl.constexpr, DV_REAL: tl.constexpr, V_XFORM: tl.constexpr, SP: tl.constexpr,
+    DV: tl.constexpr, DV_REAL: tl.constexpr, V_XFORM: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per query head and query: every slot's partials [SP, DV] load as one tile, so the
     # loads are all in flight at once (a loop over slots chained 32 load latencies at batch 1: the
@@ -380,6 +384,8 @@ def _reduce_kernel(
     # Its own launch, in parallel over heads: merging in the split kernel's last program of each KV
     # head (an atomic arrival counter) lost at every shape measured (rank32 b8 x 32k 0.0850 vs 0.0836
     # ms, where this kernel takes 4.4 us; int4 0.258 vs 0.177: 247 registers instead of 168).
+    if PDL:  # launched before the split kernels finished: their partials are visible after this wait
+        gdc_wait()
     bhg, t = tl.program_id(0), tl.program_id(1)
     bh, gi = bhg // G, bhg % G
     b = (bh // Hkv).to(tl.int64)

@@ -54,6 +54,11 @@ LONG_MAX_SPLITS = 64
 # Fewest keys one split covers: shorter ones cost more in the reduce than they add in parallelism
 # (H200, Mistral heads, batch 1 x 4k: 32 splits of 128 keys 0.028-0.031 ms, 16 of 256 0.022-0.026).
 MIN_SPLIT_KEYS = 256
+# The reduce as a programmatic dependent launch (sm_90+): the Triton split kernels let it launch at
+# their start, decode_quant.cu at D 64 after its key loop, so it is resident and waiting when they
+# finish. H200, one process: rank32 b8 x 32k 0.0830 -> 0.0825 ms, b1 x 32k 0.0237 -> 0.0232; D 64
+# int4 b1 x 32k 0.0163 -> 0.0156. False: a plain launch (A/B benches set it).
+PDL = True
 
 
 def _sms(device: torch.device) -> int:
@@ -351,6 +356,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
 
     from ._attention_triton import _reduce_kernel, _split_kernel
 
+    pdl = PDL and not interpreting() and torch.cuda.get_device_capability(q.device) >= (9, 0)
     dot = tl.float16 if k.floats.dtype == torch.float16 or fp16_operands(k.spec, v.spec) else tl.bfloat16
     qpos = q_pos.to(q.device)
     launches = ((False, s_fast, 0, c_fast, 0, block),
@@ -377,14 +383,14 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
                 K_BITS=km["BITS"], K_GROUP=km["GROUP"], K_CHANNEL=km["CHANNEL"], K_XFORM=km["XFORM"], DK=km["DP"],
                 DK_REAL=km["DREAL"], V_BITS=vm["BITS"], V_GROUP=vm["GROUP"], V_CHANNEL=vm["CHANNEL"], DV=vm["DP"],
                 DV_REAL=vm["DREAL"], DOT=dot, MM_F32=interpreting() and dot == tl.bfloat16, GENERAL=general,
-                PTX=ptx and not interpreting() and dot == tl.float16, RING=ring, WARPS=warps,
+                PTX=ptx and not interpreting() and dot == tl.float16, RING=ring, WARPS=warps, PDL=pdl,
                 num_warps=warps, num_stages=stages,
             )
         sp = 1 << (slots - 1).bit_length()
         _reduce_kernel[(b * hq, tq)](
             pm, pl, pc, pf, flag, out, *out.stride()[:3], vaux, vnorm, hkv, g, tq, slots, nqb,
             D=d, LOG_D=int(math.log2(d)), GP=gp, BQ=bq, DV=vm["DP"], DV_REAL=vm["DREAL"],
-            V_XFORM=vm["XFORM"], SP=sp, num_warps=4 if sp * d <= 4096 else 8,
+            V_XFORM=vm["XFORM"], SP=sp, PDL=pdl, num_warps=4 if sp * d <= 4096 else 8, launch_pdl=pdl,
         )
     return out
 
