@@ -17,7 +17,7 @@ as (qP).c, outputs as unrotate(p.V) or (p.C)P^T; the D-dim history is never rebu
 
 `attention_reference` is the plain-torch version; `attention` dispatches to the Triton kernels
 where `refusal` is None (long prefill chunks: kernels.prefill, one rebuild of the history and
-torch's SDPA; 4- and 8-bit decode at head dim 128: the CUDA kernel of kernels.cuda_decode for the lean
+torch's SDPA; 4- and 8-bit decode at head dims 64, 128 and 256: the CUDA kernel of kernels.cuda_decode for the lean
 launch) and to the reference otherwise; `attention_kernel` has the signature of
 kvtorch.attention.register_kernel (None where it refuses).
 """

@@ -1,7 +1,7 @@
 """The CUDA C++ decode kernel for 4-bit or 8-bit token-axis K and V (decode_quant.cu), behind `attend`.
 
 It replaces the lean Triton split program for one decode query over 4-bit or 8-bit K and V (both the
-same width) at head dim 128 or 64 (group 64, no rotation, up to 8 query heads per KV head) and writes
+same width) at head dim 64, 128 or 256 (group 64, no rotation, up to 8 query heads per KV head) and writes
 the same partial slots, which the Triton reduce merges. Compiled once per device by NVRTC (the libnvrtc that CUDA builds of torch
 ship), so it needs no CUDA toolkit. Everything else, and any GPU without the MMA it uses (sm_80+),
 stays on the Triton kernels.
@@ -43,23 +43,29 @@ class Build:
 # 0.1655 / 0.5844. Head dim 64 (95-96 registers), SmolLM2's heads (9 q / 3 kv), b8 x 32k / 128k: 4 bits
 # this 0.0351 / 0.0875 ms (Triton 0.0623 / 0.2082), 5 blocks 0.0354 / 0.0883, 2 x 3 at 4 0.0368 / 0.0912,
 # 1 x 3 at 4 0.0357 / 0.0959; 8 bits this 0.0460 / 0.1222 (Triton 0.0573 / 0.1867), 2 x 3 at 3 0.0461 /
-# 0.1235, 1 x 3 at 4 0.0467 / 0.1245.
+# 0.1235, 1 x 3 at 4 0.0467 / 0.1245. Head dim 256, Gemma-3's heads (4 q / 1 kv), b8 x 32k / 128k / b1 x
+# 32k: 4 bits (187 registers) this 0.0492 / 0.1087 / 0.0282 ms (Triton 0.0738 / 0.2414 / 0.0425), 2 x 3
+# at 1 0.0443 / 0.1140 / 0.0285, 1 x 2 at 3 0.0484 / 0.1103 / 0.0298; 8 bits (a 9,216-B tile, 189
+# registers) this 0.0592 / 0.1627 / 0.0314 (Triton 0.0764 / 0.2395 / 0.0539), 1 x 2 at 3 0.0638 / 0.1689
+# / 0.0320, 1 x 3 at 2 0.0652 / 0.1725 / 0.0312.
 BUILDS = {
     (4, 128): Build(tiles=2, stages=2, blocks_per_sm=3),
     (8, 128): Build(tiles=2, stages=2, blocks_per_sm=2),
     (4, 64): Build(tiles=2, stages=2, blocks_per_sm=4),
     (8, 64): Build(tiles=2, stages=2, blocks_per_sm=4),
+    (4, 256): Build(tiles=2, stages=2, blocks_per_sm=2),
+    (8, 256): Build(tiles=2, stages=2, blocks_per_sm=1),
 }
-# The head dims `attend` sends to the kernel: Mistral's 128, and SmolLM2's and Qwen2.5's 64.
-HEAD_DIMS = (64, 128)
+# The head dims `attend` sends to the kernel: Mistral's 128, SmolLM2's and Qwen2.5's 64, Gemma-3's 256.
+HEAD_DIMS = (64, 128, 256)
 
 
 def tile_bytes(bits: int, d: int) -> int:
     """decode_quant.cu's TILE_BYTES (the build checks it): 16 rows of K codes and of V codes (rows padded
-    against bank conflicts: 128-B rows to 144 B, V rows by 16 B), then K and V scales and biases
+    against bank conflicts: K rows of 128 B or more by 16 B, V rows by 16 B), then K and V scales and biases
     (d / 64 fp16 each a row)."""
     row = d * bits // 8
-    return 16 * ((144 if row == 128 else row) + row + 16) + 4 * 16 * (d // 64) * 2
+    return 16 * ((row + 16 if row >= 128 else row) + row + 16) + 4 * 16 * (d // 64) * 2
 
 
 def keys_per_step(bits: int, d: int) -> int:
@@ -113,8 +119,8 @@ def refusal(q: torch.Tensor, k, v) -> str | None:
         why = _spec_refusal(part.spec)
         if why:
             return f"{name}: {why}"
-        # cp.async copies 16-byte chunks of code rows (d * bits / 32 words) and 4-byte runs of scale and
-        # bias rows (d / 64 fp16 each)
+        # cp.async copies 16-byte chunks of code rows (d * bits / 32 words) and 4- or 8-byte runs of scale
+        # and bias rows (d / 64 fp16 each: pairs of rows at D 64, one row at D 128 and 256)
         codes, scales, biases = (part.arrays.get(n) for n in ("codes", "scales", "biases"))
         if codes is None or scales is None or biases is None:
             return f"{name}: no stored codes yet"
@@ -122,11 +128,13 @@ def refusal(q: torch.Tensor, k, v) -> str | None:
         if codes.stride(-1) != 1 or codes.stride(-2) != words or any(s % 4 for s in codes.stride()[:2]) \
                 or codes.data_ptr() % 16:
             return f"{name}: code rows are not contiguous and 16-byte aligned"
+        align = max(4, d // 32)
         for x in (scales, biases):
             if x.stride(-1) != 1 or x.stride(-2) != d // 64:
                 return f"{name}: scale or bias rows are not contiguous runs of {d // 64} fp16"
-            if any(s % 2 for s in x.stride()[:2]) or x.data_ptr() % 4:
-                return f"{name}: scale or bias heads do not start 4-byte aligned (an odd head stride or offset)"
+            if any(2 * s % align for s in x.stride()[:2]) or x.data_ptr() % align:
+                return (f"{name}: scale or bias heads do not start {align}-byte aligned (an odd head stride or "
+                        "offset)")
         if max(codes.stride(0), scales.stride(0)) >= 2**31:
             return f"{name}: strides beyond 32 bits"
     if k.spec.bits != v.spec.bits:

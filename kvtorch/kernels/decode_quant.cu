@@ -1,4 +1,4 @@
-// Split-K decode attention over 4-bit or 8-bit (BITS) token-axis K and V (head dim HEAD_DIM 128 or 64,
+// Split-K decode attention over 4-bit or 8-bit (BITS) token-axis K and V (head dim HEAD_DIM 64, 128 or 256,
 // group 64, up to 8 query heads per KV head), in CUDA C++ with warp-level MMA (sm_80+; compiled at run time by NVRTC through
 // kvtorch.kernels.cuda_decode). It writes the same partial slots as _attention_triton's lean split
 // program, and the Triton reduce merges them.
@@ -29,6 +29,9 @@
 // Head dim 64 halves each lane's share: K words 2t, 2t + 1 (4 bits) or 4t..4t+3 (8 bits), d in
 //   [16t, 16t + 16), 4 chunks; V word g (4 bits) or 2g, 2g + 1 (8 bits), d in [8g, 8g + 8), rows
 //   d = 8g + 2c and + 1; one scale a row (the lanes' groups are all group 0).
+// Head dim 256 doubles it: K words 8t..8t+7 (4 bits) or 16t..16t+15 (8 bits), d in [64t, 64t + 64) (group
+//   t), 16 chunks; V words 4g..4g+3 (4 bits) or 8g..8g+7 (8 bits), d in [32g, 32g + 32), rows d = 32g + 2c
+//   and + 1 (group g / 2).
 //   P: the scores' accumulator (keys g, g + 8 x queries 2t, 2t + 1) becomes the P^T operand (keys 2t,
 //      2t + 1, 2t + 8, 2t + 9 x query g) by one movmatrix transpose per 8 x 8 half.
 //
@@ -71,16 +74,16 @@ inline void __syncwarp() {
 #endif
 #define TILE 16  // keys of one MMA tile (the MMA's M)
 #ifndef HEAD_DIM
-#define HEAD_DIM 128  // 64 or 128 (kvtorch passes it)
+#define HEAD_DIM 128  // 64, 128 or 256 (kvtorch passes it)
 #endif
-#if HEAD_DIM != 64 && HEAD_DIM != 128
-#error "HEAD_DIM must be 64 or 128"
+#if HEAD_DIM != 64 && HEAD_DIM != 128 && HEAD_DIM != 256
+#error "HEAD_DIM must be 64, 128 or 256"
 #endif
 #define D HEAD_DIM
 #define LANE_D (D / 4)  // d a lane of q holds: [LANE_D t, LANE_D (t + 1))
 #define GROUPS (D / 64)  // scales (and biases) a row
-#define WORDS (D * BITS / 32)  // code words a row: 8 to 32
-#define CHUNKS (WORDS / 4)     // 16-byte chunks a row: 2 to 8
+#define WORDS (D * BITS / 32)  // code words a row: 8 to 64
+#define CHUNKS (WORDS / 4)     // 16-byte chunks a row: 2 to 16
 #define ROWS_PER_PASS (32 / CHUNKS)  // rows a warp's 16-byte copies cover at once
 #define NEG_INF_FINITE -1.0e30f  // a finite minus infinity, as _attention_triton.NEG
 
@@ -192,9 +195,9 @@ __device__ __forceinline__ float warp_sum_over_g(float x) {
 // enough to cover DRAM latency without holding the words in registers). A step is TILES tiles of 16
 // keys; per tile: K code rows of 64 B; V code rows padded to 80 B (a lane reads 8 B of keys 2t + e:
 // 64-B rows put the four t on the same banks); 8 bits: K and V rows of 128 B padded to 144 B (without,
-// keys g and g + 1, and 2t and 2t + 2, meet on the same banks); D 64: V rows 16 B longer likewise;
-// scales and biases of K and V, 16 keys x GROUPS x fp16 each (4-byte copies: a head's rows need not be
-// 16-byte aligned).
+// keys g and g + 1, and 2t and 2t + 2, meet on the same banks), as any row of 128 B or more (D 256);
+// D 64: V rows 16 B longer likewise; scales and biases of K and V, 16 keys x GROUPS x fp16 each (4- or
+// 8-byte copies: a head's rows need not be 16-byte aligned).
 #ifndef STAGES
 #define STAGES 2
 #endif
@@ -203,7 +206,7 @@ __device__ __forceinline__ float warp_sum_over_g(float x) {
 #endif
 #define STEP_KEYS (TILES * TILE)
 #define ROW_BYTES (D * BITS / 8)
-#define K_ROW (ROW_BYTES == 128 ? 144 : ROW_BYTES)  // 4 bits at D 128: 64; 8 bits: 144
+#define K_ROW (ROW_BYTES >= 128 ? ROW_BYTES + 16 : ROW_BYTES)  // 4 bits at D 128: 64; 8 bits: 144
 #define V_ROW (ROW_BYTES + 16)                      // 4 bits at D 128: 80; 8 bits: 144
 #define K_BYTES (TILE * K_ROW)
 #define V_BYTES (TILE * V_ROW)
@@ -239,6 +242,8 @@ __device__ __forceinline__ u32 shared_address(const void* p) { return static_cas
 template <int N> __device__ __forceinline__ void cp_async(u32 dst, const void* src, int bytes) {
     if (N == 16) {
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+    } else if (N == 8) {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(bytes));
     } else {
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(bytes));
     }
@@ -278,8 +283,8 @@ template <> __device__ __forceinline__ uint4 lds<uint4>(u32 addr) {
 #endif
 
 // A lane's share of a tile's copies: 16-B chunk lane % CHUNKS of code rows lane / CHUNKS + ROWS_PER_PASS i
-// (K and V); D 128: row lane % 16 of two scale arrays (K and V scales for lanes < 16, K and V biases
-// above); D 64 (one fp16 a row): rows 2p, 2p + 1 (p = lane % 8) of array lane / 8 (K scales, K biases,
+// (K and V); D 128 and 256: row lane % 16 of two scale arrays (K and V scales for lanes < 16, K and V
+// biases above); D 64 (one fp16 a row): rows 2p, 2p + 1 (p = lane % 8) of array lane / 8 (K scales, K biases,
 // V scales, V biases). Code rows are WORDS words and scale rows GROUPS fp16 apart (`cuda_decode.refusal`
 // checks), so one pointer per array serves every row.
 struct Sources {
@@ -292,7 +297,7 @@ struct Sources {
 
 __device__ __forceinline__ Sources lane_sources(const u32* kc, const u16* ks, const u16* kb, const u32* vc,
                                                 const u16* vs, const u16* vb, int lane) {
-#if GROUPS == 2
+#if GROUPS >= 2
     const int key = lane / CHUNKS, j = lane % CHUNKS, skey = lane & 15, hi = lane >> 4;
 #else
     const int key = lane / CHUNKS, j = lane % CHUNKS, pair = lane & 7, array = lane >> 3;
@@ -300,17 +305,17 @@ __device__ __forceinline__ Sources lane_sources(const u32* kc, const u16* ks, co
     Sources src;
     src.kc = kc + key * WORDS + 4 * j;
     src.vc = vc + key * WORDS + 4 * j;
-#if GROUPS == 2
-    src.ksc = (hi ? kb : ks) + 2 * skey;
-    src.vsc = (hi ? vb : vs) + 2 * skey;
+#if GROUPS >= 2
+    src.ksc = (hi ? kb : ks) + GROUPS * skey;
+    src.vsc = (hi ? vb : vs) + GROUPS * skey;
 #else
     src.ksc = (array == 0 ? ks : array == 1 ? kb : array == 2 ? vs : vb) + 2 * pair;
     src.vsc = src.ksc;  // one copy a lane: unused
 #endif
     src.k_dst = key * K_ROW + 16 * j;
     src.v_dst = K_BYTES + key * V_ROW + 16 * j;
-#if GROUPS == 2
-    src.s_dst = K_BYTES + V_BYTES + hi * SCALE_BYTES + 4 * skey;
+#if GROUPS >= 2
+    src.s_dst = K_BYTES + V_BYTES + hi * SCALE_BYTES + 2 * GROUPS * skey;
 #else
     src.s_dst = K_BYTES + V_BYTES + array * SCALE_BYTES + 4 * pair;
 #endif
@@ -330,14 +335,16 @@ __device__ __forceinline__ void issue_step(u32 dst, const Sources& src, int key0
                 cp_async<16>(tile + src.k_dst + ROWS_PER_PASS * K_ROW * i, src.kc + row * WORDS, 16);
                 cp_async<16>(tile + src.v_dst + ROWS_PER_PASS * V_ROW * i, src.vc + row * WORDS, 16);
             }
-            cp_async<4>(tile + src.s_dst, src.ksc + 16 * GROUPS * u, 4);
-#if GROUPS == 2
-            cp_async<4>(tile + src.s_dst + 2 * SCALE_BYTES, src.vsc + 32 * u, 4);
+#if GROUPS >= 2
+            cp_async<2 * GROUPS>(tile + src.s_dst, src.ksc + 16 * GROUPS * u, 2 * GROUPS);
+            cp_async<2 * GROUPS>(tile + src.s_dst + 2 * SCALE_BYTES, src.vsc + 16 * GROUPS * u, 2 * GROUPS);
+#else
+            cp_async<4>(tile + src.s_dst, src.ksc + 16 * u, 4);
 #endif
         }
         return;
     }
-#if GROUPS == 2
+#if GROUPS >= 2
     const int key = lane / CHUNKS, skey = lane & 15;
 #else
     const int key = lane / CHUNKS;
@@ -352,10 +359,11 @@ __device__ __forceinline__ void issue_step(u32 dst, const Sources& src, int key0
             cp_async<16>(tile + src.k_dst + ROWS_PER_PASS * K_ROW * i, src.kc + (row - over) * WORDS, over ? 0 : 16);
             cp_async<16>(tile + src.v_dst + ROWS_PER_PASS * V_ROW * i, src.vc + (row - over) * WORDS, over ? 0 : 16);
         }
-#if GROUPS == 2
+#if GROUPS >= 2
         const int over = max(0, key0 + skey + 16 * u - last);
-        cp_async<4>(tile + src.s_dst, src.ksc + 2 * (16 * u - over), over ? 0 : 4);
-        cp_async<4>(tile + src.s_dst + 2 * SCALE_BYTES, src.vsc + 2 * (16 * u - over), over ? 0 : 4);
+        cp_async<2 * GROUPS>(tile + src.s_dst, src.ksc + GROUPS * (16 * u - over), over ? 0 : 2 * GROUPS);
+        cp_async<2 * GROUPS>(tile + src.s_dst + 2 * SCALE_BYTES, src.vsc + GROUPS * (16 * u - over),
+                             over ? 0 : 2 * GROUPS);
 #else
         // rows 2p and 2p + 1: both, the first only, or none; none reads from row last rounded down to even
         const int first = key0 + 16 * u + 2 * (lane & 7), back = first <= last ? 0 : first - (last & ~1);
@@ -394,7 +402,7 @@ __device__ __forceinline__ void tile_scores(float (&sc)[4], u32 tile, const u32 
         kw[h][1] = w.y;
 #endif
         // the group of d in [LANE_D t, LANE_D (t + 1))
-        const u32 a = tile + K_BYTES + V_BYTES + ((g + 8 * h) * GROUPS + (GROUPS == 2 ? t >> 1 : 0)) * 2;
+        const u32 a = tile + K_BYTES + V_BYTES + ((g + 8 * h) * GROUPS + (GROUPS == 4 ? t : GROUPS == 2 ? t >> 1 : 0)) * 2;
         ks[h] = __byte_perm(lds<u16>(a), 0, 0x1010);
         kb[h] = __byte_perm(lds<u16>(a + SCALE_BYTES), 0, 0x1010);
     }
@@ -439,13 +447,17 @@ __device__ __forceinline__ void tile_values(float (&o)[D / 16][4], u32 tile, u32
             vw[0][2 * p + e] = w.x;
             vw[1][2 * p + e] = w.y;
 #else
-            const uint4 w = lds<uint4>(row);
-            vw[0][2 * p + e] = w.x;
-            vw[1][2 * p + e] = w.y;
-            vw[2][2 * p + e] = w.z;
-            vw[3][2 * p + e] = w.w;
+            #pragma unroll
+            for (int x = 0; x < WORDS / 32; ++x) {
+                const uint4 w = lds<uint4>(row + 16 * x);
+                vw[4 * x][2 * p + e] = w.x;
+                vw[4 * x + 1][2 * p + e] = w.y;
+                vw[4 * x + 2][2 * p + e] = w.z;
+                vw[4 * x + 3][2 * p + e] = w.w;
+            }
 #endif
-            const u32 a = tile + K_BYTES + V_BYTES + 2 * SCALE_BYTES + (key * GROUPS + (GROUPS == 2 ? g >> 2 : 0)) * 2;
+            const u32 a = tile + K_BYTES + V_BYTES + 2 * SCALE_BYTES +
+                          (key * GROUPS + (GROUPS == 4 ? g >> 1 : GROUPS == 2 ? g >> 2 : 0)) * 2;
             s[e] = lds<u16>(a);
             b[e] = lds<u16>(a + SCALE_BYTES);
         }
@@ -517,6 +529,28 @@ __device__ __forceinline__ void attend_step(u32 stage, const u32 (&qb)[D / 16][2
         l1 += p1 + p3;
         tile_values(o, stage + u * TILE_BYTES, transpose8x8(pack_half2(p0, p1)), transpose8x8(pack_half2(p2, p3)), g,
                     t);
+    }
+}
+
+// Query head h's output at d, merged over the block's warps, and (at d 0) its maximum and sum: slot
+// `slot` + h of the partials.
+__device__ __forceinline__ void merge_warps(const float (&sm_m)[WARPS][8], const float (&sm_l)[WARPS][8],
+                                            const float (*sm_o)[8][D], int h, int d, long long slot, float* pm,
+                                            float* pl, float* pc) {
+    float mx = NEG_INF_FINITE;
+    #pragma unroll
+    for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w][h]);
+    float l = 0.0f, acc = 0.0f;
+    #pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        const float a = ex2(sm_m[w][h] - mx);
+        l += a * sm_l[w][h];
+        acc += a * sm_o[w][h][d];
+    }
+    pc[(slot + h) * D + d] = acc;
+    if (d == 0) {
+        pm[slot + h] = mx;
+        pl[slot + h] = l;
     }
 }
 
@@ -652,25 +686,18 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) decode_quan
         sm_o[warp][2 * t + 1][D / 8 * g + 2 * c + 1] = o[c][3];
     }
     __syncthreads();
+    const long long slot = ((long long)bh * S + pid_s) * GP;
+#if D > WARPS * 32
+    // D 256: every head at d = thread, then at thread + 128
+    for (int d = threadIdx.x; d < D; d += WARPS * 32) {
+        for (int h = 0; h < G; ++h) merge_warps(sm_m, sm_l, sm_o, h, d, slot, pm, pl, pc);
+    }
+#else
     // thread (h0, d): heads h0, h0 + WARPS * 32 / D, ... at d (D 128: every head at d = thread)
     const int d = D == 128 ? (int)threadIdx.x : (int)threadIdx.x % D;
-    const long long slot = ((long long)bh * S + pid_s) * GP;
     for (int h = D == 128 ? 0 : (int)threadIdx.x / D; h < G; h += WARPS * 32 / D) {
-        float mx = NEG_INF_FINITE;
-        #pragma unroll
-        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w][h]);
-        float l = 0.0f, acc = 0.0f;
-        #pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            const float a = ex2(sm_m[w][h] - mx);
-            l += a * sm_l[w][h];
-            acc += a * sm_o[w][h][d];
-        }
-        pc[(slot + h) * D + d] = acc;
-        if (d == 0) {
-            pm[slot + h] = mx;
-            pl[slot + h] = l;
-        }
+        merge_warps(sm_m, sm_l, sm_o, h, d, slot, pm, pl, pc);
     }
+#endif
     if (threadIdx.x == 0) flag[(long long)bh * S + pid_s] = 0;
 }

@@ -1,5 +1,5 @@
 """kvtorch.kernels.cuda_decode: the CUDA C++ decode kernel for 4- and 8-bit K and V, against kvspec's oracle
-(head dims 128 and 64, on the GPU and on the emulator).
+(head dims 64, 128 and 256, on the GPU and on the emulator).
 
 On the GPU (marked `gpu`): decode through `attend` with the kernel taking the lean launch (checked by
 counting its launches) at Mistral-sized heads, against kvspec.reference.attend_as_decoded at
@@ -81,6 +81,16 @@ HEAD_DIM_64 = [
     ("int4-bf16", 1, 3, 90, None, {"outlier_channel": True}),
     ("int8", 1, 7, 40, None, {"q_scale": 3.0e5, "seed": 0}),
 ]
+# Gemma-3's 4 query heads per KV head, and 2 and 8: each lane's K words span one whole group, two V groups
+# a row
+HEAD_DIM_256 = [
+    ("int4", 1, 4, 150, None, {}),
+    ("int8-bf16", 2, 2, 77, 3, {}),
+    ("int4-res5", 1, 8, 130, 2, {}),
+    ("int8", 1, 4, 100, 8, {}),  # blocks with no keys
+    ("int4-bf16", 1, 4, 90, None, {"outlier_channel": True}),
+    ("int8", 1, 4, 40, None, {"q_scale": 3.0e5, "seed": 0}),
+]
 
 
 def emulated_attend(emulated, spec, q, q_pos, kp, vp, splits=None):
@@ -95,7 +105,8 @@ def emulated_attend(emulated, spec, q, q_pos, kp, vp, splits=None):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests below run the kernel itself")
 @pytest.mark.parametrize("d,text,batch,rep,tokens,splits,options",
-                         [(128, *c) for c in EMULATED] + [(64, *c) for c in HEAD_DIM_64])
+                         [(128, *c) for c in EMULATED] + [(64, *c) for c in HEAD_DIM_64] +
+                         [(256, *c) for c in HEAD_DIM_256])
 def test_emulated_kernel_matches_the_oracle(d, text, batch, rep, tokens, splits, options, emulated):
     options = {"seed": tokens, **options}
     spec, q, q_pos, kp, vp, want = case(text, batch=batch, kv_heads=2, rep=rep, tokens=tokens, dim=d, **options)
@@ -137,7 +148,7 @@ def test_cpu_tensors_are_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("queries,dim,rep,why", [
     (2, 128, 4, "2 queries of head dim 128"),
-    (1, 256, 4, "1 queries of head dim 256"),
+    (1, 192, 4, "1 queries of head dim 192"),
     (1, 128, 16, "16 query heads per KV head"),
 ])
 def test_shapes_it_refuses(queries, dim, rep, why):
@@ -233,7 +244,8 @@ def constant_group_case(text, b, hkv, rep, tokens, d=128):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the kernel itself")
-@pytest.mark.parametrize("text,d,rep", [("int4", 128, 4), ("int8", 128, 4), ("int4", 64, 3), ("int8", 64, 3)])
+@pytest.mark.parametrize("text,d,rep", [("int4", 128, 4), ("int8", 128, 4), ("int4", 64, 3), ("int8", 64, 3),
+                                        ("int4", 256, 4), ("int8", 256, 4)])
 def test_emulated_constant_groups(text, d, rep, emulated):
     spec, q, q_pos, kp, vp, want = constant_group_case(text, 1, 2, rep, 70, d=d)
     got = emulated_attend(emulated, spec, q, q_pos, kp, vp)
@@ -317,17 +329,21 @@ def test_nan_past_the_live_rows(text, launches):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("text,kv_heads,rep,tokens,splits", [
-    ("int4", 3, 3, 2050, None),  # SmolLM2-135M's heads
-    ("int8-bf16", 2, 7, 4098, None),  # Qwen2.5-0.5B's
-    ("int4-res5", 3, 3, 1501, 2),
-    ("int8", 2, 7, 300, 32),
+@pytest.mark.parametrize("d,text,kv_heads,rep,tokens,splits", [
+    (64, "int4", 3, 3, 2050, None),  # SmolLM2-135M's heads
+    (64, "int8-bf16", 2, 7, 4098, None),  # Qwen2.5-0.5B's
+    (64, "int4-res5", 3, 3, 1501, 2),
+    (64, "int8", 2, 7, 300, 32),
+    (256, "int4", 1, 4, 3001, None),  # Gemma-3-270m's
+    (256, "int8-bf16", 1, 4, 2050, None),
+    (256, "int4-res5", 2, 2, 1501, 2),
+    (256, "int8", 2, 8, 300, 32),
 ])
-def test_head_dim_64(text, kv_heads, rep, tokens, splits, launches):
-    """The D 64 builds on the GPU (SmolLM2's and Qwen2.5's heads)."""
-    spec, q, q_pos, kp, vp, want = case(text, batch=2, kv_heads=kv_heads, rep=rep, tokens=tokens, dim=64,
+def test_other_head_dims(d, text, kv_heads, rep, tokens, splits, launches):
+    """The D 64 and D 256 builds on the GPU (SmolLM2's, Qwen2.5's and Gemma-3's heads)."""
+    spec, q, q_pos, kp, vp, want = case(text, batch=2, kv_heads=kv_heads, rep=rep, tokens=tokens, dim=d,
                                         seed=tokens)
     assert cuda_decode.refusal(q, kp, vp) is None
-    got = attend(q, q_pos, kp, vp, scale=64 ** -0.5, splits=splits)
+    got = attend(q, q_pos, kp, vp, scale=d ** -0.5, splits=splits)
     assert launches[0] == 1
-    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"D 64 {text}")
+    assert_close(got.cpu(), want, spec_tolerance(spec, spec.float_dtype), f"D {d} {text}")
