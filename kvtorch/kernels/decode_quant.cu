@@ -206,8 +206,8 @@ __device__ __forceinline__ float warp_sum_over_g(float x) {
 #endif
 #define STEP_KEYS (TILES * TILE)
 #define ROW_BYTES (D * BITS / 8)
-#define K_ROW (ROW_BYTES >= 128 ? ROW_BYTES + 16 : ROW_BYTES)  // 4 bits at D 128: 64; 8 bits: 144
-#define V_ROW (ROW_BYTES + 16)                      // 4 bits at D 128: 80; 8 bits: 144
+#define K_ROW (ROW_BYTES >= 128 ? ROW_BYTES + 16 : ROW_BYTES)  // D 128: 64 (4 bits), 144; D 256: 144, 272
+#define V_ROW (ROW_BYTES + 16)                                 // D 128: 80 (4 bits), 144; D 256: 144, 272
 #define K_BYTES (TILE * K_ROW)
 #define V_BYTES (TILE * V_ROW)
 #define SCALE_BYTES (TILE * GROUPS * 2)
