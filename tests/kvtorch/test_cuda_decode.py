@@ -305,7 +305,8 @@ def with_nan_reserve(part, reserve: int):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below runs the kernel itself")
-@pytest.mark.parametrize("text,d,tokens", [("int4", 128, 77), ("int8", 64, 61), ("int4-res3", 64, 102)])
+@pytest.mark.parametrize("text,d,tokens", [("int4", 128, 77), ("int8", 64, 61), ("int4-res3", 64, 102),
+                                           ("int8", 256, 61)])
 def test_emulated_nan_past_the_live_rows(text, d, tokens, emulated):
     spec, q, q_pos, kp, vp, want = case(text, batch=1, kv_heads=2, rep=3, tokens=tokens, dim=d, seed=3)
     live = kp.arrays["codes"].shape[-2]
