@@ -57,7 +57,7 @@ MIN_SPLIT_KEYS = 256
 # The reduce as a programmatic dependent launch (sm_90+): the Triton split kernels let it launch at
 # their start, decode_quant.cu at D 64 after its key loop, so it is resident and waiting when they
 # finish. H200, one process: rank32 b8 x 32k 0.0830 -> 0.0825 ms, b1 x 32k 0.0237 -> 0.0232; D 64
-# int4 b1 x 32k 0.0163 -> 0.0156. False: a plain launch (A/B benches set it).
+# int4 b1 x 32k 0.0163 -> 0.0156. False: a plain launch (benchmarks/ab_reduce_pdl.py sets it).
 PDL = True
 
 
