@@ -109,7 +109,7 @@ def refusal(q: torch.Tensor, k, v) -> str | None:
         return why
     b, hq, tq, d = q.shape
     if tq != 1 or d not in HEAD_DIMS:
-        return f"{tq} queries of head dim {d}: decode at head dim {' or '.join(map(str, HEAD_DIMS))} only"
+        return f"{tq} queries of head dim {d}: decode at head dims {', '.join(map(str, HEAD_DIMS))} only"
     if q.dtype not in Q_KINDS:
         return f"q is {q.dtype}"
     hkv = k.floats.shape[1]
