@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,12 +39,7 @@ MAX_REL_ERR = 2e-2  # relative L2 error vs the reference (int2's bound; the othe
 def ab_rows(heads: tuple[int, int, int], b: int, t: int, methods, repeats: int, reps: int, flush) -> list[dict]:
     """Rows of one batch x context at `heads`: SDPA bf16's time and, per method, every repeat of both settings."""
     hq, hkv, d = heads
-    gen = torch.Generator(device="cuda").manual_seed(b * 7 + t)
-    q = torch.randn(b, hq, 1, d, device="cuda", generator=gen).bfloat16()
-    qpos = torch.tensor([t - 1], device="cuda")
-    kv = [torch.randn(b, hkv, t, d, device="cuda", generator=gen).bfloat16() for _ in range(2)]
-    sdpa = bda.timed(lambda: F.scaled_dot_product_attention(q, *kv, scale=d**-0.5, enable_gqa=True), flush, reps)
-    del kv[:]
+    q, qpos, gen, sdpa = bda.query_and_sdpa(b, t, heads, flush, reps)
     rows = []
     for method in methods:
         kp, vp = (bda.compressed_part(method, b, hkv, t, d, gen) for _ in range(2))

@@ -163,6 +163,18 @@ def shape_points(args):
         yield model, b, t, hq, hkv, d
 
 
+def query_and_sdpa(b: int, t: int, heads: tuple[int, int, int], flush: torch.Tensor, reps: int):
+    """For the kernel sweeps: a decode query at position t - 1 (q [b, Hq, 1, D] bf16, from a CUDA
+    generator seeded b * 7 + t that the caller goes on drawing compressed parts from) and torch SDPA
+    bf16's ms over random K and V [b, Hkv, t, D]. Returns (q, q_pos, gen, sdpa_ms)."""
+    hq, hkv, d = heads
+    gen = torch.Generator(device="cuda").manual_seed(b * 7 + t)
+    q = torch.randn(b, hq, 1, d, device="cuda", generator=gen).bfloat16()
+    kv = [torch.randn(b, hkv, t, d, device="cuda", generator=gen).bfloat16() for _ in range(2)]
+    sdpa = timed(lambda: F.scaled_dot_product_attention(q, *kv, scale=d**-0.5, enable_gqa=True), flush, reps)
+    return q, torch.tensor([t - 1], device="cuda"), gen, sdpa
+
+
 def run_shape(model, b, t, hq, hkv, d, args, flush, config, check):
     gen = torch.Generator(device=DEVICE).manual_seed(b * 7 + t)
     q = torch.randn(b, hq, 1, d, device=DEVICE, generator=gen).bfloat16()

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,12 +49,7 @@ def sweep_shape(b: int, t: int, heads: tuple[int, int, int], bits: int, variants
                 copy_tbps: float) -> list[dict]:
     """Every variant x split count at batch b x context t: one row each."""
     hq, hkv, d = heads
-    gen = torch.Generator(device="cuda").manual_seed(b * 7 + t)
-    q = torch.randn(b, hq, 1, d, device="cuda", generator=gen).bfloat16()
-    qpos = torch.tensor([t - 1], device="cuda")
-    kv = [torch.randn(b, hkv, t, d, device="cuda", generator=gen).bfloat16() for _ in range(2)]
-    sdpa = bda.timed(lambda: F.scaled_dot_product_attention(q, *kv, scale=d**-0.5, enable_gqa=True), flush, reps)
-    del kv[:]
+    q, qpos, gen, sdpa = bda.query_and_sdpa(b, t, heads, flush, reps)
     kp, vp = (bda.compressed_part(f"int{bits}", b, hkv, t, d, gen) for _ in range(2))
     moved = bda.nbytes(q) + bda.part_bytes(kp) + bda.part_bytes(vp) + b * hq * d * 4
     ref = attention_reference(q, qpos, kp, vp, scale=d**-0.5)
