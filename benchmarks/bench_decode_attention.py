@@ -85,9 +85,10 @@ def part_bytes(p: Part) -> int:
     return nbytes(*p.arrays.values(), p.floats, p.basis)
 
 
-def timed(fn, flush: torch.Tensor, reps: int, graph: bool = True) -> float:
-    """Median ms of `fn` as a CUDA-graph replay (or an eager call), L2 flushed before each, after
-    about WARMUP_MS of untimed runs."""
+def timed(fn, flush: torch.Tensor | None, reps: int, graph: bool = True, clear=None) -> float:
+    """Median ms of `fn` as a CUDA-graph replay (or an eager call), L2 flushed before each (by zeroing
+    `flush`, or by calling `clear`), after about WARMUP_MS of untimed runs."""
+    clear = clear or flush.zero_
     if graph:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -102,10 +103,10 @@ def timed(fn, flush: torch.Tensor, reps: int, graph: bool = True) -> float:
     else:
         run = fn
     run()
-    warm_up(run, flush)
+    warm_up(run, clear)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
-        flush.zero_()
+        clear()
         start.record()
         run()
         end.record()
@@ -119,16 +120,16 @@ def timed(fn, flush: torch.Tensor, reps: int, graph: bool = True) -> float:
 WARMUP_MS = 30.0
 
 
-def warm_up(run, flush: torch.Tensor) -> None:
-    """Run `run` (with its flush) untimed for about WARMUP_MS, judged by one timed run."""
+def warm_up(run, clear) -> None:
+    """Run `run` (after `clear`, the L2 flush) untimed for about WARMUP_MS, judged by one timed run."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    flush.zero_()
+    clear()
     run()
     end.record()
     torch.cuda.synchronize()
     for _ in range(min(2000, int(WARMUP_MS / max(start.elapsed_time(end), 1e-3)))):
-        flush.zero_()
+        clear()
         run()
 
 

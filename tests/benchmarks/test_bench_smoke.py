@@ -4,6 +4,7 @@ check could not run: only the device would have said so)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,23 @@ def test_sweep_cuda_decode_parses_variants():
         scd.parse_variant("8,4,1", 4, 128)
     with pytest.raises(SystemExit, match="227 KB"):
         scd.parse_variant("2,2,3", 8, 128)  # 3 x 77,824 B
+
+
+def test_read_floor_kernel_reads_with_wide_loads_and_stores_once(tmp_path):
+    """read_floor's streaming kernel, each layout and loads-in-flight it builds, compiles for sm_90 (no GPU:
+    NVRTC from the test extra); every load is a 128-bit LDG (UNROLL in the loop, one in the tail) and the
+    sink's is the one store, so no load is dropped and the floor does no other memory traffic. Its configurations fit a multiprocessor's 2,048 threads."""
+    import read_floor as rf
+
+    from kvtorch.kernels.cuda_decode import nvrtc_cubin
+    from tests.kvtorch.helpers import cuobjdump_tool, nvrtc_library
+
+    assert all(threads * per_sm <= 2048 for _, threads, per_sm, _ in rf.CONFIGS)
+    for chunked, unroll in sorted({(c[0], c[3]) for c in rf.CONFIGS}):
+        path = tmp_path / f"read_{int(chunked)}_{unroll}.cubin"
+        path.write_bytes(nvrtc_cubin(rf.READ_SOURCE, "90", rf.read_defines(chunked, unroll), lib=nvrtc_library()))
+        sass = subprocess.run([str(cuobjdump_tool()), "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+        loads = re.findall(r"\bLDG\.E\.(\S+)", sass)
+        assert len(loads) == unroll + 1 and all(x.startswith("128") for x in loads), (chunked, unroll, loads)
+        assert len(re.findall(r"\bSTG\b", sass)) == 1, sass

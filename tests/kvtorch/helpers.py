@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 import kvspec
 from kvspec import reference as R
@@ -43,3 +48,26 @@ def reference_arrays(s: R.Stored) -> dict[str, np.ndarray]:
     if s.coeffs is not None:
         out["coeffs"] = s.coeffs
     return out
+
+
+def nvrtc_library() -> ctypes.CDLL:
+    """libnvrtc from the nvidia-cuda-nvrtc wheel (the test extra), to compile CUDA sources without a GPU;
+    skips the test where it is missing."""
+    spec = importlib.util.find_spec("nvidia.cuda_nvrtc")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("nvidia-cuda-nvrtc-cu12 is not installed (pip install nvidia-cuda-nvrtc-cu12): no NVRTC on a CPU")
+    libs = sorted(Path(next(iter(spec.submodule_search_locations)), "lib").glob("libnvrtc.so.*"))
+    if not libs:
+        pytest.skip("the nvidia-cuda-nvrtc package has no libnvrtc.so here")
+    return ctypes.CDLL(str(libs[0]))
+
+
+def cuobjdump_tool() -> Path:
+    """Triton's bundled cuobjdump, to read a cubin's SASS and resource use; skips the test where it is missing."""
+    triton = importlib.util.find_spec("triton")
+    if triton is None:
+        pytest.skip("triton is not installed: its cuobjdump reads the cubin")
+    tool = Path(next(iter(triton.submodule_search_locations)), "backends", "nvidia", "bin", "cuobjdump")
+    if not tool.exists():
+        pytest.skip(f"no cuobjdump at {tool}")
+    return tool

@@ -3,12 +3,9 @@ the nvidia-cuda-nvrtc wheel (the test extra) for sm_80 and sm_90, then the cubin
 Triton's bundled cuobjdump. A source error, a register budget blown past __launch_bounds__ (spills) or a
 static shared-memory array that outgrows the 48 KB without opt-in shows here, not first on a GPU."""
 
-import ctypes
-import importlib.util
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,25 +17,7 @@ if not torch.cuda.is_available():
 
 from kvtorch.kernels import cuda_decode  # noqa: E402
 
-
-def _nvrtc() -> ctypes.CDLL:
-    spec = importlib.util.find_spec("nvidia.cuda_nvrtc")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("nvidia-cuda-nvrtc-cu12 is not installed (pip install nvidia-cuda-nvrtc-cu12): no NVRTC on a CPU")
-    libs = sorted(Path(next(iter(spec.submodule_search_locations)), "lib").glob("libnvrtc.so.*"))
-    if not libs:
-        pytest.skip("the nvidia-cuda-nvrtc package has no libnvrtc.so here")
-    return ctypes.CDLL(str(libs[0]))
-
-
-def _cuobjdump() -> Path:
-    triton = importlib.util.find_spec("triton")
-    if triton is None:
-        pytest.skip("triton is not installed: its cuobjdump reads the cubin")
-    tool = Path(next(iter(triton.submodule_search_locations)), "backends", "nvidia", "bin", "cuobjdump")
-    if not tool.exists():
-        pytest.skip(f"no cuobjdump at {tool}")
-    return tool
+from .helpers import cuobjdump_tool, nvrtc_library  # noqa: E402
 
 
 @pytest.mark.parametrize("bits,d", sorted(cuda_decode.BUILDS))
@@ -46,10 +25,10 @@ def _cuobjdump() -> Path:
 def test_compiles_within_its_register_budget(tmp_path, arch, bits, d):
     """Every build of BUILDS; its static_assert also checks the tile against cuda_decode.tile_bytes."""
     cubin = cuda_decode.nvrtc_cubin(cuda_decode.SOURCE.read_text(), arch, cuda_decode.build_defines(bits, d),
-                                    lib=_nvrtc())
+                                    lib=nvrtc_library())
     path = tmp_path / "decode_quant.cubin"
     path.write_bytes(cubin)
-    out = subprocess.run([str(_cuobjdump()), "-res-usage", str(path)], capture_output=True, text=True,
+    out = subprocess.run([str(cuobjdump_tool()), "-res-usage", str(path)], capture_output=True, text=True,
                          check=True).stdout
     usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
     assert "decode_quant_split" in out, out
