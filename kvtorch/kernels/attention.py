@@ -188,6 +188,18 @@ def _splits(lo: int, hi: int, block: int, programs: int, want: int | None, sms: 
     return max(1, -(-(hi - lo) // chunk)), chunk
 
 
+def cuda_splits(bits: int, d: int, keys: int, programs: int, want: int | None, sms: int) -> tuple[int, int]:
+    """(splits, chunk) of the CUDA decode kernel over keys [0, keys): `_splits` aiming for its build's
+    blocks per multiprocessor (at most MAX_SPLITS; b1 x 32k: 32 splits 0.0350 ms, 64: 0.0368), or for one
+    where that leaves splits shorter than the build's `short_split_keys` (cuda_decode.Build)."""
+    build = cuda_decode.BUILDS[bits, d]
+    step = cuda_decode.keys_per_step(bits, d)
+    splits, chunk = _splits(0, keys, step, programs, want, sms, build.blocks_per_sm)
+    if chunk < build.short_split_keys:
+        splits, chunk = _splits(0, keys, step, programs, want, sms, 1)
+    return splits, chunk
+
+
 def _word_tokens(t) -> bool:
     return isinstance(t, Quant) and t.bits in (2, 4, 8) and t.axis == "token"
 
@@ -323,9 +335,7 @@ def attend(q: torch.Tensor, q_pos: torch.Tensor, k, v, *, scale: float, splits: 
     sms = _sms(q.device)
     on_cuda_kernel = cuda and cuda_decode.refusal(q, k, v) is None
     if on_cuda_kernel:
-        # the build's blocks a multiprocessor, at most MAX_SPLITS (b1 x 32k: 32 splits 0.0350 ms, 64: 0.0368)
-        s_fast, c_fast = _splits(0, n_fast, cuda_decode.keys_per_step(k.spec.bits, d), b * hkv, splits, sms,
-                                 cuda_decode.BUILDS[k.spec.bits, d].blocks_per_sm)
+        s_fast, c_fast = cuda_splits(k.spec.bits, d, n_fast, b * hkv, splits, sms)
     else:
         s_fast, c_fast = _splits(0, n_fast, block[0], b * hkv * nqb, splits, sms,
                                  programs_per_sm(k.spec, v.spec, block, d, n_fast),

@@ -29,11 +29,13 @@ Q_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # decode_quan
 class Build:
     """decode_quant.cu's compile-time configuration: each warp's ring holds `stages` steps of `tiles`
     tiles of 16 keys; `blocks_per_sm` is its __launch_bounds__ minimum and the blocks per
-    multiprocessor `attend`'s splits aim for."""
+    multiprocessor `attend`'s splits aim for, unless that leaves splits of fewer than `short_split_keys`
+    keys: then they aim for one (fewer, longer splits: fewer partials to write and merge)."""
 
     tiles: int
     stages: int
     blocks_per_sm: int
+    short_split_keys: int = 0
 
 
 # Per (code width, head dim), from benchmarks/sweep_cuda_decode.py on an H200 (Mistral heads). 4 bits,
@@ -47,13 +49,16 @@ class Build:
 # 32k: 4 bits (187 registers) this 0.0492 / 0.1087 / 0.0282 ms (Triton 0.0738 / 0.2414 / 0.0425), 2 x 3
 # at 1 0.0443 / 0.1140 / 0.0285, 1 x 2 at 3 0.0484 / 0.1103 / 0.0298; 8 bits (a 9,216-B tile, 189
 # registers) this 0.0592 / 0.1627 / 0.0314 (Triton 0.0764 / 0.2395 / 0.0539), 1 x 2 at 3 0.0638 / 0.1689
-# / 0.0320, 1 x 3 at 2 0.0652 / 0.1725 / 0.0312.
+# / 0.0320, 1 x 3 at 2 0.0652 / 0.1725 / 0.0312. Splits of the 4-bit D 256 build (ms; the aim of 2
+# blocks / 1 block per SM): b8 x 32k 32 splits 0.0494 / 16 0.0439; b32 x 4k 8 0.0345 / 4 0.0290; where the
+# aim of 2 leaves >= 2,048 keys a split it wins: b8 x 128k 32 0.1097 / 16 0.1115, b32 x 32k 8 0.1068 / 4
+# 0.1099, b32 x 128k 8 0.3313 / 4 0.3927.
 BUILDS = {
     (4, 128): Build(tiles=2, stages=2, blocks_per_sm=3),
     (8, 128): Build(tiles=2, stages=2, blocks_per_sm=2),
     (4, 64): Build(tiles=2, stages=2, blocks_per_sm=4),
     (8, 64): Build(tiles=2, stages=2, blocks_per_sm=4),
-    (4, 256): Build(tiles=2, stages=2, blocks_per_sm=2),
+    (4, 256): Build(tiles=2, stages=2, blocks_per_sm=2, short_split_keys=2048),
     (8, 256): Build(tiles=2, stages=2, blocks_per_sm=1),
 }
 # The head dims `attend` sends to the kernel: Mistral's 128, SmolLM2's and Qwen2.5's 64, Gemma-3's 256.

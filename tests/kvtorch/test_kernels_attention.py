@@ -398,6 +398,22 @@ def test_max_splits_doubles_only_for_long_4_and_8_bit_in_2_warp_blocks(text, blo
     assert n == min(cap, 4 * 132 // 8, keys // ka.MIN_SPLIT_KEYS)  # batch 1 x 8 KV heads: 64, 32 or 16 splits
 
 
+@pytest.mark.parametrize("bits,d,batch,kv_heads,keys,splits", [
+    (4, 256, 8, 1, 32768, 16),  # Gemma-3's heads: 2 blocks per SM would leave 1,024 keys a split: aim for 1
+    (4, 256, 32, 1, 4096, 4),  # ... 512 keys: 4 splits, not 8
+    (4, 256, 8, 1, 131072, 32),  # 4,096 keys a split at 2 blocks per SM: kept
+    (4, 256, 32, 1, 32768, 8),
+    (4, 256, 1, 1, 32768, 32),  # MAX_SPLITS either way
+    (8, 256, 8, 1, 32768, 16),  # the 8-bit D 256 build runs 1 block per SM anyway
+    (4, 128, 8, 8, 32768, 6),  # Mistral's heads: 3 blocks per SM, no short-split rule
+    (8, 128, 8, 8, 32768, 4),
+])
+def test_cuda_splits_aim_for_one_block_per_sm_where_splits_would_be_short(bits, d, batch, kv_heads, keys, splits):
+    n, chunk = ka.cuda_splits(bits, d, keys, batch * kv_heads, None, 132)
+    assert n == splits and n * chunk >= keys and (n - 1) * chunk < keys
+    assert ka.cuda_splits(bits, d, keys, batch * kv_heads, 5, 132)[0] == 5  # an explicit count stands
+
+
 @pytest.mark.parametrize("keys,programs,splits", [
     (32768, 64, 8),  # 4 programs per SM of 132: 8 splits of 4096 keys
     (32768, 8, 32),  # 66 wanted, MAX_SPLITS allowed
