@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -87,11 +85,7 @@ def main() -> None:
             rows += ab_rows(heads, b, t, args.methods, args.repeats, args.reps, flush)
     record = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv),
                   rows=rows)
-    name = f"reduce_pdl_ab_{gpu.lower().replace(' ', '_')}.json"
-    folders = {args.out.resolve()} | ({Path(os.environ["OUT"]).resolve()} if os.environ.get("OUT") else set())
-    for folder in folders:
-        (folder / name).write_text(json.dumps(record, indent=1))
-        print(f"wrote {folder / name}")
+    bda.write_results("reduce_pdl_ab", record, args.out)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,16 @@ def shape_points(args):
         yield model, b, t, hq, hkv, d
 
 
+def write_results(prefix: str, record: dict, out: Path) -> None:
+    """record as `<prefix>_<gpu>.json` (gpu: record["gpu"], lower case, spaces as _) in `out` and in $OUT
+    when set (the lent GPU's output folder)."""
+    name = f"{prefix}_{record['gpu'].lower().replace(' ', '_')}.json"
+    for folder in {out.resolve()} | ({Path(os.environ["OUT"]).resolve()} if os.environ.get("OUT") else set()):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(record, indent=1))
+        print(f"wrote {folder / name}")
+
+
 def query_and_sdpa(b: int, t: int, heads: tuple[int, int, int], flush: torch.Tensor, reps: int):
     """For the kernel sweeps: a decode query at position t - 1 (q [b, Hq, 1, D] bf16, from a CUDA
     generator seeded b * 7 + t that the caller goes on drawing compressed parts from) and torch SDPA

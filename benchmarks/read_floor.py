@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -155,11 +153,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     record = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv),
                   heads=list(heads), configs=[list(c) for c in CONFIGS], rows=rows)
-    name = f"read_floor_{gpu.lower().replace(' ', '_')}.json"
-    folders = {args.out.resolve()} | ({Path(os.environ["OUT"]).resolve()} if os.environ.get("OUT") else set())
-    for folder in folders:
-        (folder / name).write_text(json.dumps(record, indent=1))
-        print(f"wrote {folder / name}")
+    bda.write_results("read_floor", record, args.out)
 
 
 if __name__ == "__main__":

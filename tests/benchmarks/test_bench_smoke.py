@@ -126,3 +126,12 @@ def test_read_floor_kernel_reads_with_wide_loads_and_stores_once(tmp_path):
         loads = re.findall(r"\bLDG\.E\.(\S+)", sass)
         assert len(loads) == unroll + 1 and all(x.startswith("128") for x in loads), (chunked, unroll, loads)
         assert len(re.findall(r"\bSTG\b", sass)) == 1, sass
+
+
+def test_write_results_names_the_gpu_and_writes_out_and_the_device_output(tmp_path, monkeypatch):
+    """The GPU benches' JSON: `<prefix>_<gpu>.json` in --out and in $OUT (the lent GPU's output folder)."""
+    monkeypatch.setenv("OUT", str(tmp_path / "device"))
+    record = {"gpu": "NVIDIA H200", "rows": [{"ms": 0.1}]}
+    bda.write_results("read_floor", record, tmp_path / "results")
+    for folder in ("results", "device"):
+        assert json.loads((tmp_path / folder / "read_floor_nvidia_h200.json").read_text()) == record
