@@ -111,7 +111,8 @@ def test_sweep_cuda_decode_parses_variants():
 def test_read_floor_kernel_reads_with_wide_loads_and_stores_once(tmp_path):
     """read_floor's streaming kernel, each layout and loads-in-flight it builds, compiles for sm_90 (no GPU:
     NVRTC from the test extra); every load is a 128-bit LDG (UNROLL in the loop, one in the tail) and the
-    sink's is the one store, so no load is dropped and the floor does no other memory traffic. Its configurations fit a multiprocessor's 2,048 threads."""
+    sink's is the one store, so no load is dropped and the floor does no other memory traffic. Its
+    configurations fit a multiprocessor's 2,048 threads."""
     import read_floor as rf
 
     from kvtorch.kernels.cuda_decode import nvrtc_cubin
