@@ -174,16 +174,22 @@ def write_results(prefix: str, record: dict, out: Path) -> None:
         print(f"wrote {folder / name}")
 
 
-def query_and_sdpa(b: int, t: int, heads: tuple[int, int, int], flush: torch.Tensor, reps: int):
-    """For the kernel sweeps: a decode query at position t - 1 (q [b, Hq, 1, D] bf16, from a CUDA
-    generator seeded b * 7 + t that the caller goes on drawing compressed parts from) and torch SDPA
-    bf16's ms over random K and V [b, Hkv, t, D]. Returns (q, q_pos, gen, sdpa_ms)."""
+def decode_inputs(b: int, t: int, heads: tuple[int, int, int]):
+    """For the kernel sweeps: a decode query at position t - 1 (q [b, Hq, 1, D] bf16) and random bf16 K
+    and V [b, Hkv, t, D], from a CUDA generator seeded b * 7 + t that the caller goes on drawing
+    compressed parts from. Returns (q, q_pos, gen, k, v)."""
     hq, hkv, d = heads
     gen = torch.Generator(device="cuda").manual_seed(b * 7 + t)
     q = torch.randn(b, hq, 1, d, device="cuda", generator=gen).bfloat16()
-    kv = [torch.randn(b, hkv, t, d, device="cuda", generator=gen).bfloat16() for _ in range(2)]
-    sdpa = timed(lambda: F.scaled_dot_product_attention(q, *kv, scale=d**-0.5, enable_gqa=True), flush, reps)
-    return q, torch.tensor([t - 1], device="cuda"), gen, sdpa
+    k, v = (torch.randn(b, hkv, t, d, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    return q, torch.tensor([t - 1], device="cuda"), gen, k, v
+
+
+def query_and_sdpa(b: int, t: int, heads: tuple[int, int, int], flush: torch.Tensor, reps: int):
+    """`decode_inputs` and torch SDPA bf16's ms over its K and V. Returns (q, q_pos, gen, sdpa_ms)."""
+    q, q_pos, gen, k, v = decode_inputs(b, t, heads)
+    sdpa = timed(lambda: F.scaled_dot_product_attention(q, k, v, scale=heads[2]**-0.5, enable_gqa=True), flush, reps)
+    return q, q_pos, gen, sdpa
 
 
 def run_shape(model, b, t, hq, hkv, d, args, flush, config, check):

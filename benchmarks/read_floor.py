@@ -97,12 +97,11 @@ def floor_ms(src, nbytes: int, clear, reps: int, sink) -> tuple[float, tuple]:
     return min((bda.timed(read_call(src, nbytes, c, sink), None, reps, clear=clear), c) for c in CONFIGS)
 
 
-def method_calls(b: int, t: int, heads, flush, reps: int):
+def method_calls(b: int, t: int, heads):
     """{method: (call, bytes)} at one shape, each compressed method checked against the reference,
     with bytes counted as bench_decode_attention.run_shape counts them."""
     hq, hkv, d = heads
-    q, qpos, gen, _ = bda.query_and_sdpa(b, t, heads, flush, 1)
-    k, v = (torch.randn(b, hkv, t, d, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    q, qpos, gen, k, v = bda.decode_inputs(b, t, heads)
     calls = {"sdpa-bf16": (lambda: bda.F.scaled_dot_product_attention(q, k, v, scale=d**-0.5, enable_gqa=True),
                            2 * bda.nbytes(q) + bda.nbytes(k, v))}
     for method in METHODS[1:]:
@@ -136,7 +135,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         b, t = (int(x) for x in shape.split(","))
-        calls = method_calls(b, t, heads, flush, args.reps)
+        calls = method_calls(b, t, heads)
         src = torch.randint(-2**31, 2**31 - 1, (max(n for _, n in calls.values()) // 4 + 4,), dtype=torch.int32,
                             device="cuda")
         for clear in args.clear:
